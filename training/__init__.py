@@ -1,0 +1,1 @@
+"""Training side of the workbench: configuration, trainer, run store, background jobs and the CLI."""
