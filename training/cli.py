@@ -46,6 +46,56 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from training.config import RunConfig, config_from_args
+    from training.store import RunStore
+    from training.trainer import train
+
+    runs_dir = args.runs_dir or RunConfig().runs_dir
+    store = RunStore(runs_dir)
+    if args.resume:
+        run_id = train(RunConfig(), store, run_id=args.resume, resume=True)
+    else:
+        base = RunConfig.from_file(args.config) if args.config else None
+        if args.run_id:  # launched by training.jobs: the config was registered with the run
+            base = RunConfig.from_dict(store.get_run(args.run_id)["config"])
+        cfg = config_from_args(args, base)
+        run_id = train(cfg, store, run_id=args.run_id)
+    run = store.get_run(run_id)
+    print(f"run {run_id}: {run['status']}" + (f"\n{run['error']}" if run["error"] else ""))
+    return {"completed": 0, "cancelled": 130}.get(run["status"], 1)
+
+
+def cmd_demo(args) -> int:
+    from core.synthetic import synthesize
+    from training.config import RunConfig
+    from training.store import RunStore
+    from training.trainer import train
+
+    data = Path(args.data)
+    if not (data / "synthetic_truth.csv").exists():
+        print(f"generating the synthetic demo dataset in {data} ...")
+        synthesize(data, cells_per_subject=20, noise=0.0, seed=0)
+    cfg = demo_config(data, args.runs_dir or "runs", epochs=args.epochs)
+    store = RunStore(cfg.runs_dir)
+    run_id = train(cfg, store)
+    run = store.get_run(run_id)
+    summary_path = store.run_dir(run_id) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    print(f"demo run {run_id}: {run['status']}; test accuracy on the synthetic patient-level test split: "
+          f"{summary.get('test_accuracy', float('nan')):.3f} ({summary.get('test_cells', 0)} cells)")
+    return 0 if run["status"] == "completed" else 1
+
+
+def demo_config(data: str | Path, runs_dir: str | Path, epochs: int | None = None):
+    """The demo: Solution A at 64 px on the synthetic set, sized to finish in minutes on 2 CPU cores."""
+    from training.config import RunConfig
+
+    return RunConfig(name="demo", architecture="solution_a", data_dir=str(data), image_size=64, batch_size=32,
+                     epochs=epochs or 8, samples_per_class=320, learning_rate=1e-3, early_stopping=False,
+                     runs_dir=str(runs_dir), cache_dir=str(Path(data) / ".cache"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description="C-NMC leukemia workbench")
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=None)
     s.set_defaults(func=cmd_synth)
+
+    from training.config import add_config_arguments
+
+    s = sub.add_parser("run", help="train one job in the foreground (the dashboard runs this in the background)")
+    s.add_argument("--config", help="JSON file of RunConfig fields (flags override it)")
+    s.add_argument("--resume", metavar="RUN_ID", help="continue a cancelled/failed run from its last checkpoint")
+    s.add_argument("--run-id", help="run a job already registered in the store (used by the dashboard)")
+    add_config_arguments(s)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="generate the synthetic dataset if absent and train a small model")
+    s.add_argument("--data", default="data/demo")
+    s.add_argument("--runs-dir", default=None)
+    s.add_argument("--epochs", type=int, default=None)
+    s.set_defaults(func=cmd_demo)
     return p
 
 

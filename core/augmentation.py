@@ -1,0 +1,148 @@
+"""The report's augmentation (§5.2, after de Oliveira & Dantas 2021) as one Keras layer stack.
+
+Per training sample: a random rotation and a random flip; then, with probability 1/3 each, nothing more, a
+shear, or a Gaussian blur. Options: a rotation range such as 20-340 degrees and salt-and-pepper noise.
+Built from Keras 3 preprocessing layers, so it runs on the accelerator inside the training step and is a no-op
+at inference (`training=False`). Inputs are float pixels in [0, 255] on a black background.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+from keras import layers, ops
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What to augment; mirrors the augmentation fields of `training.config.RunConfig`."""
+
+    rotation_deg: tuple[float, float] = (0.0, 360.0)  # uniform angle range; de Oliveira's option: (20, 340)
+    flip: bool = True  # random horizontal and vertical flips
+    shear: float = 0.2  # RandomShear factor for the shear branch
+    blur_sigma: tuple[float, float] = (0.5, 1.5)  # Gaussian blur branch, sigma range in pixels
+    salt_pepper: float = 0.0  # fraction of pixels set to black or white (0 = off)
+
+
+@keras.saving.register_keras_serializable(package="cnmc")
+class RandomChoice(layers.Layer):
+    """Apply exactly one of several layers per sample, chosen uniformly (the report's 1/3 each).
+
+    Every branch is computed for the batch and one result is selected per sample: branchless, so it compiles
+    to one graph on TF and JAX. The identity branch is simply `None` in `branches`.
+    """
+
+    def __init__(self, branches, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.branches = branches
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        for branch in self.branches:
+            if branch is not None and not branch.built:
+                branch.build(input_shape)
+        super().build(input_shape)
+
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        n = len(self.branches)
+        batch = ops.shape(inputs)[0]
+        pick = keras.random.randint((batch,), 0, n, seed=self.seed_generator)
+        out = inputs
+        for k, branch in enumerate(self.branches):
+            if branch is None:
+                continue
+            y = branch(inputs, training=True)
+            mask = ops.reshape(ops.cast(ops.equal(pick, k), inputs.dtype), (-1, 1, 1, 1))
+            out = out * (1 - mask) + ops.cast(y, inputs.dtype) * mask
+        return out
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        cfg = super().get_config()
+        cfg.update(seed=self.seed, branches=[None if b is None else keras.saving.serialize_keras_object(b)
+                                             for b in self.branches])
+        return cfg
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["branches"] = [None if b is None else keras.saving.deserialize_keras_object(b)
+                              for b in config["branches"]]
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="cnmc")
+class SaltAndPepper(layers.Layer):
+    """Set a random fraction `rate` of pixels to black (pepper) or white (salt), training only."""
+
+    def __init__(self, rate=0.01, value_range=(0.0, 255.0), seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate, self.value_range, self.seed = float(rate), tuple(value_range), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        if not training or self.rate <= 0:
+            return inputs
+        shape = ops.shape(inputs)
+        u = keras.random.uniform((shape[0], shape[1], shape[2], 1), seed=self.seed_generator)
+        salt = ops.cast(u < self.rate / 2, inputs.dtype)
+        pepper = ops.cast((u >= self.rate / 2) & (u < self.rate), inputs.dtype)
+        keep = 1 - salt - pepper
+        return inputs * keep + salt * self.value_range[1] + pepper * self.value_range[0]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        cfg = super().get_config()
+        cfg.update(rate=self.rate, value_range=list(self.value_range), seed=self.seed)
+        return cfg
+
+
+@keras.saving.register_keras_serializable(package="cnmc")
+class RandomShear(layers.RandomShear):
+    """keras.layers.RandomShear whose saved config loads again.
+
+    Keras 3.15 saves the symmetric factor as [-f, f], which its constructor rejects when loading; we keep the
+    original arguments in the config instead.
+    """
+
+    def __init__(self, x_factor=0.0, y_factor=0.0, **kwargs):
+        super().__init__(x_factor=x_factor, y_factor=y_factor, **kwargs)
+        self._factor_args = (x_factor, y_factor)
+
+    def get_config(self):
+        cfg = super().get_config()
+        cfg["x_factor"], cfg["y_factor"] = self._factor_args
+        return cfg
+
+
+def build_augmentation(spec: AugmentSpec = AugmentSpec(), seed: int | None = None) -> keras.Sequential:
+    """The augmentation stack for `spec`; float32 even under mixed precision (interpolation accuracy)."""
+    lo, hi = spec.rotation_deg
+    if not 0 <= lo <= hi <= 360:
+        raise ValueError(f"rotation range must satisfy 0 <= low <= high <= 360, got {spec.rotation_deg}")
+    dt = "float32"
+    stack: list[layers.Layer] = []
+    if hi > lo:
+        stack.append(layers.RandomRotation((lo / 360.0, hi / 360.0), fill_mode="constant", fill_value=0.0,
+                                           seed=seed, dtype=dt, name="rotate"))
+    if spec.flip:
+        stack.append(layers.RandomFlip("horizontal_and_vertical", seed=seed, dtype=dt, name="flip"))
+    branches: list[layers.Layer | None] = [None]
+    if spec.shear > 0:
+        branches.append(RandomShear(x_factor=spec.shear, y_factor=spec.shear, fill_mode="constant",
+                                           fill_value=0.0, seed=seed, dtype=dt, name="shear"))
+    if spec.blur_sigma[1] > 0:
+        branches.append(layers.RandomGaussianBlur(factor=1.0, kernel_size=5, sigma=tuple(spec.blur_sigma),
+                                                  value_range=(0, 255), seed=seed, dtype=dt, name="blur"))
+    if len(branches) > 1:
+        stack.append(RandomChoice(branches, seed=seed, dtype=dt, name="none_shear_or_blur"))
+    if spec.salt_pepper > 0:
+        stack.append(SaltAndPepper(spec.salt_pepper, seed=seed, dtype=dt, name="salt_and_pepper"))
+    return keras.Sequential(stack, name="augmentation")

@@ -1,0 +1,152 @@
+"""Model registry and the report's architectures, built from scratch (no downloadable weights).
+
+`create_model(name, input_size, mean=…)` returns a `keras.Model` that takes raw crops (uint8, 0..255) and
+outputs two softmax units (hem, all), as the report chose (a confidence per class). Normalisation (x/255 minus
+the train split's per-channel mean) and, for training, the augmentation stack live inside the model, so a
+saved `.keras` file needs no outside preprocessing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+from keras import layers, regularizers
+
+from core.augmentation import AugmentSpec, build_augmentation
+
+NUM_CLASSES = 2
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    builder: Callable
+    batch_size: int  # the report's default batch for this architecture
+    epochs: int  # the report's default number of epochs
+    description: str
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, *, batch_size: int, epochs: int, description: str):
+    """Decorator adding an architecture builder `(x, input_size) -> outputs` to the registry."""
+
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = ModelInfo(name, fn, batch_size, epochs, description)
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}") from None
+
+
+def _pixel_normalisation(mean: Sequence[float]) -> layers.Layer:
+    """x/255 - mean, as one layer on float pixels (mean per channel, in [0, 1] units)."""
+    m = np.asarray(mean, dtype="float32") * 255.0
+    return layers.Normalization(mean=m.tolist(), variance=[255.0 ** 2] * 3, name="normalise")
+
+
+def create_model(name: str, input_size: int = 250, mean: Sequence[float] = (0.0, 0.0, 0.0),
+                 augment: AugmentSpec | None = None, seed: int | None = None, weights: str | None = None,
+                 **kwargs) -> keras.Model:
+    """Build a registered architecture for square crops of `input_size` pixels.
+
+    `mean` is the train split's per-channel mean of pixels/255; `augment` adds the augmentation stack (active
+    only in training); `weights` is an optional local weights file (nothing is downloaded).
+    """
+    info = model_info(name)
+    inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name="crop")
+    x = layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)  # a cast: uint8 in, pixels stay 0..255
+    if augment is not None:
+        x = build_augmentation(augment, seed=seed)(x)
+    outputs = info.builder(x, input_size=input_size, mean=tuple(float(v) for v in mean), **kwargs)
+    model = keras.Model(inputs, outputs, name=name)
+    if weights:
+        model.load_weights(weights)
+    return model
+
+
+def _head(x, units: Sequence[int], dropout: float, reg: regularizers.Regularizer | None):
+    for k, u in enumerate(units):
+        x = layers.Dense(u, activation="relu", kernel_regularizer=reg, name=f"fc{k + 1}")(x)
+        x = layers.Dropout(dropout, name=f"fc{k + 1}_dropout")(x)
+    return layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(x)
+
+
+@register_model("solution_a", batch_size=16, epochs=50,
+                description="the report's custom CNN (§5.4): four 3x3 conv modules, 2x1024 dense head")
+def solution_a(x, input_size: int, mean, filters: Sequence[int] = (32, 64, 128, 128), dropout: float = 0.5):
+    """Modules: (1) conv+pool; (2) conv+BN; (3) 2 conv+BN+pool; (4) conv+pool+dropout; (5) classifier.
+
+    Filters 32/64/128/128 (our choice; the report names none). The classifier reads a global average pool
+    instead of a flatten: ~1.4M parameters, far lighter than the 95M-parameter network the report replaced.
+    """
+    f1, f2, f3, f4 = filters
+    x = _pixel_normalisation(mean)(x)
+    x = layers.Conv2D(f1, 3, padding="same", activation="relu", name="m1_conv")(x)
+    x = layers.MaxPooling2D(2, name="m1_pool")(x)
+    x = layers.Conv2D(f2, 3, padding="same", activation="relu", name="m2_conv")(x)
+    x = layers.BatchNormalization(momentum=0.9, name="m2_bn")(x)
+    x = layers.Conv2D(f3, 3, padding="same", activation="relu", name="m3_conv1")(x)
+    x = layers.Conv2D(f3, 3, padding="same", activation="relu", name="m3_conv2")(x)
+    x = layers.BatchNormalization(momentum=0.9, name="m3_bn")(x)
+    x = layers.MaxPooling2D(2, name="m3_pool")(x)
+    x = layers.Conv2D(f4, 3, padding="same", activation="relu", name="m4_conv")(x)
+    x = layers.MaxPooling2D(2, name="m4_pool")(x)
+    x = layers.Dropout(0.25, name="m4_dropout")(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return _head(x, (1024, 1024), dropout, regularizers.L1L2(l1=7e-4, l2=7e-4))
+
+
+@register_model("efficientnet_b2", batch_size=32, epochs=30,
+                description="the report's Solution B (§5.5): EfficientNetB2 from scratch + 2 dense layers")
+def efficientnet_b2(x, input_size: int, mean, units: Sequence[int] = (512, 256), dropout: float = 0.5):
+    """keras.applications.EfficientNetB2(weights=None, include_top=False) -> GAP -> 2 Dense+Dropout(0.5).
+
+    EfficientNet already divides by 255 and holds a Normalization layer; we set that layer's mean to the
+    train split's mean, so the model computes x/255 - mean like the others. Head sizes 512/256 with
+    L1L2(1e-5, 1e-4) are our choice (the report gives none).
+    """
+    base = keras.applications.EfficientNetB2(include_top=False, weights=None,
+                                             input_shape=(input_size, input_size, 3))
+    norm = next(l for l in base.layers if isinstance(l, layers.Normalization))
+    norm.adapt_mean.assign(np.asarray(mean, "float32"))
+    norm.adapt_variance.assign(np.ones(3, "float32"))
+    norm.finalize_state()
+    x = base(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return _head(x, units, dropout, regularizers.L1L2(l1=1e-5, l2=1e-4))
+
+
+@register_model("vgg16", batch_size=16, epochs=30,
+                description="VGG16 from scratch with L1+L2 regularisation (de Oliveira & Dantas 2021)")
+def vgg16(x, input_size: int, mean, units: Sequence[int] = (1024, 1024), dropout: float = 0.5):
+    """keras.applications.VGG16(weights=None, include_top=False) -> GAP -> 2x1024 Dense L1L2 + Dropout.
+
+    The GAP head (instead of the 2x4096 flatten head, ~100M parameters at 250 px) keeps it trainable on
+    one GPU; L1L2(1e-5, 1e-4) on the dense layers follows de Oliveira's L1+L2 regularisation.
+    """
+    x = _pixel_normalisation(mean)(x)
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(input_size, input_size, 3))
+    x = base(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return _head(x, units, dropout, regularizers.L1L2(l1=1e-5, l2=1e-4))
+
+
+def load_model(path: str, compile: bool = False) -> keras.Model:
+    """Load a saved `.keras` model in safe mode (no arbitrary code), with our custom layers registered."""
+    return keras.models.load_model(path, compile=compile, safe_mode=True)

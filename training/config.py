@@ -1,0 +1,143 @@
+"""`RunConfig`: the one place where training settings and their defaults live (the report's values).
+
+The CLI flags and the dashboard's Train form are generated from these fields; the resolved config is written
+as `config.json` into every run folder, so a run can be reproduced from its folder alone.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def _f(default, help: str, choices: tuple | None = None, **kw):
+    return field(default=default, metadata={"help": help, "choices": choices}, **kw)
+
+
+@dataclass
+class RunConfig:
+    # --- what to train
+    name: str = _f("", "free-text run name shown in the dashboard")
+    architecture: str = _f("solution_a", "registered model: solution_a, efficientnet_b2, vgg16")
+    weights: str | None = _f(None, "optional local weights file to start from (nothing is downloaded)")
+    # --- data
+    data_dir: str = _f("data/demo", "C-NMC folder (any supported layout, any level)")
+    cache_dir: str = _f("cache", "where decoded crop caches live")
+    split: str = _f("patient", "patient (subject-disjoint, default), official (challenge folds), image (leaky)",
+                    choices=("patient", "official", "image"))
+    val_fold: int = _f(2, "official split: which training fold validates")
+    image_size: int = _f(250, "model input in pixels after the 100-px crop (250 = no resize)")
+    # --- optimisation (report §5.4-5.5)
+    batch_size: int | None = _f(None, "batch size; default per architecture (solution_a 16, efficientnet_b2 32)")
+    epochs: int | None = _f(None, "epochs; default per architecture (solution_a 50, efficientnet_b2 30)")
+    learning_rate: float = _f(1e-4, "Adam learning rate")
+    lr_factor: float = _f(0.5, "ReduceLROnPlateau factor (monitor: validation accuracy)")
+    lr_patience: int = _f(2, "ReduceLROnPlateau patience in epochs")
+    min_lr: float = _f(1e-6, "ReduceLROnPlateau floor")
+    early_stopping: bool = _f(True, "stop when validation accuracy stalls (the report gained 2 points without)")
+    es_patience: int = _f(6, "EarlyStopping patience in epochs")
+    # --- class balance and augmentation (report §5.2)
+    samples_per_class: int = _f(10_000, "cells drawn per class per epoch (class-balanced, augmented on the fly)")
+    augment: bool = _f(True, "random rotation + flip, then 1/3 each: nothing, shear or Gaussian blur")
+    rotation_min_deg: float = _f(0.0, "lower bound of the random rotation angle (de Oliveira: 20)")
+    rotation_max_deg: float = _f(360.0, "upper bound of the random rotation angle (de Oliveira: 340)")
+    shear: float = _f(0.2, "shear factor of the shear branch")
+    blur_sigma_max: float = _f(1.5, "largest Gaussian blur sigma of the blur branch (pixels)")
+    salt_pepper: float = _f(0.0, "salt-and-pepper noise rate (de Oliveira's option; 0 = off)")
+    val_augmented: bool = _f(False, "the report's augmented, class-balanced validation set (optimistic)")
+    val_samples_per_class: int = _f(2_000, "cells per class of the augmented validation set")
+    # --- hardware
+    mixed_precision: str = _f("auto", "auto (on for GPUs with tensor cores), on, off", choices=("auto", "on", "off"))
+    devices: str = _f("one", "one (first GPU or CPU), local (all local GPUs), multiworker (TF_CONFIG)",
+                      choices=("one", "local", "multiworker"))
+    loader_workers: int = _f(2, "threads slicing batches from the crop cache")
+    # --- bookkeeping
+    seed: int = _f(0, "seed for splits, sampling, augmentation and initialisation")
+    runs_dir: str = _f("runs", "run store: SQLite database + one folder per run")
+
+    # Derived -------------------------------------------------------------------------------------------
+    def resolved(self) -> "RunConfig":
+        """Copy with per-architecture defaults filled in from the model registry, validated."""
+        from core.models import model_info
+
+        info = model_info(self.architecture)
+        cfg = dataclasses.replace(self, batch_size=self.batch_size or info.batch_size,
+                                  epochs=self.epochs or info.epochs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        if self.image_size < 16:
+            raise ValueError("image_size must be at least 16 pixels")
+        if not 0 <= self.rotation_min_deg <= self.rotation_max_deg <= 360:
+            raise ValueError("rotation range must satisfy 0 <= min <= max <= 360")
+        for name in ("batch_size", "epochs", "samples_per_class"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be positive")
+
+    def augment_spec(self):
+        from core.augmentation import AugmentSpec
+
+        return AugmentSpec(rotation_deg=(self.rotation_min_deg, self.rotation_max_deg), flip=True,
+                           shear=self.shear, blur_sigma=(min(0.5, self.blur_sigma_max), self.blur_sigma_max),
+                           salt_pepper=self.salt_pepper)
+
+    # Serialisation ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "RunConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+
+
+def field_help() -> dict[str, str]:
+    """Field name -> help text, for forms that describe each setting."""
+    return {f.name: f.metadata.get("help", "") for f in fields(RunConfig)}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per RunConfig field, typed and documented from the dataclass itself."""
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if "bool" in typ:
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"{f.metadata['help']} (default {default})")
+            continue
+        conv = int if typ.startswith("int") else float if typ.startswith("float") else str
+        parser.add_argument(flag, dest=f.name, type=conv, default=None, choices=f.metadata.get("choices"),
+                            help=f"{f.metadata['help']} (default {default})")
+
+
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """A config from `base` (or defaults) overridden by the flags that were given."""
+    cfg = base or RunConfig()
+    changes = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(cfg, **changes)
