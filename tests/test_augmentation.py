@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from core.augmentation import AugmentSpec, RandomChoice, SaltAndPepper, build_augmentation  # noqa: E402
+
+
+def _cells(n=8, size=48):
+    x = np.zeros((n, size, size, 3), "float32")
+    x[:, size // 4: 3 * size // 4, size // 4: size // 2] = [120.0, 40.0, 150.0]  # asymmetric blob, black border
+    return x
+
+
+def test_inactive_at_inference_active_in_training():
+    aug = build_augmentation(AugmentSpec(salt_pepper=0.02), seed=1)
+    x = _cells()
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(aug(x, training=False)), x)
+    y = keras.ops.convert_to_numpy(aug(x, training=True))
+    assert y.shape == x.shape and not np.allclose(y, x)
+
+
+def test_background_stays_black_after_rotation_and_shear():
+    aug = build_augmentation(AugmentSpec(blur_sigma=(0.0, 0.0)), seed=2)
+    y = keras.ops.convert_to_numpy(aug(_cells(16, 64), training=True))
+    corners = np.concatenate([y[:, :3, :3], y[:, -3:, -3:]]).ravel()
+    assert np.abs(corners).max() < 1e-3
+
+
+@keras.saving.register_keras_serializable(package="test")
+class AddConst(keras.layers.Layer):
+    def __init__(self, value=0.0, **kw):
+        super().__init__(**kw)
+        self.value = value
+
+    def call(self, x, training=None):
+        return x + self.value
+
+    def get_config(self):
+        return {**super().get_config(), "value": self.value}
+
+
+def test_random_choice_picks_one_branch_per_sample_uniformly():
+    layer = RandomChoice([None, AddConst(100.0), AddConst(200.0)], seed=3)
+    x = np.zeros((3000, 2, 2, 1), "float32")
+    y = keras.ops.convert_to_numpy(layer(x, training=True))[:, 0, 0, 0]
+    assert set(np.unique(y)) == {0.0, 100.0, 200.0}  # exactly one branch each, never a mix
+    frac = np.array([(y == v).mean() for v in (0.0, 100.0, 200.0)])
+    np.testing.assert_allclose(frac, 1 / 3, atol=0.04)
+
+
+def test_salt_and_pepper_rate():
+    x = np.full((4, 100, 100, 3), 128.0, "float32")
+    y = keras.ops.convert_to_numpy(SaltAndPepper(0.1, seed=0)(x, training=True))
+    changed = (y[..., 0] != 128.0).mean()
+    assert abs(changed - 0.1) < 0.01
+    assert set(np.unique(y)) == {0.0, 128.0, 255.0}
+
+
+def test_rotation_range_option():
+    aug = build_augmentation(AugmentSpec(rotation_deg=(20.0, 340.0)))
+    rot = aug.get_layer("rotate")
+    np.testing.assert_allclose(rot.get_config()["factor"], (20 / 360, 340 / 360))
+    with pytest.raises(ValueError, match="rotation range"):
+        build_augmentation(AugmentSpec(rotation_deg=(90.0, 10.0)))

@@ -1,0 +1,40 @@
+import argparse
+import json
+
+import pytest
+
+from training.config import RunConfig, add_config_arguments, config_from_args, field_help
+
+
+def test_resolved_fills_report_defaults_per_architecture():
+    a = RunConfig(architecture="solution_a").resolved()
+    b = RunConfig(architecture="efficientnet_b2").resolved()
+    assert (a.batch_size, a.epochs) == (16, 50) and (b.batch_size, b.epochs) == (32, 30)
+    c = RunConfig()
+    assert (c.learning_rate, c.lr_factor, c.lr_patience, c.min_lr) == (1e-4, 0.5, 2, 1e-6)
+    assert c.split == "patient" and c.image_size == 250 and not c.val_augmented
+
+
+def test_flags_are_generated_from_the_dataclass():
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    args = p.parse_args(["--epochs", "3", "--no-augment", "--split", "image", "--learning-rate", "0.01"])
+    cfg = config_from_args(args)
+    assert (cfg.epochs, cfg.augment, cfg.split, cfg.learning_rate) == (3, False, "image", 0.01)
+    assert cfg.batch_size is None  # not given: stays default
+    with pytest.raises(SystemExit):
+        p.parse_args(["--split", "random"])
+    assert set(field_help()) == set(RunConfig.__dataclass_fields__)
+
+
+def test_json_roundtrip_and_validation(tmp_path):
+    cfg = RunConfig(architecture="vgg16", epochs=2).resolved()
+    cfg.save(tmp_path / "c.json")
+    assert RunConfig.from_file(tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="unknown config keys"):
+        RunConfig.from_dict({"nope": 1})
+    with pytest.raises(ValueError, match="split must be one of"):
+        RunConfig(split="random").resolved()
+    with pytest.raises(ValueError, match="unknown model"):
+        RunConfig(architecture="resnet").resolved()
+    assert json.loads(cfg.to_json())["architecture"] == "vgg16"

@@ -1,0 +1,72 @@
+"""Registry-wide model smoke tests (as timm's test_models.py)."""
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from core.augmentation import AugmentSpec  # noqa: E402
+from core.models import create_model, list_models, load_model, model_info, register_model  # noqa: E402
+
+SIZE = 32
+
+
+def test_registry_lists_the_report_architectures():
+    assert {"solution_a", "efficientnet_b2", "vgg16"} <= set(list_models())
+    assert (model_info("solution_a").batch_size, model_info("solution_a").epochs) == (16, 50)
+    assert (model_info("efficientnet_b2").batch_size, model_info("efficientnet_b2").epochs) == (32, 30)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("resnet_9000")
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("solution_a", batch_size=1, epochs=1, description="")(lambda x, **k: x)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_forward_save_load(name, tmp_path):
+    mean = (0.25, 0.1, 0.3)
+    model = create_model(name, SIZE, mean=mean, augment=AugmentSpec(salt_pepper=0.01), seed=0)
+    x = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    p = model.predict(x, verbose=0)
+    assert p.shape == (3, 2)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+    # Inference is deterministic: the augmentation stack is inactive outside training.
+    np.testing.assert_allclose(model.predict(x, verbose=0), p, atol=1e-6)
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    again = load_model(str(path))  # safe mode: only registered, serialisable layers
+    np.testing.assert_allclose(again.predict(x, verbose=0), p, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_normalisation_lives_inside_the_model(name):
+    """A crop equal to the train mean reaches the backbone as zeros (x/255 - mean)."""
+    mean = np.array([0.2, 0.4, 0.6], "float32")
+    model = create_model(name, SIZE, mean=mean)
+    norm = [l for l in _all_layers(model) if isinstance(l, keras.layers.Normalization)]
+    assert len(norm) == 1
+    x = np.broadcast_to((mean * 255).astype("float32"), (1, SIZE, SIZE, 3))
+    if name == "efficientnet_b2":  # EfficientNet divides by 255 itself, then subtracts our mean
+        x = x / 255.0
+    out = keras.ops.convert_to_numpy(norm[0](x))
+    np.testing.assert_allclose(out, 0.0, atol=1e-5)
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def test_solution_a_is_light_and_trains():
+    model = create_model("solution_a", SIZE)
+    assert model.count_params() < 5_000_000  # vs the 95M-parameter network the report replaced
+    model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy", metrics=["accuracy"])
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 40, (32, SIZE, SIZE, 3), dtype=np.uint8)
+    y = np.zeros((32, 2), "float32")
+    y[:16, 1] = 1
+    y[16:, 0] = 1
+    x[:16] += 120  # a learnable difference
+    first = model.evaluate(x, y, verbose=0)[0]
+    model.fit(x, y, epochs=5, batch_size=16, verbose=0)
+    assert model.evaluate(x, y, verbose=0)[0] < first
