@@ -46,3 +46,23 @@ def replica_small(tmp_path_factory, file_list) -> Path:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The demo recipe (Solution A, 64 px) trained once on a 12-cells-per-subject synthetic set (ε = 0).
+
+    Shared by the demo-accuracy, Grad-CAM, evaluation and dashboard tests; returns (store, run_id, data_dir).
+    """
+    from core.synthetic import synthesize
+    from training.cli import demo_config
+    from training.store import RunStore
+    from training.trainer import train
+
+    data = tmp_path_factory.mktemp("demo_data")
+    synthesize(data, cells_per_subject=12, noise=0.0, seed=0, workers=2, progress=False)
+    runs = tmp_path_factory.mktemp("demo_runs")
+    store = RunStore(runs)
+    run_id = train(demo_config(data, runs, epochs=6), store)
+    assert store.get_run(run_id)["status"] == "completed", store.get_run(run_id)["error"]
+    return store, run_id, data

@@ -108,17 +108,9 @@ def test_two_jobs_queue_on_one_device(synth_small, tmp_path):
     assert second["started_at"] >= first["finished_at"] - 0.5  # never both running
 
 
-def test_demo_reaches_90_percent_on_synthetic_test_split(tmp_path_factory):
+def test_demo_reaches_90_percent_on_synthetic_test_split(demo_run):
     """The demo's recipe at a smaller budget (fewer cells and epochs) on an ε = 0 synthetic set."""
-    from core.synthetic import synthesize
-    from training.cli import demo_config
-
-    data = tmp_path_factory.mktemp("demo_data")
-    synthesize(data, cells_per_subject=12, noise=0.0, seed=0, workers=2, progress=False)
-    runs = tmp_path_factory.mktemp("demo_runs")
-    store = RunStore(runs)
-    rid = train(demo_config(data, runs, epochs=6), store)
-    assert store.get_run(rid)["status"] == "completed"
+    store, rid, _ = demo_run
     summary = json.loads((store.run_dir(rid) / "summary.json").read_text())
     assert summary["test_cells"] >= 20
     assert summary["test_accuracy"] >= 0.9, summary

@@ -96,6 +96,58 @@ def demo_config(data: str | Path, runs_dir: str | Path, epochs: int | None = Non
                      runs_dir=str(runs_dir), cache_dir=str(Path(data) / ".cache"))
 
 
+def cmd_evaluate(args) -> int:
+    from training.evaluate import evaluate
+    from training.store import RunStore
+
+    store = RunStore(args.runs_dir)
+    result = evaluate(store, args.run_ids, split=args.split, data_dir=args.data, tta=args.tta,
+                      target_sensitivity=args.target_sensitivity, n_boot=args.n_boot)
+    prov, m = result["provenance"], result["metrics"]
+    print(f"runs {', '.join(prov['runs'])} on the {prov['split']} set ({prov['split_strategy']} split, "
+          f"{prov['cells']} cells, {len(prov['subjects'])} subjects, data {prov['data_dir']}"
+          f"{', TTA' if prov['tta'] else ''})")
+    if prov.get("warning"):
+        print(f"WARNING: {prov['warning']}")
+    import pandas as pd
+
+    table = pd.DataFrame(result["report_table"]).set_index("class")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    ci = result["ci95_by_subject_bootstrap"]
+    for key in ("weighted_f1", "balanced_accuracy", "sensitivity_all", "specificity_all", "roc_auc", "pr_auc"):
+        lo, hi = ci.get(key, (float("nan"), float("nan")))
+        print(f"{key:<18} {m[key]:.4f}  (95% CI by subject {lo:.4f}-{hi:.4f})")
+    c = result["calibration"]
+    print(f"threshold {result['threshold']:.3f}, temperature {c['rule']['temperature']:.3f}, "
+          f"ECE {c['ece_raw']:.4f} -> {c['ece_calibrated']:.4f}, uncertain cells {c['uncertain_cells']}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from core.explain import GradCAM
+    from core.inference import classify_files, collect_images
+    from training.evaluate import resolve_model
+    from training.store import RunStore
+
+    model, rule, size, what = resolve_model(args.model, RunStore(args.runs_dir))
+    paths = collect_images(args.paths)
+    if not paths:
+        print("error: no image files found", file=sys.stderr)
+        return 2
+    cam = GradCAM(model) if args.gradcam else None
+    table = classify_files([model], paths, size, rule=rule, tta=args.tta, gradcam_dir=args.gradcam, cam=cam)
+    if args.out:
+        table.to_csv(args.out, index=False)
+    failed = int(table["error"].notna().sum())
+    print(f"{what}: {len(table) - failed} classified, {failed} failed"
+          + (f"; table written to {args.out}" if args.out else ""))
+    if not args.out:
+        print(table.to_string(index=False))
+    for row in table[table["error"].notna()].itertuples():
+        print(f"error: {row.path}: {row.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description="C-NMC leukemia workbench")
     sub = p.add_subparsers(dest="command", required=True)
@@ -131,6 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs-dir", default=None)
     s.add_argument("--epochs", type=int, default=None)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("evaluate", help="metrics, calibration, subjects and errors of a run or an ensemble")
+    s.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="one run, or several for an ensemble")
+    s.add_argument("--split", default="test", choices=("train", "val", "test"))
+    s.add_argument("--data", default=None, help="evaluate on another labelled C-NMC folder instead")
+    s.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
+    s.add_argument("--target-sensitivity", type=float, default=None,
+                   help="choose the threshold on validation to reach this sensitivity for all")
+    s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (by subject) for CIs")
+    s.add_argument("--runs-dir", default="runs")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("predict", help="classify cell images with a run or a .keras file")
+    s.add_argument("model", help="RUN_ID or MODEL.keras (loaded in safe mode)")
+    s.add_argument("paths", nargs="+", help="image files and/or folders")
+    s.add_argument("--out", help="CSV to write")
+    s.add_argument("--gradcam", metavar="DIR", help="write Grad-CAM overlays here")
+    s.add_argument("--tta", action="store_true")
+    s.add_argument("--runs-dir", default="runs")
+    s.set_defaults(func=cmd_predict)
     return p
 
 

@@ -1,0 +1,112 @@
+"""Calibration and the decision rule: reliability, ECE, Brier, temperature scaling, thresholds, review band.
+
+The decision rule is fitted on the validation split and applied unchanged to test data and new cells:
+temperature T rescales the logit of P(all); the threshold is 0.5 or the highest one reaching a target
+sensitivity for `all` on validation (a missed blast costs more than a false alarm); cells whose calibrated
+probability falls within `band` of the threshold are flagged "review manually".
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+_EPS = 1e-7
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(p: np.ndarray, temperature: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-_logit(p) / temperature))
+
+
+def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
+    """Temperature minimising the negative log-likelihood of the labels (Guo et al. 2017)."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y, dtype=float)
+    z = _logit(p)
+
+    def nll(log_t: float) -> float:
+        q = np.clip(1.0 / (1.0 + np.exp(-z / np.exp(log_t))), _EPS, 1 - _EPS)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def reliability_curve(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
+    """Per equal-width probability bin: mean predicted P(all), observed fraction of blasts, count."""
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        m = bins == b
+        rows.append({"bin": b, "lower": b / n_bins, "upper": (b + 1) / n_bins, "count": int(m.sum()),
+                     "mean_predicted": float(p[m].mean()) if m.any() else np.nan,
+                     "fraction_positive": float(y[m].mean()) if m.any() else np.nan})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
+    curve = reliability_curve(y, p, n_bins)
+    used = curve[curve["count"] > 0]
+    return float((used["count"] * (used["mean_predicted"] - used["fraction_positive"]).abs()).sum() / len(y))
+
+
+def brier_score(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean((np.asarray(p, dtype=float) - np.asarray(y, dtype=float)) ** 2))
+
+
+def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity for `all` on (y, p) is at least `target`."""
+    y, p = np.asarray(y), np.asarray(p, dtype=float)
+    pos = np.sort(p[y == 1])
+    if len(pos) == 0:
+        raise ValueError("no blasts in the data: cannot choose a sensitivity threshold")
+    k = int(np.floor((1 - target) * len(pos) + 1e-9))  # at most k positives may fall below the threshold
+    return float(pos[min(k, len(pos) - 1)])
+
+
+@dataclass
+class DecisionRule:
+    """How a probability becomes a call: temperature, threshold and the review band, fitted on validation."""
+
+    temperature: float = 1.0
+    threshold: float = 0.5
+    band: float = 0.1
+    fitted_on: str = "none (defaults)"
+    target_sensitivity: float | None = None
+
+    def calibrate(self, p: np.ndarray) -> np.ndarray:
+        return apply_temperature(p, self.temperature)
+
+    def decide(self, p: np.ndarray) -> pd.DataFrame:
+        """Per cell: calibrated probability, predicted class and the 'review manually' flag."""
+        q = self.calibrate(np.asarray(p, dtype=float))
+        return pd.DataFrame({"prob_all_calibrated": q, "prediction": np.where(q >= self.threshold, "all", "hem"),
+                             "uncertain": np.abs(q - self.threshold) < self.band})
+
+    @classmethod
+    def fit(cls, y: np.ndarray, p: np.ndarray, target_sensitivity: float | None = None, band: float = 0.1,
+            fitted_on: str = "validation split") -> "DecisionRule":
+        t = fit_temperature(y, p)
+        q = apply_temperature(p, t)
+        thr = threshold_for_sensitivity(y, q, target_sensitivity) if target_sensitivity else 0.5
+        return cls(t, thr, band, fitted_on, target_sensitivity)
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DecisionRule":
+        return cls(**json.loads(Path(path).read_text()))

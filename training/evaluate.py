@@ -1,0 +1,202 @@
+"""Evaluate runs (or an ensemble of runs) on a split, and resolve models for prediction.
+
+Writes into the run folder (an ensemble gets `runs/ensembles/<ids>/`): metrics.json (with provenance: which
+runs, data, split and subjects), report.csv (the report's table), subjects.csv, errors.csv (false positives and
+negatives, most confident first), predictions_<split>.csv, calibration.json and PNG figures.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from core import calibration as cal
+from core.metrics import error_tables, evaluate_predictions, report_table, subject_readout
+from training.config import RunConfig
+from training.store import RunStore
+
+log = logging.getLogger("cnmc.evaluate")
+
+
+def run_model_path(store: RunStore, run_id: str) -> Path:
+    path = store.run_dir(run_id) / "best.keras"
+    if not path.exists():
+        raise FileNotFoundError(f"run {run_id} has no best.keras (status {store.get_run(run_id)['status']})")
+    return path
+
+
+def resolve_model(ref: str, store: RunStore):
+    """(model, decision rule, input size, description) for a run id or a `.keras` file (safe mode)."""
+    from core.models import load_model
+
+    if ref.endswith(".keras") and Path(ref).is_file():
+        model, rule, what = load_model(ref), cal.DecisionRule(), f"model file {ref}"
+    else:
+        model = load_model(str(run_model_path(store, ref)))
+        calib = store.run_dir(ref) / "calibration.json"
+        rule = cal.DecisionRule.load(calib) if calib.exists() else cal.DecisionRule()
+        what = f"run {ref}"
+    return model, rule, int(model.inputs[0].shape[1]), what
+
+
+def _split_rows(store: RunStore, run_id: str) -> tuple[RunConfig, pd.DataFrame]:
+    from core.splits import load_split
+
+    cfg = RunConfig.from_dict(store.get_run(run_id)["config"])
+    return cfg, load_split(store.run_dir(run_id) / "split.csv")
+
+
+def _predict_table(models, table: pd.DataFrame, size: int, cache_dir: str, tta: bool) -> np.ndarray:
+    from core.inference import predict_proba
+    from core.preprocessing import CropCache
+
+    files = table[["path"]].copy()
+    files["size"] = [Path(p).stat().st_size for p in files["path"]]
+    files["mtime_ns"] = [Path(p).stat().st_mtime_ns for p in files["path"]]
+    cache = CropCache.build(files, cache_dir, size=size, progress=False)
+    crops = np.asarray(cache.array[cache.rows(table["path"])])
+    return predict_proba(models, crops, tta=tta)
+
+
+def collect_predictions(store: RunStore, run_ids: Sequence[str], split: str = "test",
+                        data_dir: str | None = None, tta: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(validation predictions, evaluation predictions, provenance), averaged over `run_ids`."""
+    from core.models import load_model
+
+    first_cfg, first_split = _split_rows(store, run_ids[0])
+    for rid in run_ids[1:]:
+        _, other = _split_rows(store, rid)
+        if not other[["path", "split"]].equals(first_split[["path", "split"]]):
+            raise ValueError(f"run {rid} used a different split than {run_ids[0]}: an ensemble must share one")
+    cols = ["path", "subject", "label", "split"]
+    val = first_split[first_split["split"] == "val"][cols].reset_index(drop=True)
+    if data_dir:
+        from core.dataset import index
+
+        manifest, _ = index(data_dir)
+        target = manifest[manifest["label"].notna()][["path", "subject", "label"]].assign(split="external")
+        target = target.reset_index(drop=True)
+    else:
+        if split not in ("train", "val", "test"):
+            raise ValueError("split must be train, val or test")
+        target = first_split[first_split["split"] == split][cols].reset_index(drop=True)
+    if target.empty:
+        raise ValueError(f"no labelled cells in the {split if not data_dir else data_dir} set")
+    simple = len(run_ids) == 1 and not tta and not data_dir and split in ("val", "test")
+    pred_file = store.run_dir(run_ids[0]) / "predictions.csv"
+    if simple and pred_file.exists():  # written by the trainer from best.keras: no need to predict again
+        stored = pd.read_csv(pred_file, dtype={"subject": "str"}).set_index("path")["prob_all"]
+        val["prob_all"], target["prob_all"] = stored.loc[val["path"]].to_numpy(), stored.loc[target["path"]].to_numpy()
+    else:
+        models = [load_model(str(run_model_path(store, r))) for r in run_ids]
+        size = int(models[0].inputs[0].shape[1])
+        val["prob_all"] = _predict_table(models, val, size, first_cfg.cache_dir, tta)
+        target["prob_all"] = _predict_table(models, target, size, first_cfg.cache_dir, tta)
+    provenance = {"runs": list(run_ids), "split": split if not data_dir else "external",
+                  "split_strategy": first_cfg.split, "data_dir": data_dir or first_cfg.data_dir, "tta": tta,
+                  "architectures": [store.get_run(r)["architecture"] for r in run_ids]}
+    if first_cfg.split == "image" and not data_dir:
+        provenance["warning"] = "image-level split: subjects leak between splits; optimistic"
+    return val, target, provenance
+
+
+def evaluate(store: RunStore, run_ids: Sequence[str], split: str = "test", data_dir: str | None = None,
+             tta: bool = False, target_sensitivity: float | None = None, band: float = 0.1,
+             n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Evaluate one run or an ensemble; writes the artefacts and returns metrics.json's content."""
+    run_ids = list(run_ids)
+    val, target, provenance = collect_predictions(store, run_ids, split, data_dir, tta)
+    out_dir = store.run_dir(run_ids[0]) if len(run_ids) == 1 else \
+        store.root / "ensembles" / hashlib.sha1("|".join(sorted(run_ids)).encode()).hexdigest()[:12]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    yv = (val["label"] == "all").to_numpy().astype(int)
+    if len(np.unique(yv)) == 2:
+        rule = cal.DecisionRule.fit(yv, val["prob_all"].to_numpy(), target_sensitivity, band)
+    else:
+        rule = cal.DecisionRule(band=band, fitted_on="none: validation split lacks a class")
+    rule.save(out_dir / "calibration.json")
+    decided = rule.decide(target["prob_all"].to_numpy())
+    target = pd.concat([target, decided], axis=1)
+    scored = target.assign(prob_all=target["prob_all_calibrated"])
+    result = evaluate_predictions(scored, threshold=rule.threshold, n_boot=n_boot, seed=seed, provenance=provenance)
+    y = (target["label"] == "all").to_numpy().astype(int)
+    result["calibration"] = {
+        "rule": rule.__dict__,
+        "ece_raw": cal.expected_calibration_error(y, target["prob_all"]),
+        "ece_calibrated": cal.expected_calibration_error(y, target["prob_all_calibrated"]),
+        "brier_raw": cal.brier_score(y, target["prob_all"]),
+        "brier_calibrated": cal.brier_score(y, target["prob_all_calibrated"]),
+        "reliability": cal.reliability_curve(y, target["prob_all_calibrated"]).to_dict(orient="list"),
+        "uncertain_cells": int(target["uncertain"].sum()),
+    }
+    name = provenance["split"]
+    target.to_csv(out_dir / f"predictions_{name}.csv", index=False)
+    report_table(scored, rule.threshold).to_csv(out_dir / "report.csv", index_label="class")
+    subject_readout(scored, rule.threshold).to_csv(out_dir / "subjects.csv", index=False)
+    fp, fn = error_tables(scored.assign(prob_all=target["prob_all"]), threshold=_raw_threshold(rule))
+    pd.concat([fp.assign(error="false_positive"), fn.assign(error="false_negative")]).to_csv(
+        out_dir / "errors.csv", index=False)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    write_figures(result, out_dir)
+    return result
+
+
+def _raw_threshold(rule: cal.DecisionRule) -> float:
+    """The raw-probability threshold equivalent to the rule's calibrated one (temperature is monotone)."""
+    t = np.clip(rule.threshold, 1e-7, 1 - 1e-7)
+    return float(1 / (1 + np.exp(-np.log(t / (1 - t)) * rule.temperature)))
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def write_figures(result: dict[str, Any], out_dir: Path) -> None:
+    """Confusion matrix, ROC, PR and reliability figures as PNG (for reports; the dashboard draws its own)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prov = result["provenance"]
+    caption = f"{prov['split']} split ({prov.get('split_strategy')}), {prov['cells']} cells, " \
+              f"{len(prov['subjects'])} subjects"
+    cm = np.array(result["confusion_matrix"]["counts"])
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["Hem", "All"], yticklabels=["Hem", "All"],
+           xlabel="predicted", ylabel="true", title="Confusion matrix")
+    fig.text(0.5, 0.01, caption, ha="center", fontsize=6)
+    fig.savefig(out_dir / "confusion.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    if result.get("curves"):
+        for kind, (xk, yk, xl, yl) in {"roc": ("fpr", "tpr", "false positive rate", "true positive rate"),
+                                       "pr": ("recall", "precision", "recall (all)", "precision (all)")}.items():
+            c = result["curves"][kind]
+            fig, ax = plt.subplots(figsize=(4, 3.6))
+            ax.plot(c[xk], c[yk])
+            auc = result["metrics"]["roc_auc" if kind == "roc" else "pr_auc"]
+            ax.set(xlabel=xl, ylabel=yl, title=f"{kind.upper()} (AUC {auc:.3f})", xlim=(0, 1), ylim=(0, 1.02))
+            fig.text(0.5, 0.01, caption, ha="center", fontsize=6)
+            fig.savefig(out_dir / f"{kind}.png", dpi=120, bbox_inches="tight")
+            plt.close(fig)
+    rel = result["calibration"]["reliability"]
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.plot(rel["mean_predicted"], rel["fraction_positive"], "o-")
+    ax.set(xlabel="mean calibrated P(all)", ylabel="fraction of blasts", title="Reliability", xlim=(0, 1),
+           ylim=(0, 1))
+    fig.text(0.5, 0.01, caption, ha="center", fontsize=6)
+    fig.savefig(out_dir / "reliability.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
