@@ -1,0 +1,1 @@
+"""Dashboard support: settings, services the pages call, and Plotly figures. Pages stay thin."""

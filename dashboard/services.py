@@ -1,0 +1,262 @@
+"""What the pages call: model bundles, classification of uploads, run progress, evaluations, data overviews.
+
+Everything here returns plain data (DataFrames, arrays, dicts); the pages only lay it out.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from core.dataset import parse_uid
+from core.imageio import ImageReadError
+from core.preprocessing import load_crop
+from training.config import RunConfig
+from training.store import RunStore
+
+
+# --- models -----------------------------------------------------------------------------------------------------
+@dataclass
+class ModelBundle:
+    model: Any
+    rule: Any
+    size: int
+    description: str
+    _cam: Any = field(default=None, repr=False)
+
+    @property
+    def cam(self):
+        if self._cam is None:
+            from core.explain import GradCAM
+
+            self._cam = GradCAM(self.model)
+        return self._cam
+
+
+def load_run_bundle(run_id: str, runs_dir: str | Path) -> ModelBundle:
+    from training.evaluate import resolve_model
+
+    return ModelBundle(*resolve_model(run_id, RunStore(runs_dir)))
+
+
+def load_uploaded_bundle(name: str, data: bytes) -> ModelBundle:
+    """A user's `.keras` file, loaded in safe mode (no code execution); a clear error if it is not one."""
+    from core.calibration import DecisionRule
+    from core.models import load_model
+
+    if not name.endswith(".keras"):
+        raise ValueError(f"{name}: expected a .keras model file")
+    with tempfile.NamedTemporaryFile(suffix=".keras", delete=False) as fh:
+        fh.write(data)
+    try:
+        model = load_model(fh.name)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is reported to the user, named
+        raise ValueError(f"{name}: cannot be loaded as a Keras model in safe mode ({exc})") from exc
+    finally:
+        Path(fh.name).unlink(missing_ok=True)
+    shape = model.inputs[0].shape
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+        raise ValueError(f"{name}: expects input {tuple(shape)}, not square RGB crops")
+    return ModelBundle(model, DecisionRule(), int(shape[1]), f"uploaded model {name}")
+
+
+def completed_runs(runs_dir: str | Path) -> pd.DataFrame:
+    runs = RunStore(runs_dir).list_runs()
+    return runs[runs["status"] == "completed"].reset_index(drop=True)
+
+
+def run_label(row) -> str:
+    name = f" · {row['name']}" if row.get("name") else ""
+    return f"{row['id']} · {row['architecture']}{name}"
+
+
+# --- classification -----------------------------------------------------------------------------------------------
+@dataclass
+class Classified:
+    table: pd.DataFrame  # one row per file, errors included
+    crops: dict[str, np.ndarray]
+    overlays: dict[str, np.ndarray]  # Grad-CAM blended onto the crop (when asked for)
+    subjects: pd.DataFrame
+
+
+def _decode(name: str, data: bytes, size: int):
+    try:
+        return load_crop(data, size=size, name=name), None
+    except ImageReadError as exc:
+        return None, exc.reason
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False) -> Classified:
+    """Classify uploaded cells; a file that cannot be read gets its own error row and the others go on."""
+    from core.inference import predict_proba
+    from core.metrics import subject_readout
+
+    with ThreadPoolExecutor(4) as pool:
+        decoded = list(pool.map(lambda f: _decode(f[0], f[1], bundle.size), files))
+    ok = [(name, crop) for (name, _), (crop, err) in zip(files, decoded) if crop is not None]
+    crops = {name: crop for name, crop in ok}
+    rows = []
+    if ok:
+        batch = np.stack([c for _, c in ok])
+        p = predict_proba([bundle.model], batch)
+        decided = bundle.rule.decide(p)
+        heat = bundle.cam(batch)[1] if gradcam else None
+        for i, (name, _) in enumerate(ok):
+            parsed = parse_uid(name)
+            rows.append({"file": name, "prediction": decided.at[i, "prediction"], "prob_blast": float(p[i]),
+                         "calibrated_prob_blast": float(decided.at[i, "prob_all_calibrated"]),
+                         "review_manually": bool(decided.at[i, "uncertain"]),
+                         "subject": parsed.subject if parsed else None, "error": None})
+    for (name, _), (crop, err) in zip(files, decoded):
+        if crop is None:
+            rows.append({"file": name, "prediction": None, "prob_blast": np.nan, "calibrated_prob_blast": np.nan,
+                         "review_manually": None, "subject": None, "error": err})
+    order = {name: i for i, (name, _) in enumerate(files)}
+    table = pd.DataFrame(rows).sort_values("file", key=lambda s: s.map(order)).reset_index(drop=True)
+    from core.explain import overlay
+
+    overlays = {name: overlay(crops[name], heat[i]) for i, (name, _) in enumerate(ok)} if gradcam and ok else {}
+    known = table[table["subject"].notna()].rename(columns={"calibrated_prob_blast": "prob_all"})
+    subjects = subject_readout(known.assign(path=known["file"]).drop(columns=["prediction"]),
+                               bundle.rule.threshold) if len(known) else pd.DataFrame()
+    return Classified(table, crops, overlays, subjects)
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+def launch_demo(settings) -> str:
+    from training import jobs
+    from training.cli import demo_config
+
+    if not (settings.demo_data / "synthetic_truth.csv").exists():
+        raise FileNotFoundError(f"the demo dataset is missing at {settings.demo_data}: run `make demo-data`")
+    return jobs.launch(demo_config(settings.demo_data, settings.runs_dir))
+
+
+def progress_info(store: RunStore, run_id: str) -> dict[str, Any]:
+    """Fraction done, ETA in seconds and a short text for the selected run's progress bar."""
+    run = store.get_run(run_id)
+    epochs = store.epochs(run_id)
+    prog = store.progress(run_id) or {}
+    planned = max(int(run.get("epochs_planned") or 1), 1)
+    steps = max(int(prog.get("steps") or 0), 1)
+    done_epochs = len(epochs)
+    within = (prog.get("step") or 0) / steps if prog.get("epoch", -1) == done_epochs else 0.0
+    fraction = min(1.0, (done_epochs + within) / planned) if run["status"] != "completed" else 1.0
+    eta = None
+    if len(epochs) and run["status"] == "running":
+        per_epoch = float(epochs["seconds"].mean())
+        eta = max(0.0, (planned - done_epochs - within) * per_epoch)
+    phase = prog.get("phase") or run["status"]
+    text = f"{run['status']}: epoch {min(done_epochs + 1, planned)}/{planned}, {phase}"
+    if eta is not None:
+        text += f", about {eta / 60:.1f} min left" if eta >= 90 else f", about {eta:.0f} s left"
+    return {"fraction": fraction, "eta_s": eta, "text": text, "status": run["status"], "error": run["error"]}
+
+
+def augmentation_preview(data_dir: str | Path, cfg: RunConfig, n: int = 8, seed: int = 0) -> list[np.ndarray]:
+    """n training-like cells of `data_dir` passed through the configured augmentation (training mode)."""
+    import keras
+
+    from core.augmentation import build_augmentation
+    from core.dataset import index
+
+    manifest, _ = index(data_dir)
+    labelled = manifest[manifest["label"].notna()]
+    pick = labelled.sample(min(n, len(labelled)), random_state=seed)
+    crops = np.stack([load_crop(p, size=cfg.image_size) for p in pick["path"]]).astype("float32")
+    aug = build_augmentation(cfg.augment_spec(), seed=seed)
+    out = keras.ops.convert_to_numpy(aug(crops, training=True))
+    return [np.clip(a, 0, 255).astype(np.uint8) for a in out]
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+def evaluation(runs_dir: str | Path, run_ids: list[str], refresh: bool = False, n_boot: int = 500) -> dict:
+    """metrics.json of a run (computed once, then read) or of an ensemble of runs."""
+    from training.evaluate import evaluate
+
+    store = RunStore(runs_dir)
+    path = store.run_dir(run_ids[0]) / "metrics.json"
+    if len(run_ids) == 1 and path.exists() and not refresh:
+        return json.loads(path.read_text())
+    return evaluate(store, run_ids, n_boot=n_boot)
+
+
+def predictions(runs_dir: str | Path, run_id: str, split: str = "test") -> pd.DataFrame:
+    path = RunStore(runs_dir).run_dir(run_id) / f"predictions_{split}.csv"
+    return pd.read_csv(path, dtype={"subject": "str"}) if path.exists() else pd.DataFrame()
+
+
+def tradeoff(preds: pd.DataFrame, threshold: float) -> dict[str, float]:
+    """Sensitivity, specificity and accuracy for `all` at a threshold on calibrated probabilities."""
+    from core.metrics import point_metrics
+
+    y = (preds["label"] == "all").to_numpy().astype(int)
+    return point_metrics(y, preds["prob_all_calibrated"].to_numpy(), threshold)
+
+
+def subjects_table(runs_dir: str | Path, run_id: str) -> pd.DataFrame:
+    path = RunStore(runs_dir).run_dir(run_id) / "subjects.csv"
+    return pd.read_csv(path, dtype={"subject": "str"}) if path.exists() else pd.DataFrame()
+
+
+def errors(runs_dir: str | Path, run_id: str) -> pd.DataFrame:
+    """False positives and negatives of a run's test split (evaluating it first if needed)."""
+    store = RunStore(runs_dir)
+    path = store.run_dir(run_id) / "errors.csv"
+    if not path.exists():
+        evaluation(runs_dir, [run_id])
+    table = pd.read_csv(path, dtype={"subject": "str"})
+    table["confidence"] = np.where(table["error"] == "false_positive", table["prob_all"], 1 - table["prob_all"])
+    return table
+
+
+def cell_view(path: str, size: int = 250, bundle: ModelBundle | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A cell's crop for display and, given a model, its Grad-CAM overlay."""
+    from core.explain import overlay
+
+    crop = load_crop(path, size=size)
+    if bundle is None:
+        return crop, None
+    small = load_crop(path, size=bundle.size)
+    _, maps = bundle.cam(small[None])
+    return crop, overlay(crop, maps[0])
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+def dataset_overview(data_dir: str | Path) -> dict[str, Any]:
+    """Index summary, Table-1 counts (cells per class per source and per default split), subjects, problems."""
+    from core.dataset import index, summarize
+    from core.splits import make_split
+
+    t = time.perf_counter()
+    manifest, problems = index(data_dir)
+    summary = summarize((manifest, problems))
+    labels = manifest["label"].fillna("unlabelled")
+    by_source = pd.crosstab(manifest["source"], labels)
+    subjects = manifest.dropna(subset=["subject"]).groupby(labels)["subject"].nunique().rename("subjects")
+    try:
+        split = make_split(manifest, "patient")
+        by_split = pd.crosstab(split["split"], split["label"]).reindex(["train", "val", "test"])
+        split_note = "patient split (subject-disjoint, seed 0), the default"
+    except ValueError as exc:
+        by_split, split_note = pd.DataFrame(), f"no patient split: {exc}"
+    counts = labels.value_counts()
+    imbalance = float(counts.get("all", 0) / counts.get("hem", 1)) if counts.get("hem", 0) else float("nan")
+    return {"summary": summary, "manifest": manifest, "problems": problems, "by_source": by_source,
+            "by_split": by_split, "split_note": split_note, "subjects": subjects, "imbalance": imbalance,
+            "seconds": time.perf_counter() - t}
+
+
+def sample_crops(manifest: pd.DataFrame, label: str, n: int = 6, size: int = 160, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    rows = manifest[manifest["label"] == label]
+    rows = rows.sample(min(n, len(rows)), random_state=seed) if len(rows) else rows
+    return [(Path(p).name, load_crop(p, size=size)) for p in rows["path"]]

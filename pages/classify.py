@@ -1,0 +1,99 @@
+"""Classify: upload cells, pick a model, get classes, blast probabilities, review flags and Grad-CAM."""
+import streamlit as st
+
+from dashboard import services
+from dashboard.settings import MAX_UPLOAD_FILES, Settings
+
+IMAGE_TYPES = ["bmp", "png", "jpg", "jpeg", "tif", "tiff"]
+MAX_CARDS = 48
+
+
+@st.cache_resource(show_spinner="Loading model…")
+def run_bundle(run_id: str, runs_dir: str):
+    return services.load_run_bundle(run_id, runs_dir)
+
+
+@st.cache_resource(show_spinner="Loading model…", max_entries=4)
+def uploaded_bundle(name: str, data: bytes):
+    return services.load_uploaded_bundle(name, data)
+
+
+def model_ui(settings: Settings):
+    source = st.radio("Model", ["Completed run", "Upload a .keras file"], horizontal=True)
+    if source == "Upload a .keras file":
+        up = st.file_uploader("Keras model (.keras, loaded in safe mode)", type=["keras"], key="model_file")
+        if up is None:
+            return None
+        try:
+            return uploaded_bundle(up.name, up.getvalue())
+        except ValueError as exc:
+            st.error(str(exc))
+            return None
+    runs = services.completed_runs(settings.runs_dir)
+    if runs.empty:
+        st.info("No trained model yet. Train the demo model (Solution A on the synthetic cells, a few minutes "
+                "on a CPU) or train your own on the Train page.")
+        if st.button("Train the demo model"):
+            try:
+                run_id = services.launch_demo(settings)
+                st.success(f"Demo training started as run {run_id}; follow it on the Train page.")
+            except FileNotFoundError as exc:
+                st.error(str(exc))
+        return None
+    labels = {services.run_label(r): r["id"] for r in runs.to_dict("records")}
+    return run_bundle(labels[st.selectbox("Run", list(labels))], str(settings.runs_dir))
+
+
+def upload_ui():
+    files = st.file_uploader("Cell images (BMP, PNG, JPEG, TIFF)", type=IMAGE_TYPES, accept_multiple_files=True,
+                             key="cells")
+    gradcam = st.toggle("Show Grad-CAM overlays (where the model sees blast evidence)", value=False)
+    return files or [], gradcam
+
+
+def results_ui(result, gradcam: bool) -> None:
+    for row in result.table[result.table["error"].notna()].itertuples():
+        st.error(f"{row.file}: {row.error}")
+    ok = result.table[result.table["error"].isna()]
+    flagged = int(ok["review_manually"].sum()) if len(ok) else 0
+    st.subheader(f"{len(ok)} cells classified" + (f", {flagged} to review manually" if flagged else ""))
+    st.dataframe(ok.drop(columns=["error"]), hide_index=True, width="stretch",
+                 column_config={"prob_blast": st.column_config.ProgressColumn("P(blast)", min_value=0, max_value=1),
+                                "calibrated_prob_blast": st.column_config.NumberColumn("calibrated P(blast)",
+                                                                                       format="%.3f")})
+    st.download_button("Download results (CSV)", result.table.to_csv(index=False), "classification.csv",
+                       "text/csv")
+    if not result.subjects.empty:
+        st.subheader("Per subject (from UID_ file names)")
+        st.dataframe(result.subjects, hide_index=True)
+    cols = st.columns(4)
+    for i, row in enumerate(ok.head(MAX_CARDS).itertuples()):
+        with cols[i % 4]:
+            image = result.overlays[row.file] if gradcam else result.crops[row.file]
+            flag = " · review manually" if row.review_manually else ""
+            st.image(image, caption=f"{row.file}: {row.prediction} (P(blast) {row.calibrated_prob_blast:.2f}){flag}",
+                     width="stretch")
+    if len(ok) > MAX_CARDS:
+        st.caption(f"Cards shown for the first {MAX_CARDS} cells; the table and CSV hold all {len(ok)}.")
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    st.title("Classify cells")
+    bundle = model_ui(settings)
+    files, gradcam = upload_ui()
+    if bundle is None or not files:
+        return
+    if len(files) > MAX_UPLOAD_FILES:
+        st.error(f"{len(files)} files uploaded; only the first {MAX_UPLOAD_FILES} are classified.")
+        files = files[:MAX_UPLOAD_FILES]
+    with st.spinner(f"Classifying {len(files)} cells…"):
+        result = services.classify_uploads(bundle, [(f.name, f.getvalue()) for f in files], gradcam)
+    rule = bundle.rule
+    st.caption(f"Model: {bundle.description}. Decision rule: threshold {rule.threshold:.2f} on calibrated "
+               f"P(blast) (temperature {rule.temperature:.2f}, fitted on {rule.fitted_on}); cells within "
+               f"{rule.band:.2f} of it are flagged for manual review.")
+    results_ui(result, gradcam)
+
+
+main()

@@ -1,0 +1,86 @@
+"""Evaluate: the report's table, challenge metric with subject-level CIs, curves, calibration, subjects."""
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts, services
+from dashboard.settings import Settings
+
+KEYS = {"weighted_f1": "Weighted F1 (challenge)", "balanced_accuracy": "Balanced accuracy",
+        "sensitivity_all": "Sensitivity (all)", "specificity_all": "Specificity (all)", "roc_auc": "ROC AUC",
+        "pr_auc": "PR AUC"}
+
+
+@st.cache_data(show_spinner="Evaluating…", max_entries=32)
+def evaluation(runs_dir: str, run_ids: tuple[str, ...], stamp: float) -> dict:
+    return services.evaluation(runs_dir, list(run_ids))
+
+
+def runs_ui(settings: Settings) -> list[str]:
+    runs = services.completed_runs(settings.runs_dir)
+    if runs.empty:
+        st.info("No completed run to evaluate yet: train one on the Train page.")
+        return []
+    labels = {services.run_label(r): r["id"] for r in runs.to_dict("records")}
+    chosen = st.multiselect("Runs (several: compared side by side, and evaluated as an ensemble)", list(labels),
+                            default=list(labels)[:1])
+    return [labels[c] for c in chosen]
+
+
+def metrics_ui(result: dict) -> None:
+    prov = result["provenance"]
+    st.caption(f"Runs {', '.join(prov['runs'])} · {prov['split']} split ({prov['split_strategy']}) · "
+               f"{prov['cells']} cells from {len(prov['subjects'])} subjects · data {prov['data_dir']}"
+               + (" · TTA" if prov.get("tta") else ""))
+    if prov.get("warning"):
+        st.warning(prov["warning"])
+    ci = result["ci95_by_subject_bootstrap"]
+    cols = st.columns(len(KEYS))
+    for col, (key, label) in zip(cols, KEYS.items()):
+        lo, hi = ci.get(key, (float("nan"), float("nan")))
+        col.metric(label, f"{result['metrics'][key]:.3f}", help=f"95% CI by subject bootstrap: {lo:.3f}–{hi:.3f}")
+        col.caption(f"CI {lo:.3f}–{hi:.3f}")
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(charts.confusion_heatmap(result["confusion_matrix"]["counts"], "Confusion matrix"))
+    c2.dataframe(pd.DataFrame(result["report_table"]).set_index("class").style.format(precision=4))
+    if result.get("curves"):
+        c1, c2, c3 = st.columns(3)
+        roc, pr = result["curves"]["roc"], result["curves"]["pr"]
+        c1.plotly_chart(charts.curve(roc["fpr"], roc["tpr"], f"ROC (AUC {result['metrics']['roc_auc']:.3f})",
+                                     "false positive rate", "sensitivity", diagonal=True))
+        c2.plotly_chart(charts.curve(pr["recall"], pr["precision"], f"PR (AUC {result['metrics']['pr_auc']:.3f})",
+                                     "recall (all)", "precision (all)"))
+        c3.plotly_chart(charts.reliability(result["calibration"]["reliability"]))
+
+
+def threshold_ui(settings: Settings, run_id: str, result: dict) -> None:
+    preds = services.predictions(settings.runs_dir, run_id)
+    if preds.empty:
+        return
+    thr = st.slider("Decision threshold on calibrated P(blast)", 0.0, 1.0, float(result["threshold"]), 0.01)
+    m = services.tradeoff(preds, thr)
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Sensitivity (all)", f"{m['sensitivity_all']:.3f}")
+    c2.metric("Specificity (all)", f"{m['specificity_all']:.3f}")
+    c3.metric("Accuracy", f"{m['accuracy']:.3f}")
+    st.subheader("Per subject")
+    st.dataframe(services.subjects_table(settings.runs_dir, run_id), hide_index=True)
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    st.title("Evaluate")
+    run_ids = runs_ui(settings)
+    if not run_ids:
+        return
+    if len(run_ids) > 1:
+        rows = {r: evaluation(str(settings.runs_dir), (r,), 0.0)["metrics"] for r in run_ids}
+        st.subheader("Comparison (test split)")
+        st.dataframe(pd.DataFrame(rows).T.rename(columns=KEYS).style.format(precision=4))
+        st.subheader("Ensemble (averaged probabilities)")
+    result = evaluation(str(settings.runs_dir), tuple(run_ids), 0.0)
+    metrics_ui(result)
+    if len(run_ids) == 1:
+        threshold_ui(settings, run_ids[0], result)
+
+
+main()

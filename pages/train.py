@@ -1,0 +1,110 @@
+"""Train: configure a run (report defaults), launch it in the background, follow it live, cancel or resume."""
+import dataclasses
+
+import streamlit as st
+
+from core.models import list_models, model_info
+from dashboard import charts, services
+from dashboard.settings import Settings
+from training import jobs
+from training.config import RunConfig, field_help
+from training.store import RunStore
+
+SPLITS = {"patient": "patient — subject-disjoint (default, sound)", "official": "official — challenge folds, "
+          "prelim set as test", "image": "image — random cells (the report's protocol; LEAKS SUBJECTS, optimistic)"}
+HELP = field_help()
+
+
+def config_ui(settings: Settings) -> RunConfig | None:
+    datasets = settings.datasets()
+    base = RunConfig()
+    with st.form("new_run"):
+        name = st.text_input("Run name", help=HELP["name"])
+        data = st.selectbox("Data source", list(datasets), help="the demo set or a folder under the data roots")
+        arch = st.selectbox("Architecture", list_models(), help=HELP["architecture"])
+        split = st.radio("Split", list(SPLITS), format_func=SPLITS.get, help=HELP["split"])
+        c1, c2, c3, c4 = st.columns(4)
+        size = c1.number_input("Input size (px)", 32, 250, base.image_size, 2, help=HELP["image_size"])
+        epochs = c2.number_input("Epochs (0 = architecture default)", 0, 500, 0, help=HELP["epochs"])
+        batch = c3.number_input("Batch (0 = architecture default)", 0, 1024, 0, help=HELP["batch_size"])
+        lr = c4.number_input("Learning rate", 1e-6, 1.0, base.learning_rate, format="%.0e", help=HELP["learning_rate"])
+        c1, c2, c3 = st.columns(3)
+        per_class = c1.number_input("Cells per class per epoch", 16, 100_000, base.samples_per_class,
+                                    help=HELP["samples_per_class"])
+        early = c2.checkbox("Early stopping", base.early_stopping, help=HELP["early_stopping"])
+        val_aug = c3.checkbox("Augmented validation (optimistic)", base.val_augmented, help=HELP["val_augmented"])
+        st.markdown("**Augmentation** (report §5.2)")
+        c1, c2, c3, c4 = st.columns(4)
+        augment = c1.checkbox("Augment", base.augment, help=HELP["augment"])
+        rot = c2.slider("Rotation range (°)", 0, 360, (int(base.rotation_min_deg), int(base.rotation_max_deg)))
+        shear = c3.slider("Shear", 0.0, 0.5, base.shear, help=HELP["shear"])
+        noise = c4.slider("Salt-and-pepper rate", 0.0, 0.1, base.salt_pepper, 0.005, help=HELP["salt_pepper"])
+        preview = st.form_submit_button("Preview augmentation")
+        launch = st.form_submit_button("Launch training", type="primary")
+    info = model_info(arch)
+    cfg = dataclasses.replace(base, name=name, architecture=arch, data_dir=str(datasets[data]), split=split,
+                              image_size=int(size), epochs=int(epochs) or info.epochs,
+                              batch_size=int(batch) or info.batch_size, learning_rate=float(lr),
+                              samples_per_class=int(per_class), early_stopping=early, val_augmented=val_aug,
+                              augment=augment, rotation_min_deg=float(rot[0]), rotation_max_deg=float(rot[1]),
+                              shear=float(shear), salt_pepper=float(noise), runs_dir=str(settings.runs_dir),
+                              cache_dir=str(settings.runs_dir / "cache"))
+    if preview:
+        with st.spinner("Augmenting sample cells…"):
+            st.image(services.augmentation_preview(cfg.data_dir, cfg), width=120)
+    if launch:
+        if not settings.is_allowed(datasets[data]):
+            st.error("That folder is not under the configured data roots.")
+            return None
+        return cfg
+    return None
+
+
+def jobs_ui(store: RunStore) -> str | None:
+    runs = store.list_runs()
+    if runs.empty:
+        st.info("No runs yet.")
+        return None
+    st.dataframe(runs[["id", "name", "architecture", "status", "device", "epochs_planned"]], hide_index=True)
+    ids = runs["id"].tolist()
+    current = st.session_state.get("selected_run")
+    return st.selectbox("Follow run", ids, index=ids.index(current) if current in ids else 0)
+
+
+@st.fragment(run_every=2)
+def live_ui(runs_dir: str, run_id: str) -> None:
+    store = RunStore(runs_dir)
+    info = services.progress_info(store, run_id)
+    st.progress(info["fraction"], text=info["text"])
+    epochs = store.epochs(run_id)
+    if len(epochs):
+        st.plotly_chart(charts.training_curves(epochs), key=f"curves-{run_id}")
+    c1, c2 = st.columns(2)
+    if info["status"] in ("queued", "running") and c1.button("Cancel", key=f"cancel-{run_id}"):
+        jobs.cancel(run_id, store)
+        st.toast("Stop requested: the run saves a checkpoint after the current batch.")
+    if info["status"] in ("cancelled", "failed") and c2.button("Resume", key=f"resume-{run_id}"):
+        jobs.resume(run_id, store)
+        st.toast("Resuming from the last checkpoint.")
+    if info["status"] == "failed" and info["error"]:
+        st.error("The run failed:")
+        st.code(info["error"][-3000:])
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    st.title("Train")
+    store = RunStore(settings.runs_dir)
+    with st.expander("New run", expanded=True):
+        cfg = config_ui(settings)
+    if cfg is not None:
+        run_id = jobs.launch(cfg, store)
+        st.session_state["selected_run"] = run_id
+        st.success(f"Run {run_id} launched in the background: it keeps going if you close this tab.")
+    st.subheader("Runs")
+    run_id = jobs_ui(store)
+    if run_id:
+        live_ui(str(settings.runs_dir), run_id)
+
+
+main()

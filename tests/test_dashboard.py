@@ -1,0 +1,114 @@
+"""Streamlit AppTest per page, uploads of the real sample cells and a corrupt file, and a whole flow."""
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from training.store import RunStore  # noqa: E402
+
+pytestmark = pytest.mark.slow
+APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+
+
+def app(monkeypatch, runs, demo, roots=None) -> AppTest:
+    monkeypatch.setenv("CNMC_RUNS_DIR", str(runs))
+    monkeypatch.setenv("CNMC_DEMO_DATA", str(demo))
+    monkeypatch.setenv("CNMC_DATA_ROOTS", str(roots or Path(runs) / "no-roots"))
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def sample_files(samples_dir):
+    return [(p.name, p.read_bytes(), "image/bmp") for p in sorted((samples_dir / "training_like").glob("*.bmp"))]
+
+
+def test_banner_and_empty_classify_offers_demo(monkeypatch, tmp_path, synth_small):
+    at = app(monkeypatch, tmp_path / "runs", synth_small)
+    assert "not a diagnostic device" in at.warning[0].value
+    assert any("No trained model yet" in i.value for i in at.info)
+    assert any(b.label == "Train the demo model" for b in at.button)
+
+
+def test_classify_real_cells_and_a_corrupt_file(monkeypatch, demo_run, samples_dir):
+    store, rid, data = demo_run
+    at = app(monkeypatch, store.root, data)
+    files = sample_files(samples_dir) + [("corrupt.bmp", b"BM" + b"\0" * 200, "image/bmp")]
+    at.file_uploader(key="cells").set_value(files).run()
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith("corrupt.bmp:")
+    assert at.subheader[0].value.startswith("7 cells classified")
+    table = at.dataframe[0].value
+    assert len(table) == 7 and set(table["prediction"]) <= {"all", "hem"}
+    assert table["prob_blast"].between(0, 1).all()
+    assert table.set_index("file").loc["UID_h3_4_1_hem.bmp", "subject"] == "H3"
+    assert any(s.value.startswith("Per subject") for s in at.subheader)  # names carry subject ids
+    at.toggle[0].set_value(True).run()  # Grad-CAM overlays
+    assert not at.exception, at.exception
+
+
+def test_classify_200_files_in_one_upload(monkeypatch, demo_run, samples_dir):
+    store, rid, data = demo_run
+    at = app(monkeypatch, store.root, data)
+    base = sample_files(samples_dir)
+    files = [(f"{k:03d}_{n}", b, m) for k in range(29) for n, b, m in base][:200]
+    at.file_uploader(key="cells").set_value(files).run()
+    assert not at.exception, at.exception
+    assert at.subheader[0].value.startswith("200 cells classified")
+
+
+def test_pages_render_for_a_completed_run(monkeypatch, demo_run):
+    store, rid, data = demo_run
+    at = app(monkeypatch, store.root, data)
+    for page in ("pages/train.py", "pages/evaluate.py", "pages/misclassified.py", "pages/data.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+    # Data page: the report's Table 1 from the demo set, and no problems.
+    assert any("No problems" in s.value for s in at.success)
+    at.switch_page("pages/evaluate.py").run()
+    assert any("Weighted F1" in m.label for m in at.metric)
+
+
+def test_whole_flow_train_evaluate_misclassified(monkeypatch, tmp_path, synth_small):
+    runs = tmp_path / "runs"
+    at = app(monkeypatch, runs, synth_small)
+    at.switch_page("pages/train.py").run()
+    assert any("No runs yet" in i.value for i in at.info)
+    nums = {n.label: n for n in at.number_input}
+    nums["Input size (px)"].set_value(32)
+    nums["Epochs (0 = architecture default)"].set_value(2)
+    nums["Batch (0 = architecture default)"].set_value(16)
+    nums["Cells per class per epoch"].set_value(48)
+    nums["Learning rate"].set_value(1e-3)
+    at.button(key="FormSubmitter:new_run-Launch training").click().run()
+    assert not at.exception, at.exception
+    assert any("launched in the background" in s.value for s in at.success)
+    store = RunStore(runs)
+    rid = store.list_runs()["id"].iloc[0]
+    end = time.time() + 240
+    while store.get_run(rid)["status"] in ("queued", "running") and time.time() < end:
+        time.sleep(1)
+    run = store.get_run(rid)
+    assert run["status"] == "completed", run["error"]
+    assert run["config"]["image_size"] == 32 and run["config"]["epochs"] == 2
+    at.run()
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) >= 1  # the run's curves
+    at.switch_page("pages/evaluate.py").run()
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) >= 3  # confusion matrix, ROC, PR, reliability
+    metrics = json.loads((store.run_dir(rid) / "metrics.json").read_text())
+    assert metrics["provenance"]["split"] == "test"
+    at.switch_page("pages/misclassified.py").run()
+    assert not at.exception, at.exception
+    errors = pd.read_csv(store.run_dir(rid) / "errors.csv")
+    fp = int((errors["error"] == "false_positive").sum())
+    fn = int((errors["error"] == "false_negative").sum())
+    assert any(f"{fp} false positives, {fn} false negatives" in c.value for c in at.caption)
