@@ -4,8 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements-installed
 DEMO   ?= data/demo
+PORT   ?= 8501
+HOST   ?= 127.0.0.1
 
-.PHONY: run test venv demo-data bench clean
+.PHONY: run test venv demo-data demo browser-deps bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,14 +20,29 @@ venv: $(STAMP)
 demo-data: venv
 	test -f $(DEMO)/synthetic_truth.csv || $(PY) -m training synth $(DEMO)
 
+# The dashboard, bound to localhost; the synthetic demo dataset is its embedded default.
 run: demo-data
-	$(PY) -m training index $(DEMO)
+	CNMC_DEMO_DATA=$(DEMO) $(PY) -m streamlit run streamlit_app.py --server.address $(HOST) --server.port $(PORT)
 
-test: venv
+# The command-line demo: train Solution A on the synthetic cells and report its test accuracy.
+demo: demo-data
+	$(PY) -m training demo --data $(DEMO)
+
+# Debian's Chromium for the real-browser test (Playwright drives it; no browser is ever downloaded).
+browser-deps:
+	test -x /usr/bin/chromium || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
+test: venv browser-deps
 	$(PY) -m pytest
 
 bench: venv
 	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_predict.py
+	$(PY) benchmarks/bench_dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -5,14 +5,14 @@ from dashboard.settings import RESEARCH_BANNER
 
 
 def main() -> None:
-    st.set_page_config(page_title="C-NMC leukemia workbench", page_icon="🔬", layout="wide")
-    st.warning(RESEARCH_BANNER, icon="⚠️")
+    st.set_page_config(page_title="C-NMC leukemia workbench", page_icon=":material/biotech:", layout="wide")
+    st.warning(RESEARCH_BANNER, icon=":material/warning:")
     pages = [
-        st.Page("pages/classify.py", title="Classify", icon="🔬", default=True),
-        st.Page("pages/train.py", title="Train", icon="🏋️"),
-        st.Page("pages/evaluate.py", title="Evaluate", icon="📊"),
-        st.Page("pages/misclassified.py", title="Misclassified", icon="🔍"),
-        st.Page("pages/data.py", title="Data", icon="🗂️"),
+        st.Page("pages/classify.py", title="Classify", icon=":material/biotech:", default=True),
+        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("pages/evaluate.py", title="Evaluate", icon=":material/monitoring:"),
+        st.Page("pages/misclassified.py", title="Misclassified", icon=":material/image_search:"),
+        st.Page("pages/data.py", title="Data", icon=":material/dataset:"),
     ]
     st.navigation(pages).run()
 

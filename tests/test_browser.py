@@ -1,0 +1,73 @@
+"""One real-browser end-to-end test: Debian's Chromium driven by Playwright against the running app."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(demo_run, tmp_path):
+    store, _, data = demo_run
+    port = free_port()
+    env = dict(os.environ, CNMC_RUNS_DIR=str(store.root), CNMC_DEMO_DATA=str(data),
+               CNMC_DATA_ROOTS=str(tmp_path), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
+                             "--server.address", "127.0.0.1", "--server.headless", "true"],
+                            cwd=REPO, env=env, stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    end = time.time() + 60
+    while time.time() < end:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the app did not start:\n" + (tmp_path / "server.log").read_text())
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_upload_a_cell_and_see_the_prediction(server, samples_dir):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian chromium is missing: `make test` installs it (make browser-deps)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    cell = samples_dir / "training_like" / "UID_h3_4_1_hem.bmp"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server)
+        page.get_by_text("Classify cells").wait_for(timeout=60_000)
+        assert page.get_by_text("not a diagnostic device").is_visible()
+        page.locator("input[type=file]").first.set_input_files(str(cell))
+        page.get_by_text("1 cells classified").wait_for(timeout=120_000)
+        card = page.get_by_text("UID_h3_4_1_hem.bmp: ")  # the cell's card: image + predicted class
+        card.first.wait_for(timeout=30_000)
+        caption = card.first.inner_text()
+        assert "hem (P(blast)" in caption or "all (P(blast)" in caption
+        page.wait_for_timeout(1500)  # let the data grid paint before the screenshot
+        page.screenshot(path=str(ARTIFACTS / "browser_classify.png"), full_page=True)
+        browser.close()
+    assert (ARTIFACTS / "browser_classify.png").stat().st_size > 10_000
