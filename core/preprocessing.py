@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -178,7 +179,11 @@ class CropCache:
         chunk = max(8, min(256, len(paths) // (workers * 8) + 1))
         t0 = time.perf_counter()
         bar = _progress(len(paths), progress, f"crop cache {size}px")
-        with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(str(tmp),)) as pool:
+        # forkserver, not fork: the trainer calls this after TensorFlow/JAX started their thread pools, and a
+        # forked copy of a multithreaded process can deadlock.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["core.preprocessing"])  # imported once by the server, inherited by workers
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(str(tmp),)) as pool:
             futures = {pool.submit(_fill, s, paths[s:s + chunk], size, margin): min(chunk, len(paths) - s)
                        for s in range(0, len(paths), chunk)}
             for fut in as_completed(futures):
