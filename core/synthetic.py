@@ -177,7 +177,6 @@ def default_plan(cells_per_subject: int = 20, all_subjects: int = 12, hem_subjec
         for subject, i, c, lab in cells_of(s, label, cells_per_subject):
             specs.append(CellSpec(f"{TRAIN_DIR}/fold_{fold}/{label}/{_uid(subject, i, c, lab, lower)}", lab, subject))
     prelim = []
-    base = all_subjects + hem_subjects
     for j in range(prelim_subjects):
         label = "all" if j % 2 == 0 else "hem"
         s = str(100 + j) if label == "all" else f"H{100 + j}"
@@ -191,7 +190,6 @@ def default_plan(cells_per_subject: int = 20, all_subjects: int = 12, hem_subjec
     for j in range(final_subjects * cells_per_subject):
         s = str(200 + j % final_subjects)
         specs.append(CellSpec(f"{FINAL_DIR}/{j + 1}.bmp", "all" if rng.random() < 0.68 else "hem", s))
-    del base
     return specs, pd.DataFrame(rows, columns=["Patient_ID", "new_names", "labels"])
 
 

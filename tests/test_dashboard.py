@@ -64,6 +64,24 @@ def test_classify_200_files_in_one_upload(monkeypatch, demo_run, samples_dir):
     assert at.subheader[0].value.startswith("200 cells classified")
 
 
+def test_two_sessions_share_one_cached_model(monkeypatch, demo_run, samples_dir):
+    from dashboard import services
+
+    store, rid, data = demo_run
+    calls = []
+    real = services.load_run_bundle
+    monkeypatch.setattr(services, "load_run_bundle", lambda *a: calls.append(a) or real(*a))
+    import streamlit as st
+
+    st.cache_resource.clear()
+    files = sample_files(samples_dir)[:2]
+    sessions = [app(monkeypatch, store.root, data) for _ in range(2)]
+    for at in sessions:
+        at.file_uploader(key="cells").set_value(files).run()
+        assert not at.exception and at.subheader[0].value.startswith("2 cells classified")
+    assert len(calls) == 1  # the second browser session reused the first one's model
+
+
 def test_pages_render_for_a_completed_run(monkeypatch, demo_run):
     store, rid, data = demo_run
     at = app(monkeypatch, store.root, data)
