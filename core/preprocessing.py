@@ -179,10 +179,7 @@ class CropCache:
         chunk = max(8, min(256, len(paths) // (workers * 8) + 1))
         t0 = time.perf_counter()
         bar = _progress(len(paths), progress, f"crop cache {size}px")
-        # forkserver, not fork: the trainer calls this after TensorFlow/JAX started their thread pools, and a
-        # forked copy of a multithreaded process can deadlock.
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["core.preprocessing"])  # imported once by the server, inherited by workers
+        ctx = _pool_context()
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(str(tmp),)) as pool:
             futures = {pool.submit(_fill, s, paths[s:s + chunk], size, margin): min(chunk, len(paths) - s)
                        for s in range(0, len(paths), chunk)}
@@ -197,6 +194,18 @@ class CropCache:
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_meta, meta_path)
         return cls(np.load(array_path, mmap_mode="r"), paths, size, margin, key, failures)
+
+
+def _pool_context():
+    """fork when it is safe (fast start); forkserver once TensorFlow/JAX/torch run thread pools in this process
+    (the trainer builds caches after importing Keras), since a forked copy of such a process can deadlock."""
+    import sys
+
+    if not any(m in sys.modules for m in ("tensorflow", "jax", "torch")):
+        return multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["core.preprocessing"])  # imported once by the server, inherited by workers
+    return ctx
 
 
 def _progress(total: int, enabled: bool, desc: str):
