@@ -96,3 +96,36 @@ def test_cli_synth(tmp_path, capsys):
     assert "best achievable accuracy ~0.900" in capsys.readouterr().out
     m, p = index(tmp_path / "d")
     assert len(m) > 20 and p.empty
+
+
+@pytest.mark.slow
+def test_batch_effect_makes_leaky_splits_score_higher(tmp_path):
+    """With weak morphology (difficulty 0.9), per-subject stain lets a model that has seen a subject recognise
+    its cells: a 1-NN on colour/texture features scores far higher on the leaky image-level split than on the
+    subject-disjoint one, as on real C-NMC data."""
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from core.preprocessing import load_crop
+    from core.splits import make_split
+
+    synthesize(tmp_path, cells_per_subject=12, difficulty=0.9, seed=2, workers=2, progress=False)
+    m, _ = index(tmp_path)
+
+    def feats(p):
+        c = load_crop(p, 64).astype(float)
+        mask = c.sum(-1) > 0
+        return np.r_[c[mask].mean(0), c[mask].std(0), mask.mean()]
+
+    f = {p: feats(p) for p in m.loc[m["label"].notna(), "path"]}
+    score = {}
+    for strategy in ("image", "patient"):
+        accs = []
+        for seed in range(5):
+            s = make_split(m, strategy, seed=seed)
+            tr, te = s[s["split"] == "train"], s[s["split"] == "test"]
+            scaler = StandardScaler().fit(np.stack([f[p] for p in tr["path"]]))
+            knn = KNeighborsClassifier(1).fit(scaler.transform(np.stack([f[p] for p in tr["path"]])), tr["label"])
+            accs.append((knn.predict(scaler.transform(np.stack([f[p] for p in te["path"]]))) == te["label"]).mean())
+        score[strategy] = float(np.mean(accs))
+    assert score["image"] > score["patient"] + 0.15, score
