@@ -130,3 +130,27 @@ def test_whole_flow_train_evaluate_misclassified(monkeypatch, tmp_path, synth_sm
     fp = int((errors["error"] == "false_positive").sum())
     fn = int((errors["error"] == "false_negative").sum())
     assert any(f"{fp} false positives, {fn} false negatives" in c.value for c in at.caption)
+
+
+def test_decompression_bomb_upload_is_refused_alone(monkeypatch, demo_run, samples_dir):
+    import io
+
+    from PIL import Image
+
+    store, rid, data = demo_run
+    buf = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buf, "PNG")  # 81 megapixels in a few kilobytes
+    at = app(monkeypatch, store.root, data)
+    at.file_uploader(key="cells").set_value([("bomb.png", buf.getvalue(), "image/png")] + sample_files(samples_dir)[:1]).run()
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith("bomb.png:") and "decompression bomb" in errors[0]
+    assert at.subheader[0].value.startswith("1 cells classified")
+
+
+def test_server_config_is_locked_down():
+    import tomllib
+
+    cfg = tomllib.loads((Path(APP).parent / ".streamlit" / "config.toml").read_text())["server"]
+    assert cfg["address"] == "127.0.0.1" and cfg["enableXsrfProtection"] is True
+    assert 0 < cfg["maxUploadSize"] <= 200
