@@ -178,7 +178,6 @@ def index(root: str | os.PathLike, workers: int | None = None) -> IndexResult:
     problems: list[dict] = []
 
     # Non-image files inside the folders that should hold only cells are problems too (never silently skipped).
-    csv_paths = set()
     for p in others:
         source, _ = _role(p)
         if p.suffix.lower() == ".csv":
@@ -187,14 +186,10 @@ def index(root: str | os.PathLike, workers: int | None = None) -> IndexResult:
             problems.append({"path": str(p), "source": source, "reason": f"not an image file ({p.suffix or 'no extension'})"})
 
     # Prelim label CSVs, one per prelim folder.
-    prelim_maps: dict[Path, dict[str, tuple[str, CellName | None, int]]] = {}
+    prelim_maps: dict[Path, dict[str, tuple[str, CellName | None, str]]] = {}
     for folder in sorted({p.parent for p in images if _role(p)[0] == "prelim"}):
         csv = _find_labels_csv(folder)
-        if csv is None:
-            prelim_maps[folder] = {}
-            continue
-        csv_paths.add(csv)
-        prelim_maps[folder] = _read_prelim_csv(csv, problems)
+        prelim_maps[folder] = _read_prelim_csv(csv, problems) if csv is not None else None
 
     for p in images:
         source, folder_label = _role(p)
@@ -202,11 +197,11 @@ def index(root: str | os.PathLike, workers: int | None = None) -> IndexResult:
         row = {"path": str(p), "name": p.name, "label": None, "subject": None, "image": None, "cell": None,
                "source": source, "original_name": None}
         if source == "prelim":
-            mapping = prelim_maps.get(p.parent, {})
-            hit = mapping.pop(p.name, None) if mapping else None
+            mapping = prelim_maps[p.parent]
+            hit = mapping.pop(p.name, None) if mapping is not None else None
             if hit is None:
-                reason = ("no label CSV found beside the prelim folder" if not mapping and p.parent not in
-                          {k for k, v in prelim_maps.items() if v} else "file has no row in the label CSV")
+                reason = ("no label CSV found beside the prelim folder" if mapping is None
+                          else "file has no row in the label CSV")
                 problems.append({"path": str(p), "source": source, "reason": reason})
                 continue
             original, cname, label = hit
@@ -227,7 +222,7 @@ def index(root: str | os.PathLike, workers: int | None = None) -> IndexResult:
 
     # CSV rows whose file is missing.
     for folder, mapping in prelim_maps.items():
-        for new_name, (original, _, _) in sorted(mapping.items()):
+        for new_name, (original, _, _) in sorted((mapping or {}).items()):
             problems.append({"path": str(folder / new_name), "source": "prelim",
                              "reason": f"label CSV row ({original}) has no file"})
 

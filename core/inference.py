@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,63 +51,81 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def _load(path: Path, size: int):
+def _load(name: str, source, size: int):
     try:
-        return load_crop(path, size=size), None
+        return load_crop(source, size=size, name=name), None
     except ImageReadError as exc:
         return None, exc.reason
     except (OSError, ValueError) as exc:
         return None, str(exc)
 
 
-def iter_crops(paths: Sequence[Path], size: int, chunk: int = 64, workers: int | None = None) -> Iterator[tuple]:
-    """Yield (paths, crops, errors) chunks; decoding of the next chunks overlaps the caller's prediction."""
+def iter_crops(items: Sequence[tuple[str, object]], size: int, chunk: int = 64,
+               workers: int | None = None) -> Iterator[tuple[list[str], np.ndarray, dict[str, str]]]:
+    """Yield (names, crops, errors by name) per chunk of (name, path-or-bytes) items; decoding of the next
+    chunks overlaps the caller's prediction of this one."""
     workers = workers or min(4, os.cpu_count() or 1)
+    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
     with ThreadPoolExecutor(workers) as pool:
-        chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-        pending = [pool.map(lambda p: _load(p, size), c) for c in chunks[:2]]
+        pending = [pool.map(lambda it: _load(it[0], it[1], size), c) for c in chunks[:2]]
         for k, c in enumerate(chunks):
             results = list(pending[k])
             if k + 2 < len(chunks):
-                pending.append(pool.map(lambda p: _load(p, size), chunks[k + 2]))
+                pending.append(pool.map(lambda it: _load(it[0], it[1], size), chunks[k + 2]))
             ok = [i for i, (img, _) in enumerate(results) if img is not None]
             crops = np.stack([results[i][0] for i in ok]) if ok else np.zeros((0, size, size, 3), np.uint8)
-            yield [c[i] for i in ok], crops, {str(c[i]): err for i, (img, err) in enumerate(results) if img is None}
+            yield [c[i][0] for i in ok], crops, {c[i][0]: err for i, (img, err) in enumerate(results) if img is None}
+
+
+RESULT_COLUMNS = ["name", "subject", "prediction", "prob_all", "prob_all_calibrated", "uncertain", "error"]
+
+
+def classify(models: Sequence, items: Sequence[tuple[str, object]], size: int, rule=None, tta: bool = False,
+             on_chunk: Callable[[list[str], np.ndarray], None] | None = None) -> pd.DataFrame:
+    """Classify (name, path-or-bytes) items; one that cannot be read becomes an error row, the rest go on.
+
+    One row per item, in input order: name, subject (from a `UID_` name), prediction, prob_all, calibrated
+    probability, uncertain (the review band) and error. `on_chunk(names, crops)` sees every decoded chunk
+    (for Grad-CAM or display) while the next one is being read.
+    """
+    from core.calibration import DecisionRule
+
+    rule = rule or DecisionRule()
+    rows: list[dict] = []
+    for names, crops, errors in iter_crops(list(items), size):
+        if len(crops):
+            p = predict_proba(models, crops, tta=tta)
+            decided = rule.decide(p)
+            for i, name in enumerate(names):
+                parsed = parse_uid(Path(name).name)
+                rows.append({"name": name, "subject": parsed.subject if parsed else None,
+                             "prediction": decided.at[i, "prediction"], "prob_all": float(p[i]),
+                             "prob_all_calibrated": float(decided.at[i, "prob_all_calibrated"]),
+                             "uncertain": bool(decided.at[i, "uncertain"]), "error": None})
+            if on_chunk is not None:
+                on_chunk(names, crops)
+        for name, err in errors.items():
+            rows.append({"name": name, "subject": None, "prediction": None, "prob_all": np.nan,
+                         "prob_all_calibrated": np.nan, "uncertain": None, "error": err})
+    order = {name: i for i, (name, _) in enumerate(items)}
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return df.sort_values("name", key=lambda s: s.map(order)).reset_index(drop=True)
 
 
 def classify_files(models: Sequence, paths: Sequence[Path], size: int, rule=None, tta: bool = False,
                    gradcam_dir: str | os.PathLike | None = None, cam=None) -> pd.DataFrame:
-    """Classify image files; a file that cannot be read becomes an error row and the rest go on.
+    """`classify` for files (a `path` column instead of `name`), optionally writing Grad-CAM overlays."""
+    from PIL import Image
 
-    Columns: path, subject (from a `UID_` name), prediction, prob_all, prob_all_calibrated, uncertain, error.
-    """
-    from core.calibration import DecisionRule
     from core.explain import overlay
 
-    rule = rule or DecisionRule()
-    rows: list[dict] = []
-    if gradcam_dir:
+    save = None
+    if gradcam_dir and cam is not None:
         Path(gradcam_dir).mkdir(parents=True, exist_ok=True)
-    for ok_paths, crops, errors in iter_crops(list(paths), size):
-        if len(crops):
-            p = predict_proba(models, crops, tta=tta)
-            decided = rule.decide(p)
-            for i, path in enumerate(ok_paths):
-                parsed = parse_uid(path.name)
-                rows.append({"path": str(path), "subject": parsed.subject if parsed else None,
-                             "prediction": decided.at[i, "prediction"], "prob_all": float(p[i]),
-                             "prob_all_calibrated": float(decided.at[i, "prob_all_calibrated"]),
-                             "uncertain": bool(decided.at[i, "uncertain"]), "error": None})
-            if gradcam_dir and cam is not None:
-                from PIL import Image
 
-                _, maps = cam(crops)
-                for path, crop, m in zip(ok_paths, crops, maps):
-                    Image.fromarray(overlay(crop, m)).save(Path(gradcam_dir) / f"{path.stem}_gradcam.png")
-        for path, err in errors.items():
-            rows.append({"path": path, "subject": None, "prediction": None, "prob_all": np.nan,
-                         "prob_all_calibrated": np.nan, "uncertain": None, "error": err})
-    order = {str(p): i for i, p in enumerate(paths)}
-    df = pd.DataFrame(rows, columns=["path", "subject", "prediction", "prob_all", "prob_all_calibrated",
-                                     "uncertain", "error"])
-    return df.sort_values("path", key=lambda s: s.map(order)).reset_index(drop=True)
+        def save(names, crops):
+            for name, crop, heat in zip(names, crops, cam(crops)[1]):
+                Image.fromarray(overlay(crop, heat)).save(Path(gradcam_dir) / f"{Path(name).stem}_gradcam.png")
+
+    items = [(str(p), p) for p in paths]
+    return classify(models, items, size, rule, tta, on_chunk=save).rename(columns={"name": "path"})

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.dataset import parse_uid
-from core.imageio import ImageReadError
 from core.preprocessing import load_crop
 from training.config import RunConfig
 from training.store import RunStore
@@ -86,47 +83,26 @@ class Classified:
     subjects: pd.DataFrame
 
 
-def _decode(name: str, data: bytes, size: int):
-    try:
-        return load_crop(data, size=size, name=name), None
-    except ImageReadError as exc:
-        return None, exc.reason
-    except ValueError as exc:
-        return None, str(exc)
-
-
 def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False) -> Classified:
     """Classify uploaded cells; a file that cannot be read gets its own error row and the others go on."""
-    from core.inference import predict_proba
+    from core.explain import overlay
+    from core.inference import classify
     from core.metrics import subject_readout
 
-    with ThreadPoolExecutor(4) as pool:
-        decoded = list(pool.map(lambda f: _decode(f[0], f[1], bundle.size), files))
-    ok = [(name, crop) for (name, _), (crop, err) in zip(files, decoded) if crop is not None]
-    crops = {name: crop for name, crop in ok}
-    rows = []
-    if ok:
-        batch = np.stack([c for _, c in ok])
-        p = predict_proba([bundle.model], batch)
-        decided = bundle.rule.decide(p)
-        heat = bundle.cam(batch)[1] if gradcam else None
-        for i, (name, _) in enumerate(ok):
-            parsed = parse_uid(name)
-            rows.append({"file": name, "prediction": decided.at[i, "prediction"], "prob_blast": float(p[i]),
-                         "calibrated_prob_blast": float(decided.at[i, "prob_all_calibrated"]),
-                         "review_manually": bool(decided.at[i, "uncertain"]),
-                         "subject": parsed.subject if parsed else None, "error": None})
-    for (name, _), (crop, err) in zip(files, decoded):
-        if crop is None:
-            rows.append({"file": name, "prediction": None, "prob_blast": np.nan, "calibrated_prob_blast": np.nan,
-                         "review_manually": None, "subject": None, "error": err})
-    order = {name: i for i, (name, _) in enumerate(files)}
-    table = pd.DataFrame(rows).sort_values("file", key=lambda s: s.map(order)).reset_index(drop=True)
-    from core.explain import overlay
+    crops: dict[str, np.ndarray] = {}
+    heat: dict[str, np.ndarray] = {}
 
-    overlays = {name: overlay(crops[name], heat[i]) for i, (name, _) in enumerate(ok)} if gradcam and ok else {}
-    known = table[table["subject"].notna()].rename(columns={"calibrated_prob_blast": "prob_all"})
-    subjects = subject_readout(known.assign(path=known["file"]).drop(columns=["prediction"]),
+    def keep(names, batch):
+        crops.update(zip(names, batch))
+        if gradcam:
+            heat.update(zip(names, bundle.cam(batch)[1]))
+
+    table = classify([bundle.model], files, bundle.size, bundle.rule, on_chunk=keep).rename(columns={
+        "name": "file", "prob_all": "prob_blast", "prob_all_calibrated": "calibrated_prob_blast",
+        "uncertain": "review_manually"})
+    overlays = {name: overlay(crops[name], h) for name, h in heat.items()}
+    known = table[table["subject"].notna()]
+    subjects = subject_readout(known.assign(path=known["file"], prob_all=known["calibrated_prob_blast"]),
                                bundle.rule.threshold) if len(known) else pd.DataFrame()
     return Classified(table, crops, overlays, subjects)
 

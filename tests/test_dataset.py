@@ -160,3 +160,17 @@ def test_cli_index_json(synth_small, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["cells"] == 180 and out["excluded"] == 0 and out["layout"] == "kaggle"
     assert out["by_source"]["prelim"] == {"all": 12, "hem": 12}
+
+
+def test_prelim_extra_files_and_missing_csv_are_named_correctly(synth_small, tmp_path):
+    root = copy_tree(synth_small, tmp_path / "k")
+    prelim = root / "C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data"
+    some = sorted(prelim.glob("*.bmp"))[0]
+    for k in range(3):  # more files than CSV rows, named to sort after every listed one
+        (prelim / f"99{k}99.bmp").write_bytes(some.read_bytes()[:-1] + bytes([k + 1]))
+    _, p = index(root)
+    assert p["reason"].tolist() == ["file has no row in the label CSV"] * 3
+    (root / "C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data_labels.csv").unlink()
+    m, p = index(root)
+    assert (m["source"] != "prelim").all()
+    assert set(p["reason"]) == {"no label CSV found beside the prelim folder"} and len(p) == 24 + 3
