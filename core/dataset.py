@@ -95,8 +95,6 @@ def probe_file(path: str | os.PathLike, size: int) -> tuple[str | None, str | No
     keeps indexing 15k cells to a few seconds; decode errors that slip through surface, named, when the crop
     cache is built.
     """
-    from PIL import Image, UnidentifiedImageError
-
     if size == 0:
         return "zero-byte file", None
     fd = os.open(path, os.O_RDONLY)

@@ -6,7 +6,7 @@ cells of one person are correlated, so a cell-level bootstrap would be falsely n
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd

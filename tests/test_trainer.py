@@ -60,6 +60,16 @@ def test_train_writes_a_complete_run_folder(synth_small, tmp_path):
     assert summary["split"] == "patient" and "test_accuracy" in summary
 
 
+def test_report_protocol_augmented_validation_is_labelled(synth_small, tmp_path):
+    store = RunStore(tmp_path)
+    rid = train(tiny(synth_small, tmp_path, split="image", val_augmented=True, val_samples_per_class=24,
+                     epochs=1), store)
+    assert store.get_run(rid)["status"] == "completed", store.get_run(rid)["error"]
+    log = (store.run_dir(rid) / "train.log").read_text()
+    assert "validation set is augmented" in log and "optimistic" in log
+    assert "leaks subjects" in log  # the image-level split says so too
+
+
 def test_exception_marks_run_failed_with_traceback(tmp_path):
     store = RunStore(tmp_path)
     rid = train(tiny(tmp_path / "missing", tmp_path), store)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -68,7 +67,6 @@ def cmd_run(args) -> int:
 
 def cmd_demo(args) -> int:
     from core.synthetic import synthesize
-    from training.config import RunConfig
     from training.store import RunStore
     from training.trainer import train
 

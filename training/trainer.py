@@ -18,7 +18,6 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from training.config import RunConfig
 from training.store import RunStore
@@ -307,6 +306,10 @@ def predict_rows(model, images: np.ndarray, rows: np.ndarray, batch_size: int) -
 
 def _augmented_validation(model, images, rows, labels, cfg: RunConfig):
     """The report's validation set: `val_samples_per_class` augmented cells per class, fixed for the run."""
+    import keras
+
+    from training.data import one_hot
+
     aug = model.get_layer("augmentation") if cfg.augment else None
     rng = np.random.default_rng([cfg.seed, 999])
     xs, ys = [], []
@@ -316,11 +319,7 @@ def _augmented_validation(model, images, rows, labels, cfg: RunConfig):
         for s in range(0, len(pick), 256):
             batch = np.asarray(images[np.sort(pick[s:s + 256])], dtype="float32")
             if aug is not None:
-                import keras
-
                 batch = keras.ops.convert_to_numpy(aug(batch, training=True))
             xs.append(np.clip(batch, 0, 255).astype("uint8"))
             ys.append(np.full(len(batch), c))
-    from training.data import one_hot
-
     return np.concatenate(xs), one_hot(np.concatenate(ys))
