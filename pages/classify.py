@@ -56,7 +56,8 @@ def results_ui(result, gradcam: bool) -> None:
         st.error(f"{row.file}: {row.error}")
     ok = result.table[result.table["error"].isna()]
     flagged = int(ok["review_manually"].sum()) if len(ok) else 0
-    st.subheader(f"{len(ok)} cells classified" + (f", {flagged} to review manually" if flagged else ""))
+    cells = f"{len(ok)} cell{'' if len(ok) == 1 else 's'} classified"
+    st.subheader(cells + (f", {flagged} to review manually" if flagged else ""))
     st.dataframe(ok.drop(columns=["error"]), hide_index=True, width="stretch",
                  column_config={"prob_blast": st.column_config.ProgressColumn("P(blast)", min_value=0, max_value=1),
                                 "calibrated_prob_blast": st.column_config.NumberColumn("calibrated P(blast)",

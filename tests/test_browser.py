@@ -62,7 +62,7 @@ def test_upload_a_cell_and_see_the_prediction(server, samples_dir):
         page.get_by_text("Classify cells").wait_for(timeout=60_000)
         assert page.get_by_text("not a diagnostic device").is_visible()
         page.locator("input[type=file]").first.set_input_files(str(cell))
-        page.get_by_text("1 cells classified").wait_for(timeout=120_000)
+        page.get_by_text("1 cell classified").wait_for(timeout=120_000)
         card = page.get_by_text("UID_h3_4_1_hem.bmp: ")  # the cell's card: image + predicted class
         card.first.wait_for(timeout=30_000)
         caption = card.first.inner_text()

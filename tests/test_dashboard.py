@@ -145,7 +145,7 @@ def test_decompression_bomb_upload_is_refused_alone(monkeypatch, demo_run, sampl
     assert not at.exception, at.exception
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and errors[0].startswith("bomb.png:") and "decompression bomb" in errors[0]
-    assert at.subheader[0].value.startswith("1 cells classified")
+    assert at.subheader[0].value.startswith("1 cell classified")
 
 
 def test_server_config_is_locked_down():
