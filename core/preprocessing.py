@@ -101,6 +101,30 @@ def cache_key(manifest: pd.DataFrame, size: int, margin: int) -> str:
     return h.hexdigest()[:20]
 
 
+def cache_identity(paths: list[str], size: int, margin: int) -> str:
+    """Which cells and parameters a cache holds, regardless of the files' sizes and times: caches with the
+    same identity and another key are outdated versions of one another."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{margin}\n".encode())
+    h.update("\n".join(paths).encode())
+    return h.hexdigest()[:20]
+
+
+def _drop_stale(cache_dir: Path, key: str, identity: str) -> None:
+    """Remove outdated versions of this cache (same cells and parameters, files since changed); caches of
+    other manifests or sizes sharing the folder are left alone."""
+    for meta_file in cache_dir.glob("crops-*.json"):
+        other = meta_file.name[len("crops-"):-len(".json")]
+        if other == key:
+            continue
+        try:
+            same = json.loads(meta_file.read_text()).get("identity") == identity
+        except (OSError, ValueError):
+            same = False
+        if same:
+            (cache_dir / f"crops-{other}.npy").unlink(missing_ok=True)
+            meta_file.unlink(missing_ok=True)
+
+
 def _worker_init(array_path: str):
     global _ARRAY
     _ARRAY = np.load(array_path, mmap_mode="r+")
@@ -122,7 +146,8 @@ class CropCache:
     """Decoded crops of a manifest as one memory-mapped uint8 array [N, size, size, 3] on disk.
 
     Row i is the crop of `paths[i]`; rows listed in `failures` could not be decoded (zeros) and are excluded
-    by `valid`. Built once in parallel, reused while the files are unchanged, rebuilt when they change.
+    by `valid`. Built once in parallel, reused while the files are unchanged, rebuilt (replacing the outdated
+    version) when they change; caches of other manifests or sizes can share the folder.
     """
 
     array: np.ndarray
@@ -167,10 +192,8 @@ class CropCache:
             if array.shape == (len(paths), size, size, 3):
                 return cls(array, paths, size, margin, key,
                            {int(k): v for k, v in meta["failures"].items()}, reused=True)
-        for stale in cache_dir.glob("crops-*"):  # one live cache per cache_dir: drop outdated ones
-            if stale.name.startswith(f"crops-{key}"):
-                continue
-            stale.unlink(missing_ok=True)
+        identity = cache_identity(paths, size, margin)
+        _drop_stale(cache_dir, key, identity)
         tmp = cache_dir / f"crops-{key}.partial.npy"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
         del out
@@ -188,7 +211,7 @@ class CropCache:
                 bar.update(futures[fut])
         bar.close()
         os.replace(tmp, array_path)
-        meta = {"key": key, "size": size, "margin": margin, "n": len(paths), "version": CACHE_VERSION,
+        meta = {"key": key, "identity": identity, "size": size, "margin": margin, "n": len(paths), "version": CACHE_VERSION,
                 "seconds": round(time.perf_counter() - t0, 3), "failures": {str(k): v for k, v in failures.items()}}
         tmp_meta = meta_path.with_suffix(".json.partial")
         tmp_meta.write_text(json.dumps(meta))

@@ -1,5 +1,6 @@
 """Evaluation, Grad-CAM, TTA, ensembles and the predict CLI on the trained demo model."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -75,8 +76,11 @@ def test_tta_is_orientation_invariant(demo_run):
     a = predict_proba([model], crops, tta=True)
     b = predict_proba([model], np.ascontiguousarray(np.rot90(crops, 1, axes=(1, 2))[:, ::-1]), tta=True)
     np.testing.assert_allclose(a, b, atol=1e-5)  # the TTA average is the same for any dihedral view
+    cache_dir = Path(json.loads((store.run_dir(rid) / "config.json").read_text())["cache_dir"])
+    before = sorted(p.name for p in cache_dir.glob("crops-*"))
     result = evaluate(store, [rid], tta=True, n_boot=0)
     assert result["provenance"]["tta"] is True
+    assert sorted(p.name for p in cache_dir.glob("crops-*")) == before  # the trainer's cache was reused
 
 
 def test_ensemble_evaluated_like_a_run(demo_run):

@@ -111,6 +111,16 @@ def test_crop_cache_build_reuse_and_stale(synth_small, tmp_path):
     np.testing.assert_array_equal(fresh.rows([m["path"].iloc[5], m["path"].iloc[2]]), [5, 2])
 
 
+def test_caches_of_other_manifests_share_a_folder(synth_small, tmp_path):
+    m, _ = index(synth_small)
+    a = CropCache.build(m.iloc[:8], tmp_path, size=32, workers=2, progress=False)
+    b = CropCache.build(m.iloc[8:16], tmp_path, size=32, workers=2, progress=False)
+    c = CropCache.build(m.iloc[:8], tmp_path, size=48, workers=2, progress=False)
+    assert len({a.key, b.key, c.key}) == 3
+    for part, size in ((m.iloc[:8], 32), (m.iloc[8:16], 32), (m.iloc[:8], 48)):
+        assert CropCache.build(part, tmp_path, size=size, workers=2, progress=False).reused
+
+
 def test_crop_cache_records_decode_failures(synth_small, tmp_path):
     m, _ = index(synth_small)
     m = m.iloc[:10].copy()

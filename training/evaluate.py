@@ -51,16 +51,21 @@ def _split_rows(store: RunStore, run_id: str) -> tuple[RunConfig, pd.DataFrame]:
     return cfg, load_split(store.run_dir(run_id) / "split.csv")
 
 
-def _predict_table(models, table: pd.DataFrame, size: int, cache_dir: str, tta: bool) -> np.ndarray:
-    from core.inference import predict_proba
+def _cached_crops(table: pd.DataFrame, size: int, cache_dir: str):
+    """The crop cache of `table`'s cells (one stat per file); for a run's split.csv this is the key the
+    trainer built, so its cache is reused rather than rebuilt."""
     from core.preprocessing import CropCache
 
-    files = table[["path"]].copy()
-    files["size"] = [Path(p).stat().st_size for p in files["path"]]
-    files["mtime_ns"] = [Path(p).stat().st_mtime_ns for p in files["path"]]
-    cache = CropCache.build(files, cache_dir, size=size, progress=False)
-    crops = np.asarray(cache.array[cache.rows(table["path"])])
-    return predict_proba(models, crops, tta=tta)
+    stats = [Path(p).stat() for p in table["path"]]
+    files = pd.DataFrame({"path": table["path"].to_numpy(), "size": [st.st_size for st in stats],
+                          "mtime_ns": [st.st_mtime_ns for st in stats]})
+    return CropCache.build(files, cache_dir, size=size, progress=False)
+
+
+def _predict(models, cache, paths: pd.Series, tta: bool) -> np.ndarray:
+    from core.inference import predict_proba
+
+    return predict_proba(models, np.asarray(cache.array[cache.rows(paths)]), tta=tta)
 
 
 def collect_predictions(store: RunStore, run_ids: Sequence[str], split: str = "test",
@@ -95,8 +100,10 @@ def collect_predictions(store: RunStore, run_ids: Sequence[str], split: str = "t
     else:
         models = [load_model(str(run_model_path(store, r))) for r in run_ids]
         size = int(models[0].inputs[0].shape[1])
-        val["prob_all"] = _predict_table(models, val, size, first_cfg.cache_dir, tta)
-        target["prob_all"] = _predict_table(models, target, size, first_cfg.cache_dir, tta)
+        split_cache = _cached_crops(first_split, size, first_cfg.cache_dir)
+        target_cache = _cached_crops(target, size, first_cfg.cache_dir) if data_dir else split_cache
+        val["prob_all"] = _predict(models, split_cache, val["path"], tta)
+        target["prob_all"] = _predict(models, target_cache, target["path"], tta)
     provenance = {"runs": list(run_ids), "split": split if not data_dir else "external",
                   "split_strategy": first_cfg.split, "data_dir": data_dir or first_cfg.data_dir, "tta": tta,
                   "architectures": [store.get_run(r)["architecture"] for r in run_ids]}
