@@ -38,3 +38,20 @@ def test_json_roundtrip_and_validation(tmp_path):
     with pytest.raises(ValueError, match="unknown model"):
         RunConfig(architecture="resnet").resolved()
     assert json.loads(cfg.to_json())["architecture"] == "vgg16"
+
+
+def test_run_command_uses_the_config_files_runs_dir(tmp_path, monkeypatch):
+    """`run --config FILE` registers the run in the store the file names (not the default `runs/`)."""
+    import training.trainer as trainer
+    from training.cli import main
+    from training.store import RunStore
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train", lambda cfg, store, run_id=None, resume=False: seen.update(
+        store=store.root, cfg=cfg) or store.create_run(cfg.to_dict()))
+    RunConfig(runs_dir=str(tmp_path / "elsewhere"), epochs=1).save(tmp_path / "c.json")
+    monkeypatch.chdir(tmp_path)
+    main(["run", "--config", str(tmp_path / "c.json"), "--epochs", "2"])
+    assert seen["store"] == tmp_path / "elsewhere" and seen["cfg"].epochs == 2
+    assert not (tmp_path / "runs").exists()
+    assert len(RunStore(tmp_path / "elsewhere").list_runs()) == 1

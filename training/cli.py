@@ -50,12 +50,11 @@ def cmd_run(args) -> int:
     from training.store import RunStore
     from training.trainer import train
 
-    runs_dir = args.runs_dir or RunConfig().runs_dir
-    store = RunStore(runs_dir)
+    base = RunConfig.from_file(args.config) if args.config else RunConfig()
+    store = RunStore(args.runs_dir or base.runs_dir)  # a config file's runs_dir counts unless a flag overrides it
     if args.resume:
-        run_id = train(RunConfig(), store, run_id=args.resume, resume=True)
+        run_id = train(base, store, run_id=args.resume, resume=True)
     else:
-        base = RunConfig.from_file(args.config) if args.config else None
         if args.run_id:  # launched by training.jobs: the config was registered with the run
             base = RunConfig.from_dict(store.get_run(args.run_id)["config"])
         cfg = config_from_args(args, base)
