@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import keras
 from keras import layers, ops
 
+from core.stain_layers import RandomColorJitter, RandomHEDJitter
+
 
 @dataclass(frozen=True)
 class AugmentSpec:
@@ -22,6 +24,11 @@ class AugmentSpec:
     shear: float = 0.2  # RandomShear factor for the shear branch
     blur_sigma: tuple[float, float] = (0.5, 1.5)  # Gaussian blur branch, sigma range in pixels
     salt_pepper: float = 0.0  # fraction of pixels set to black or white (0 = off)
+    hed_sigma: float = 0.0  # Tellez HED stain jitter strength (0 = off; 0.05 light, 0.2 strong)
+    brightness: float = 0.0  # colour jitter: factors drawn from U(1-f, 1+f) (0 = off)
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0  # hue rotation drawn from U(-h, h) turns (0.05 = 18 degrees)
 
 
 @keras.saving.register_keras_serializable(package="cnmc")
@@ -143,6 +150,11 @@ def build_augmentation(spec: AugmentSpec = AugmentSpec(), seed: int | None = Non
                                                   value_range=(0, 255), seed=seed, dtype=dt, name="blur"))
     if len(branches) > 1:
         stack.append(RandomChoice(branches, seed=seed, dtype=dt, name="none_shear_or_blur"))
+    if spec.hed_sigma > 0:
+        stack.append(RandomHEDJitter(spec.hed_sigma, seed=seed, dtype=dt, name="hed_jitter"))
+    if any((spec.brightness, spec.contrast, spec.saturation, spec.hue)):
+        stack.append(RandomColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue, seed=seed,
+                                       dtype=dt, name="color_jitter"))
     if spec.salt_pepper > 0:
         stack.append(SaltAndPepper(spec.salt_pepper, seed=seed, dtype=dt, name="salt_and_pepper"))
     return keras.Sequential(stack, name="augmentation")

@@ -15,6 +15,7 @@ import numpy as np
 from keras import layers, regularizers
 
 from core.augmentation import AugmentSpec, build_augmentation
+from core.stain_layers import CellStandardize
 
 NUM_CLASSES = 2
 
@@ -62,17 +63,21 @@ def _pixel_normalisation(mean: Sequence[float]) -> layers.Layer:
 
 def create_model(name: str, input_size: int = 250, mean: Sequence[float] = (0.0, 0.0, 0.0),
                  augment: AugmentSpec | None = None, seed: int | None = None, weights: str | None = None,
-                 **kwargs) -> keras.Model:
+                 standardize: bool = False, **kwargs) -> keras.Model:
     """Build a registered architecture for square crops of `input_size` pixels.
 
     `mean` is the train split's per-channel mean of pixels/255; `augment` adds the augmentation stack (active
-    only in training); `weights` is an optional local weights file (nothing is downloaded).
+    only in training); `weights` is an optional local weights file (nothing is downloaded); `standardize`
+    adds per-cell stain standardisation (`core.stain.CellStandardize`, active at inference too) before the
+    architecture, so `mean` must then be the mean of standardised cells.
     """
     info = model_info(name)
     inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name="crop")
     x = layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)  # a cast: uint8 in, pixels stay 0..255
     if augment is not None:
         x = build_augmentation(augment, seed=seed)(x)
+    if standardize:
+        x = CellStandardize(name="cell_standardize")(x)
     outputs = info.builder(x, input_size=input_size, mean=tuple(float(v) for v in mean), **kwargs)
     model = keras.Model(inputs, outputs, name=name)
     if weights:
@@ -150,3 +155,28 @@ def vgg16(x, input_size: int, mean, units: Sequence[int] = (1024, 1024), dropout
 def load_model(path: str, compile: bool = False) -> keras.Model:
     """Load a saved `.keras` model in safe mode (no arbitrary code), with our custom layers registered."""
     return keras.models.load_model(path, compile=compile, safe_mode=True)
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The same network without its training-only layers (augmentation): what a shipped model should hold.
+
+    Rebuilt from the registry (the model is named after its architecture) with the same input size, mean,
+    cell standardisation and Solution A filter widths, then every weight copied by layer name; predictions
+    are unchanged, since the augmentation is the identity at inference.
+    """
+    name = model.name
+    info = model_info(name)
+    size = int(model.inputs[0].shape[1])
+    names = {l.name for l in model.layers}
+    mean = (0.0, 0.0, 0.0)
+    if "normalise" in names:
+        mean = tuple(float(v) / 255.0 for v in np.ravel(model.get_layer("normalise").get_config()["mean"]))
+    kwargs = {}
+    if name == "solution_a":
+        kwargs["filters"] = tuple(model.get_layer(n).filters for n in ("m1_conv", "m2_conv", "m3_conv1", "m4_conv"))
+    clean = create_model(info.name, size, mean=mean, augment=None, standardize="cell_standardize" in names,
+                         **kwargs)
+    for layer in clean.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return clean

@@ -2,7 +2,9 @@
 
 `patient` keeps every subject in one split (cells of one person are correlated: splitting them leaks);
 `official` follows the challenge folds with the prelim set as test; `image` reproduces the report's random
-image-level 6:3:1 and is labelled as leaking subjects.
+image-level 6:3:1 and is labelled as leaking subjects; `all` puts every labelled cell in train (a final model
+trained for a fixed budget whose quality was measured by cross-validation, e.g. the shipped starter model).
+For cross-validation by subject see `subject_folds`.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-STRATEGIES = ("patient", "official", "image")
+STRATEGIES = ("patient", "official", "image", "all")
 SPLITS = ("train", "val", "test")
 LEAKY = {"image": "image-level split: cells of one subject fall in several splits (leaks subjects; "
                   "reproduces the report, optimistic)"}
@@ -46,8 +48,10 @@ def make_split(manifest: pd.DataFrame, strategy: str = "patient", seed: int = 0,
         split = _patient(m, seed, ratio)
     elif strategy == "official":
         split = _official(m, val_fold)
-    else:
+    elif strategy == "image":
         split = _image(m, seed, ratio)
+    else:
+        split = np.full(len(m), "train", dtype=object)
     m["split"] = pd.array(split, dtype="str")
     m = m[m["split"].notna()].reset_index(drop=True)[_SPLIT_COLUMNS]
     m.attrs.update(strategy=strategy, seed=seed, val_fold=val_fold if strategy == "official" else None,
@@ -146,3 +150,44 @@ def load_split(path: str | os.PathLike) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: not a split file (missing columns {sorted(missing)})")
     return df[_SPLIT_COLUMNS]
+
+
+def subject_folds(manifest: pd.DataFrame, n_folds: int = 3) -> pd.DataFrame:
+    """Leave-subjects-out folds for cross-validation: every subject in exactly one fold and every fold holding
+    subjects of both classes, so each test fold is unseen patients of both classes.
+
+    C-NMC subjects are one class each (a patient's cells are all blasts, a healthy donor's all normal), so the
+    folds are built per class: a class's subjects, largest first, each go to the fold with the fewest cells of
+    that class (ties: lowest fold). Deterministic. The number of folds is capped by the class with fewest
+    subjects (fold 1 of C-NMC has 3 normal subjects: 3 folds, one normal subject out each). Returns the labelled
+    manifest rows with a `fold` column (0 … k-1); raises ValueError with a plain reason when it cannot.
+    """
+    m = labelled(manifest).reset_index(drop=True).copy()
+    if m.empty:
+        raise ValueError("no labelled cells: leave-subjects-out needs cells of both classes with labels")
+    if m["subject"].isna().any():
+        raise ValueError(f"{int(m['subject'].isna().sum())} cells have no subject id (UID_ names): "
+                         "leave-subjects-out needs to know every cell's subject")
+    per_class = m.groupby("label")["subject"].nunique()
+    missing = {"all", "hem"} - set(per_class.index)
+    if missing:
+        raise ValueError(f"only one class found ({', '.join(per_class.index)}); leave-subjects-out needs both "
+                         f"all and hem cells (missing {', '.join(sorted(missing))})")
+    k = int(min(n_folds, per_class.min()))
+    if k < 2:
+        raise ValueError(f"leave-subjects-out needs at least 2 subjects per class (found {per_class.to_dict()})")
+    mixed = m.groupby("subject")["label"].nunique()
+    if (mixed > 1).any():
+        raise ValueError(f"subjects with cells of both classes: {', '.join(mixed[mixed > 1].index)}")
+    fold_of: dict[str, int] = {}
+    for _, part in m.groupby("label"):
+        counts = part["subject"].value_counts()
+        order = sorted(counts.index, key=lambda s: (-counts[s], str(s)))
+        load = [0] * k
+        for subj in order:
+            f = min(range(k), key=lambda i: (load[i], i))
+            fold_of[subj] = f
+            load[f] += int(counts[subj])
+    m["fold"] = m["subject"].map(fold_of).astype(int)
+    m.attrs.update(strategy="leave-subjects-out", n_folds=k)
+    return m

@@ -37,6 +37,21 @@ class ModelBundle:
         return self._cam
 
 
+def starter_available() -> bool:
+    from core.model_folder import STARTER_DIR, MODEL_FILE
+
+    return (STARTER_DIR / MODEL_FILE).is_file()
+
+
+def load_starter_bundle() -> tuple[ModelBundle, str]:
+    """The shipped starter model (trained on real C-NMC cells) and its model card (markdown)."""
+    from core.model_folder import STARTER, load_model_folder
+
+    mf = load_model_folder(STARTER)
+    name = mf.card.get("name", "starter")
+    return ModelBundle(mf.model, mf.rule, mf.size, f"shipped starter model {name}"), mf.card_markdown
+
+
 def load_run_bundle(run_id: str, runs_dir: str | Path) -> ModelBundle:
     from training.evaluate import resolve_model
 

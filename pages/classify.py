@@ -8,6 +8,11 @@ IMAGE_TYPES = ["bmp", "png", "jpg", "jpeg", "tif", "tiff"]
 MAX_CARDS = 48
 
 
+@st.cache_resource(show_spinner="Loading the starter model…")
+def starter_bundle():
+    return services.load_starter_bundle()
+
+
 @st.cache_resource(show_spinner="Loading model…")
 def run_bundle(run_id: str, runs_dir: str):
     return services.load_run_bundle(run_id, runs_dir)
@@ -18,9 +23,18 @@ def uploaded_bundle(name: str, data: bytes):
     return services.load_uploaded_bundle(name, data)
 
 
+STARTER, RUN, UPLOAD = "Starter model (real cells)", "Completed run", "Upload a .keras file"
+
+
 def model_ui(settings: Settings):
-    source = st.radio("Model", ["Completed run", "Upload a .keras file"], horizontal=True)
-    if source == "Upload a .keras file":
+    sources = ([STARTER] if services.starter_available() else []) + [RUN, UPLOAD]
+    source = st.radio("Model", sources, horizontal=True)
+    if source == STARTER:
+        bundle, card = starter_bundle()
+        with st.expander("Model card: what the starter model was trained on, how it was measured, its limits"):
+            st.markdown(card or "No model card found.")
+        return bundle
+    if source == UPLOAD:
         up = st.file_uploader("Keras model (.keras, loaded in safe mode)", type=["keras"], key="model_file")
         if up is None:
             return None

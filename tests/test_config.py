@@ -55,3 +55,22 @@ def test_run_command_uses_the_config_files_runs_dir(tmp_path, monkeypatch):
     assert seen["store"] == tmp_path / "elsewhere" and seen["cfg"].epochs == 2
     assert not (tmp_path / "runs").exists()
     assert len(RunStore(tmp_path / "elsewhere").list_runs()) == 1
+
+
+def test_presets_and_stain_fields():
+    from training.config import PRESETS, preset
+
+    report = preset("report", epochs=2)
+    assert report.epochs == 2 and not report.cell_standardize
+    assert (report.hed_sigma, report.brightness, report.contrast, report.saturation, report.hue) == (0, 0, 0, 0, 0)
+    default = preset("cross_patient")
+    assert default == RunConfig() and default.cell_standardize and default.hed_sigma > 0
+    spec = default.augment_spec()
+    assert (spec.hed_sigma, spec.brightness, spec.hue) == (default.hed_sigma, default.brightness, default.hue)
+    assert set(PRESETS) >= {"report", "cross_patient"}
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("best")
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    cfg = config_from_args(p.parse_args(["--hed-sigma", "0.1", "--no-cell-standardize", "--split", "all"]))
+    assert (cfg.hed_sigma, cfg.cell_standardize, cfg.split) == (0.1, False, "all")

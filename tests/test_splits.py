@@ -71,3 +71,53 @@ def test_patient_split_refuses_too_few_subjects(replica_manifest):
 def test_unknown_strategy(replica_manifest):
     with pytest.raises(ValueError, match="unknown split strategy"):
         make_split(replica_manifest, "random")
+
+
+def test_subject_folds_hold_unseen_subjects_of_both_classes(replica_manifest):
+    from core.splits import subject_folds
+
+    folds = subject_folds(replica_manifest, 3)
+    assert folds.attrs["n_folds"] == 3 and sorted(folds["fold"].unique()) == [0, 1, 2]
+    assert folds.groupby("subject")["fold"].nunique().max() == 1  # a subject never spans folds
+    assert (folds.groupby("fold")["label"].nunique() == 2).all()  # both classes in every test fold
+    assert len(folds) == replica_manifest["label"].notna().sum()
+    again = subject_folds(replica_manifest.sample(frac=1, random_state=3), 3)  # order does not matter
+    assert again.set_index("path")["fold"].sort_index().equals(folds.set_index("path")["fold"].sort_index())
+    cells = folds.groupby(["label", "fold"]).size().unstack()
+    assert (cells.max(axis=1) / cells.min(axis=1)).max() < 2.0  # cells of each class spread over the folds
+
+
+def _toy(subjects):
+    rows = [{"path": f"{s}_{i}", "label": lab, "subject": s} for s, lab, n in subjects for i in range(n)]
+    return pd.DataFrame(rows)
+
+
+def test_subject_folds_capped_by_smallest_class_and_greedy_balanced():
+    from core.splits import subject_folds
+
+    m = _toy([("H1", "hem", 5), ("H2", "hem", 3), ("1", "all", 9), ("2", "all", 4), ("3", "all", 4)])
+    f = subject_folds(m, 5)
+    assert f.attrs["n_folds"] == 2  # two normal subjects: two folds
+    fold = f.groupby("subject")["fold"].first().to_dict()
+    # largest first to the lightest fold: 1 -> 0, then 2 -> 1, then 3 -> 1 (load 4 < 9); H1 -> 0, H2 -> 1
+    assert fold == {"1": 0, "2": 1, "3": 1, "H1": 0, "H2": 1}
+
+
+@pytest.mark.parametrize("subjects, message", [
+    ([("1", "all", 3), ("2", "all", 3)], "only one class"),
+    ([("1", "all", 3), ("H1", "hem", 3)], "at least 2 subjects per class"),
+])
+def test_subject_folds_refuse_what_cannot_be_cross_validated(subjects, message):
+    from core.splits import subject_folds
+
+    with pytest.raises(ValueError, match=message):
+        subject_folds(_toy(subjects), 3)
+    m = _toy([("1", "all", 2), ("2", "all", 2), ("H1", "hem", 2), ("H2", "hem", 2)])
+    m.loc[0, "subject"] = None
+    with pytest.raises(ValueError, match="no subject id"):
+        subject_folds(m, 3)
+
+
+def test_split_all_puts_every_labelled_cell_in_train(replica_manifest):
+    split = make_split(replica_manifest, "all")
+    assert set(split["split"]) == {"train"} and len(split) == replica_manifest["label"].notna().sum()

@@ -124,3 +124,20 @@ def test_demo_reaches_90_percent_on_synthetic_test_split(demo_run):
     summary = json.loads((store.run_dir(rid) / "summary.json").read_text())
     assert summary["test_cells"] >= 20
     assert summary["test_accuracy"] >= 0.9, summary
+
+
+def test_split_all_trains_every_cell_for_fixed_epochs_and_keeps_the_last(synth_small, tmp_path):
+    from core.models import load_model
+
+    store = RunStore(tmp_path)
+    rid = train(tiny(synth_small, tmp_path, split="all", early_stopping=True, epochs=2, hed_sigma=0.1), store)
+    run = store.get_run(rid)
+    assert run["status"] == "completed", run["error"]
+    folder = store.run_dir(rid)
+    assert len(pd.read_csv(folder / "history.csv")) == 2  # no early stop without validation
+    assert len(pd.read_csv(folder / "predictions.csv")) == 0
+    split = pd.read_csv(folder / "split.csv")
+    assert set(split["split"]) == {"train"}
+    best, last = load_model(str(folder / "best.keras")), load_model(str(folder / "last.keras"))
+    for a, b in zip(best.get_weights(), last.get_weights()):
+        assert (a == b).all()  # the kept model is the last epoch's

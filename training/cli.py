@@ -94,16 +94,29 @@ def demo_config(data: str | Path, runs_dir: str | Path, epochs: int | None = Non
 
 
 def cmd_evaluate(args) -> int:
-    from training.evaluate import evaluate
+    from core.model_folder import is_model_folder
+    from training.evaluate import evaluate, evaluate_model_folder
     from training.store import RunStore
 
-    store = RunStore(args.runs_dir)
-    result = evaluate(store, args.run_ids, split=args.split, data_dir=args.data, tta=args.tta,
-                      target_sensitivity=args.target_sensitivity, n_boot=args.n_boot)
-    prov, m = result["provenance"], result["metrics"]
-    print(f"runs {', '.join(prov['runs'])} on the {prov['split']} set ({prov['split_strategy']} split, "
-          f"{prov['cells']} cells, {len(prov['subjects'])} subjects, data {prov['data_dir']}"
-          f"{', TTA' if prov['tta'] else ''})")
+    if is_model_folder(args.run_ids[0]):
+        if len(args.run_ids) > 1 or not args.data:
+            print("error: a model folder (or starter) is evaluated alone, on a labelled folder: "
+                  f"evaluate {args.run_ids[0]} --data DIR", file=sys.stderr)
+            return 2
+        result = evaluate_model_folder(args.run_ids[0], args.data, out_dir=args.out, tta=args.tta,
+                                       n_boot=args.n_boot)
+        prov, m = result["provenance"], result["metrics"]
+        print(f"model {prov['model']} on {prov['data_dir']} ({prov['cells']} cells, {len(prov['subjects'])} "
+              f"subjects, {prov['excluded_files']} files excluded{', TTA' if prov['tta'] else ''}); decision rule "
+              f"fitted on {prov['rule']}")
+    else:
+        store = RunStore(args.runs_dir)
+        result = evaluate(store, args.run_ids, split=args.split, data_dir=args.data, tta=args.tta,
+                          target_sensitivity=args.target_sensitivity, n_boot=args.n_boot)
+        prov, m = result["provenance"], result["metrics"]
+        print(f"runs {', '.join(prov['runs'])} on the {prov['split']} set ({prov['split_strategy']} split, "
+              f"{prov['cells']} cells, {len(prov['subjects'])} subjects, data {prov['data_dir']}"
+              f"{', TTA' if prov['tta'] else ''})")
     if prov.get("warning"):
         print(f"WARNING: {prov['warning']}")
     import pandas as pd
@@ -115,8 +128,12 @@ def cmd_evaluate(args) -> int:
         lo, hi = ci.get(key, (float("nan"), float("nan")))
         print(f"{key:<18} {m[key]:.4f}  (95% CI by subject {lo:.4f}-{hi:.4f})")
     c = result["calibration"]
-    print(f"threshold {result['threshold']:.3f}, temperature {c['rule']['temperature']:.3f}, "
-          f"ECE {c['ece_raw']:.4f} -> {c['ece_calibrated']:.4f}, uncertain cells {c['uncertain_cells']}")
+    ece = f"ECE {c['ece_raw']:.4f} -> {c['ece_calibrated']:.4f}" if "ece_raw" in c else \
+        f"ECE {c['ece_calibrated']:.4f}"
+    print(f"threshold {result['threshold']:.3f}, temperature {c['rule']['temperature']:.3f}, {ece}, "
+          f"uncertain cells {c['uncertain_cells']}")
+    if result.get("out_dir"):
+        print(f"written to {result['out_dir']}")
     return 0
 
 
@@ -182,18 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("evaluate", help="metrics, calibration, subjects and errors of a run or an ensemble")
-    s.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="one run, or several for an ensemble")
+    s.add_argument("run_ids", nargs="+", metavar="RUN_ID",
+                   help="one run, several for an ensemble, or `starter` / a model folder (with --data)")
     s.add_argument("--split", default="test", choices=("train", "val", "test"))
     s.add_argument("--data", default=None, help="evaluate on another labelled C-NMC folder instead")
     s.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
     s.add_argument("--target-sensitivity", type=float, default=None,
                    help="choose the threshold on validation to reach this sensitivity for all")
     s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (by subject) for CIs")
+    s.add_argument("--out", default=None, help="model folders: where to write metrics.json and predictions")
     s.add_argument("--runs-dir", default="runs")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("predict", help="classify cell images with a run or a .keras file")
-    s.add_argument("model", help="RUN_ID or MODEL.keras (loaded in safe mode)")
+    s.add_argument("model", help="starter (the shipped model), a model folder, RUN_ID or MODEL.keras "
+                                 "(all loaded in safe mode)")
     s.add_argument("paths", nargs="+", help="image files and/or folders")
     s.add_argument("--out", help="CSV to write")
     s.add_argument("--gradcam", metavar="DIR", help="write Grad-CAM overlays here")

@@ -27,8 +27,9 @@ class RunConfig:
     # --- data
     data_dir: str = _f("data/demo", "C-NMC folder (any supported layout, any level)")
     cache_dir: str = _f("cache", "where decoded crop caches live")
-    split: str = _f("patient", "patient (subject-disjoint, default), official (challenge folds), image (leaky)",
-                    choices=("patient", "official", "image"))
+    split: str = _f("patient", "patient (subject-disjoint, default), official (challenge folds), image (leaky), "
+                               "all (every cell trains; fixed epochs, no validation: for a final model)",
+                    choices=("patient", "official", "image", "all"))
     val_fold: int = _f(2, "official split: which training fold validates")
     image_size: int = _f(250, "model input in pixels after the 100-px crop (250 = no resize)")
     # --- optimisation (report §5.4-5.5)
@@ -48,6 +49,14 @@ class RunConfig:
     shear: float = _f(0.2, "shear factor of the shear branch")
     blur_sigma_max: float = _f(1.5, "largest Gaussian blur sigma of the blur branch (pixels)")
     salt_pepper: float = _f(0.0, "salt-and-pepper noise rate (de Oliveira's option; 0 = off)")
+    # --- generalisation across patients (stain and colour differ by subject; chosen by benchmarks/bench_real.py)
+    cell_standardize: bool = _f(True, "standardise each cell's colours (per-channel mean/std of the cell; part of "
+                                      "the model, so also at inference)")
+    hed_sigma: float = _f(0.05, "HED stain jitter (Tellez 2019): per stain alpha~U(1-s,1+s), beta~U(-s,s); 0 = off")
+    brightness: float = _f(0.1, "brightness jitter: factor ~U(1-f, 1+f) on the cell; 0 = off")
+    contrast: float = _f(0.1, "contrast jitter around the cell's mean: factor ~U(1-f, 1+f); 0 = off")
+    saturation: float = _f(0.1, "saturation jitter: factor ~U(1-f, 1+f); 0 = off")
+    hue: float = _f(0.02, "hue jitter: rotation ~U(-h, h) turns about the grey axis; 0 = off")
     val_augmented: bool = _f(False, "the report's augmented, class-balanced validation set (optimistic)")
     val_samples_per_class: int = _f(2_000, "cells per class of the augmented validation set")
     # --- hardware
@@ -89,7 +98,8 @@ class RunConfig:
 
         return AugmentSpec(rotation_deg=(self.rotation_min_deg, self.rotation_max_deg), flip=True,
                            shear=self.shear, blur_sigma=(min(0.5, self.blur_sigma_max), self.blur_sigma_max),
-                           salt_pepper=self.salt_pepper)
+                           salt_pepper=self.salt_pepper, hed_sigma=self.hed_sigma, brightness=self.brightness,
+                           contrast=self.contrast, saturation=self.saturation, hue=self.hue)
 
     # Serialisation ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -114,6 +124,22 @@ class RunConfig:
         tmp = Path(str(path) + ".tmp")
         tmp.write_text(self.to_json())
         os.replace(tmp, path)
+
+
+# Named recipes: field overrides of the defaults. `report` is the report's recipe as published (raw colours,
+# geometric augmentation only); the defaults above are the cross-patient recipe chosen on real cells.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cross_patient": {},
+    "report": {"cell_standardize": False, "hed_sigma": 0.0, "brightness": 0.0, "contrast": 0.0,
+               "saturation": 0.0, "hue": 0.0},
+}
+
+
+def preset(recipe: str, **overrides) -> RunConfig:
+    """A `RunConfig` of a named recipe (see `PRESETS`), with field overrides."""
+    if recipe not in PRESETS:
+        raise ValueError(f"unknown preset {recipe!r}; choose one of {', '.join(PRESETS)}")
+    return RunConfig(**{**PRESETS[recipe], **overrides})
 
 
 def field_help() -> dict[str, str]:

@@ -31,9 +31,15 @@ def run_model_path(store: RunStore, run_id: str) -> Path:
 
 
 def resolve_model(ref: str, store: RunStore):
-    """(model, decision rule, input size, description) for a run id or a `.keras` file (safe mode)."""
+    """(model, decision rule, input size, description) for `starter`, a model folder, a run id or a `.keras`
+    file (all loaded in safe mode)."""
+    from core.model_folder import is_model_folder, load_model_folder
     from core.models import load_model
 
+    if is_model_folder(ref):
+        mf = load_model_folder(ref)
+        name = mf.card.get("name") or str(mf.folder)
+        return mf.model, mf.rule, mf.size, f"model {name} ({mf.folder})"
     if ref.endswith(".keras") and Path(ref).is_file():
         model, rule, what = load_model(ref), cal.DecisionRule(), f"model file {ref}"
     else:
@@ -207,3 +213,43 @@ def write_figures(result: dict[str, Any], out_dir: Path) -> None:
     fig.text(0.5, 0.01, caption, ha="center", fontsize=6)
     fig.savefig(out_dir / "reliability.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def evaluate_model_folder(ref: str, data_dir: str, out_dir: str | Path | None = None, tta: bool = False,
+                          n_boot: int = 1000, seed: int = 0, cache_dir: str = "cache") -> dict[str, Any]:
+    """Evaluate a shipped model folder (or `starter`) on a labelled folder with the folder's own decision rule,
+    unchanged (nothing is fitted on the data being judged). Writes metrics.json and predictions_external.csv
+    into `out_dir` (default `runs/evaluations/<model>-<data hash>`) and returns metrics.json's content."""
+    from core.dataset import index
+    from core.inference import predict_proba
+    from core.model_folder import load_model_folder
+
+    mf = load_model_folder(ref)
+    manifest, problems = index(data_dir)
+    target = manifest[manifest["label"].notna()][["path", "subject", "label"]].reset_index(drop=True)
+    if target.empty:
+        raise ValueError(f"{data_dir}: no labelled cells (all/hem folders, UID_ names or a label CSV) to evaluate on")
+    cache = _cached_crops(target, mf.size, cache_dir)
+    ok = cache.valid[cache.rows(target["path"])]
+    target = target[ok].reset_index(drop=True)
+    target["prob_all"] = predict_proba([mf.model], np.asarray(cache.array[cache.rows(target["path"])]), tta=tta)
+    decided = mf.rule.decide(target["prob_all"].to_numpy())
+    target = pd.concat([target, decided], axis=1)
+    name = mf.card.get("name") or mf.folder.name
+    provenance = {"model": name, "model_folder": str(mf.folder), "split": "external", "split_strategy": "external",
+                  "data_dir": str(data_dir), "tta": tta, "excluded_files": int(len(problems) + (~ok).sum()),
+                  "rule": f"{mf.rule.fitted_on} (not refitted)"}
+    scored = target.assign(prob_all=target["prob_all_calibrated"])
+    result = evaluate_predictions(scored, threshold=mf.rule.threshold, n_boot=n_boot, seed=seed,
+                                  provenance=provenance)
+    y = (target["label"] == "all").to_numpy().astype(int)
+    result["calibration"] = {"rule": mf.rule.__dict__, "uncertain_cells": int(target["uncertain"].sum()),
+                             "ece_calibrated": cal.expected_calibration_error(y, target["prob_all_calibrated"]),
+                             "brier_calibrated": cal.brier_score(y, target["prob_all_calibrated"])}
+    key = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:8]
+    out = Path(out_dir) if out_dir else Path("runs") / "evaluations" / f"{name}-{key}"
+    out.mkdir(parents=True, exist_ok=True)
+    target.to_csv(out / "predictions_external.csv", index=False)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    result["out_dir"] = str(out)
+    return result

@@ -214,8 +214,7 @@ def train(config: RunConfig, store: RunStore | None = None, run_id: str | None =
 def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: bool, stop: StopFlag) -> None:
     import keras
 
-    from core.models import create_model, load_model
-    from core.preprocessing import channel_stats
+    from core.models import load_model
     from training import hardware
     from training.data import BalancedBatches, CacheBatches
 
@@ -234,7 +233,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     train_rows = rows[part == "train"]
     train_labels = labels[part == "train"]
     val_rows, val_labels = rows[part == "val"], labels[part == "val"]
-    if len(val_rows) == 0:
+    no_val = cfg.split == "all"  # a final model: fixed epochs, the last one kept
+    if len(val_rows) == 0 and not no_val:
         raise ValueError("the validation split is empty")
     log.info("cells: train %d, val %d, test %d (split %s)", len(train_rows), len(val_rows),
              int((part == "test").sum()), cfg.split)
@@ -247,31 +247,30 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
             model = load_model(str(run_dir / "last.keras"), compile=True)
             log.info("resuming from epoch %d", initial_epoch)
         else:
-            mean, _ = channel_stats(cache.array, train_rows)
+            mean = input_mean(cfg, cache.array, train_rows)
             state["train_mean"] = mean.tolist()
-            model = create_model(cfg.architecture, cfg.image_size, mean=mean,
-                                 augment=cfg.augment_spec() if cfg.augment else None, seed=cfg.seed,
-                                 weights=cfg.weights)
-            model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="categorical_crossentropy",
-                          metrics=["accuracy"])
+            model = build_model(cfg, mean)
     train_data = BalancedBatches(cache.array, [train_rows[train_labels == c] for c in (0, 1)],
                                  cfg.samples_per_class, cfg.batch_size, seed=cfg.seed, first_epoch=initial_epoch,
                                  workers=cfg.loader_workers, use_multiprocessing=False, max_queue_size=8)
-    if cfg.val_augmented:
+    if no_val:
+        val_data = None
+        log.info("split all: no validation; %d fixed epochs, the last one is kept", cfg.epochs)
+    elif cfg.val_augmented:
         log.warning("validation set is augmented and class-balanced (the report's protocol): optimistic")
         val_data = _augmented_validation(model, cache.array, val_rows, val_labels, cfg)
     else:
         val_data = CacheBatches(cache.array, val_rows, val_labels, cfg.batch_size, workers=cfg.loader_workers,
                                 use_multiprocessing=False, max_queue_size=8)
-    callbacks = [
+    callbacks = [] if no_val else [
         keras.callbacks.ReduceLROnPlateau(monitor="val_accuracy", mode="max", factor=cfg.lr_factor,
                                           patience=cfg.lr_patience, min_lr=cfg.min_lr),
         keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_accuracy", mode="max",
                                         save_best_only=True,
                                         initial_value_threshold=state.get("best_val_accuracy")),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
     ]
-    if cfg.early_stopping:
+    callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume))
+    if cfg.early_stopping and not no_val:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
                                                        patience=cfg.es_patience))
     callbacks.append(_store_callback(store, run_id, run_dir, stop, len(train_data), state))
@@ -280,11 +279,12 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
                   callbacks=callbacks, verbose=0)
     store.set_progress(run_id, cfg.epochs, 0, 0, phase="predicting")
     best = run_dir / "best.keras"
+    if no_val:
+        _atomic_save(model, best)
     final = load_model(str(best)) if best.exists() else model
-    preds = predict_rows(final, cache.array, rows, cfg.batch_size)
-    out = split[["path", "subject", "label", "split"]].copy()
-    out["prob_all"] = preds
-    out = out[out["split"].isin(["val", "test"])]
+    held_out = np.isin(part, ["val", "test"])
+    out = split[["path", "subject", "label", "split"]][held_out].copy()
+    out["prob_all"] = predict_rows(final, cache.array, rows[held_out], cfg.batch_size) if held_out.any() else []
     out.to_csv(run_dir / "predictions.csv", index=False)
     test = out[out["split"] == "test"]
     summary = {"test_cells": int(len(test)), "best_val_accuracy": state.get("best_val_accuracy"),
@@ -294,6 +294,40 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     _atomic_json(summary, run_dir / "summary.json")
     log.info("finished: %s", json.dumps(summary))
     store.finish(run_id, "completed")
+
+
+def input_mean(cfg: RunConfig, images: np.ndarray, rows: np.ndarray, max_cells: int = 2000) -> np.ndarray:
+    """Per-channel mean (pixels/255) of what the architecture sees: the train cells, standardised when the
+    recipe standardises cells (then estimated on up to `max_cells` cells drawn with the run's seed)."""
+    from core.preprocessing import channel_stats
+    from core.stain import standardize_cells
+
+    if not cfg.cell_standardize:
+        return channel_stats(images, rows)[0]
+    rows = np.asarray(rows)
+    if len(rows) > max_cells:
+        rows = np.random.default_rng(cfg.seed).choice(rows, max_cells, replace=False)
+    rows = np.sort(rows)
+    total, n = np.zeros(3), 0
+    for s in range(0, len(rows), 256):
+        block = standardize_cells(np.asarray(images[rows[s:s + 256]]))
+        total += block.sum(axis=(0, 1, 2))
+        n += block.shape[0] * block.shape[1] * block.shape[2]
+    return (total / n / 255.0).astype("float32")
+
+
+def build_model(cfg: RunConfig, mean: np.ndarray):
+    """The recipe's compiled model: architecture, normalisation, augmentation and stain layers from `cfg`."""
+    import keras
+
+    from core.models import create_model
+
+    model = create_model(cfg.architecture, cfg.image_size, mean=mean,
+                         augment=cfg.augment_spec() if cfg.augment else None, seed=cfg.seed,
+                         weights=cfg.weights, standardize=cfg.cell_standardize)
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
 
 
 def predict_rows(model, images: np.ndarray, rows: np.ndarray, batch_size: int) -> np.ndarray:

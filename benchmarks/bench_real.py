@@ -1,0 +1,241 @@
+"""Benchmark: leave-subjects-out cross-validation on real C-NMC cells, CNN recipes vs a hand-crafted baseline.
+
+    python benchmarks/bench_real.py data/real                     # all budget defaults (about 1 h on 2 cores)
+    python benchmarks/bench_real.py data/real --recipes cross_patient,report --size 64 --per-class 1000 --epochs 6
+
+Folds are grouped by subject (`core.splits.subject_folds`): every test fold holds patients that no model of that
+fold saw, of both classes (C-NMC fold 1: 3 folds, one normal subject out each). On the same folds, in the same
+run:
+  baseline : 24 colour/texture/shape statistics of the segmented cell (`core.features`) + logistic regression
+  CNN      : each named recipe (`training.config.PRESETS`: the project's default `cross_patient`, the
+             report's `report`), trained from scratch on the training folds for a fixed budget, no peeking at
+             the test fold (no early stopping, threshold 0.5)
+Prints per fold and pooled: weighted F1 (the challenge metric), balanced accuracy, sensitivity/specificity for
+blasts, ROC AUC with subject-bootstrap 95% CIs, and CNN - baseline with a paired subject-bootstrap CI. Also a
+subject-corrected read-out (Pan et al. 2019: each cell's logit averaged with its subject's), labelled as such:
+it needs subject ids at prediction time. Out-of-fold predictions and the figures go to --out (results.json),
+which the starter model's card cites.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+KEYS = ("weighted_f1", "balanced_accuracy", "sensitivity_all", "specificity_all", "roc_auc")
+
+
+def _metrics(df: pd.DataFrame, n_boot: int, seed: int = 0) -> dict:
+    from core.metrics import bootstrap_by_subject, point_metrics
+
+    y = (df["label"] == "all").to_numpy().astype(int)
+    point = point_metrics(y, df["prob_all"].to_numpy())
+    ci = bootstrap_by_subject(df, n_boot=n_boot, seed=seed) if n_boot else {}
+    return {k: point[k] for k in KEYS} | {"ci95": {k: ci.get(k) for k in KEYS}, "cells": int(len(df)),
+                                          "subjects": int(df["subject"].nunique())}
+
+
+def paired_difference(a: pd.DataFrame, b: pd.DataFrame, n_boot: int, seed: int = 0) -> dict:
+    """Weighted F1 and ROC AUC of `a` minus `b` on the same cells, with a subject-bootstrap 95% CI."""
+    from core.metrics import point_metrics
+
+    y = (a["label"] == "all").to_numpy().astype(int)
+    pa, pb = a["prob_all"].to_numpy(), b["prob_all"].to_numpy()
+    codes, uniq = pd.factorize(a["subject"])
+    members = [np.flatnonzero(codes == g) for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key in ("weighted_f1", "roc_auc"):
+        diff = point_metrics(y, pa)[key] - point_metrics(y, pb)[key]
+        boots = []
+        for _ in range(n_boot):
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+            if len(np.unique(y[idx])) < 2:
+                continue
+            boots.append(point_metrics(y[idx], pa[idx])[key] - point_metrics(y[idx], pb[idx])[key])
+        ci = (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))) if boots else (np.nan, np.nan)
+        out[key] = {"difference": float(diff), "ci95": ci}
+    return out
+
+
+def subject_corrected(df: pd.DataFrame, weight: float = 0.5) -> pd.DataFrame:
+    """Pan et al.'s correction: each cell's logit blended with the mean logit of its subject's other cells."""
+    from core.calibration import _logit
+
+    z = pd.Series(_logit(df["prob_all"].to_numpy()), index=df.index)
+    g = df["subject"]
+    total, count = z.groupby(g).transform("sum"), z.groupby(g).transform("count")
+    others = ((total - z) / (count - 1).clip(lower=1)).where(count > 1, z)
+    out = df.copy()
+    out["prob_all"] = 1 / (1 + np.exp(-((1 - weight) * z + weight * others)))
+    return out
+
+
+def baseline_predictions(folds: pd.DataFrame, images, rows: np.ndarray, seed: int) -> np.ndarray:
+    from core.features import feature_baseline, feature_matrix
+
+    t0 = time.perf_counter()
+    X = feature_matrix(images, rows)
+    print(f"  features of {len(rows)} cells in {time.perf_counter() - t0:.0f} s", flush=True)
+    y = (folds["label"] == "all").to_numpy().astype(int)
+    p = np.zeros(len(folds))
+    for k in sorted(folds["fold"].unique()):
+        test = folds["fold"].to_numpy() == k
+        p[test] = feature_baseline(seed).fit(X[~test], y[~test]).predict_proba(X[test])[:, 1]
+    return p
+
+
+def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, args) -> np.ndarray:
+    import keras
+
+    from core.inference import predict_proba
+    from training.config import preset
+    from training.data import BalancedBatches
+    from training.trainer import build_model, input_mean
+
+    cfg = preset(recipe, architecture=args.architecture, image_size=args.size, samples_per_class=args.per_class,
+                 epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr, seed=args.seed).resolved()
+    y = (folds["label"] == "all").to_numpy().astype(int)
+    p = np.zeros(len(folds))
+    for k in map(int, sorted(folds["fold"].unique())):
+        keras.utils.clear_session()
+        keras.utils.set_random_seed(cfg.seed + k)
+        test = folds["fold"].to_numpy() == k
+        tr_rows, tr_y = rows[~test], y[~test]
+        model = build_model(cfg, input_mean(cfg, images, tr_rows))
+        data = BalancedBatches(images, [tr_rows[tr_y == c] for c in (0, 1)], cfg.samples_per_class,
+                               cfg.batch_size, seed=cfg.seed + 100 * k)
+        t0 = time.perf_counter()
+        for e in range(cfg.epochs):
+            h = model.fit(data, epochs=e + 1, initial_epoch=e, verbose=0)
+            print(f"  {recipe} fold {k} epoch {e + 1}/{cfg.epochs}: loss {h.history['loss'][-1]:.4f} "
+                  f"acc {h.history['accuracy'][-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        crops = np.asarray(images[rows[test]])
+        p[test] = predict_proba([model], crops, tta=args.tta)
+        m = _metrics(folds[test].assign(prob_all=p[test]), 0)
+        print(f"  {recipe} fold {k}: weighted F1 {m['weighted_f1']:.3f}, AUC {m['roc_auc']:.3f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.save_models:
+            model.save(Path(args.out) / f"{recipe}_fold{k}.keras")
+    return p
+
+
+def _fmt(m: dict) -> str:
+    parts = []
+    for k in KEYS:
+        ci = m["ci95"].get(k) if m.get("ci95") else None
+        parts.append(f"{k} {m[k]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data", help="a labelled C-NMC folder with UID_ names (any supported layout)")
+    ap.add_argument("--recipes", default="cross_patient,report", help="comma-separated preset names")
+    ap.add_argument("--architecture", default="solution_a")
+    ap.add_argument("--size", type=int, default=64, help="CNN input size (budget)")
+    ap.add_argument("--per-class", type=int, default=1000, help="cells per class per epoch (budget)")
+    ap.add_argument("--epochs", type=int, default=6, help="epochs per fold (budget)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--feature-size", type=int, default=128, help="crop size the baseline's features use")
+    ap.add_argument("--tta", action="store_true", help="CNN predictions averaged over the 8 dihedral views")
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", default="cache")
+    ap.add_argument("--out", default=None, help="folder for results.json and out-of-fold predictions")
+    ap.add_argument("--save-models", action="store_true", help="keep each fold's model in --out")
+    args = ap.parse_args(argv)
+
+    from core.dataset import index
+    from core.preprocessing import CropCache
+    from core.splits import subject_folds
+
+    if not Path(args.data).is_dir():
+        print(f"error: {args.data} is not a folder", file=sys.stderr)
+        return 2
+    manifest, problems = index(args.data)
+    try:
+        folds = subject_folds(manifest, args.folds)
+    except ValueError as exc:
+        print(f"error: {args.data}: {exc}", file=sys.stderr)
+        return 2
+    recipes = [r for r in args.recipes.split(",") if r]
+    from training.config import PRESETS
+
+    unknown = [r for r in recipes if r not in PRESETS]
+    if unknown:
+        print(f"error: unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}", file=sys.stderr)
+        return 2
+    args.out = args.out or f"runs/bench_real/{time.strftime('%Y%m%d-%H%M%S')}"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    k = folds.attrs["n_folds"]
+    print(f"data {args.data}: {len(folds)} cells, {folds['subject'].nunique()} subjects "
+          f"({len(problems)} files excluded by the indexer); {k} leave-subjects-out folds")
+    for f in range(k):
+        part = folds[folds["fold"] == f]
+        desc = "; ".join(f"{lab} {len(g)} cells ({', '.join(sorted(g['subject'].unique()))})"
+                         for lab, g in part.groupby("label"))
+        print(f"  fold {f}: {desc}")
+    files = manifest.set_index("path").loc[folds["path"], ["size", "mtime_ns"]].reset_index()
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+    budget = {k2: getattr(args, k2) for k2 in ("architecture", "size", "per_class", "epochs", "batch", "lr", "tta",
+                                               "feature_size", "seed")}
+    print(f"machine: {machine}; budget: {json.dumps(budget)}", flush=True)
+
+    oof = folds[["path", "subject", "label", "fold"]].copy()
+    t0 = time.perf_counter()
+    fcache = CropCache.build(files, args.cache_dir, size=args.feature_size, progress=False)
+    print("baseline (features + logistic regression):", flush=True)
+    oof["baseline"] = baseline_predictions(folds, fcache.array, fcache.rows(folds["path"]), args.seed)
+    seconds = {"baseline": time.perf_counter() - t0}
+    cache = CropCache.build(files, args.cache_dir, size=args.size, progress=False)
+    rows = cache.rows(folds["path"])
+    for r in recipes:
+        print(f"CNN recipe {r}:", flush=True)
+        t0 = time.perf_counter()
+        oof[r] = cnn_predictions(r, folds, cache.array, rows, args)
+        seconds[r] = time.perf_counter() - t0
+        oof.to_csv(Path(args.out) / "oof_predictions.csv", index=False)
+
+    results = {"data": str(args.data), "cells": int(len(folds)), "subjects": int(folds["subject"].nunique()),
+               "folds": {int(f): sorted(folds.loc[folds["fold"] == f, "subject"].unique()) for f in range(k)},
+               "machine": machine, "budget": budget, "seconds": seconds, "methods": {}}
+    print("\nResults (threshold 0.5; 95% CIs resample subjects):")
+    for method in ["baseline", *recipes]:
+        df = oof.rename(columns={method: "prob_all"})
+        entry = {"pooled": _metrics(df, args.n_boot, args.seed),
+                 "per_fold": {int(f): _metrics(df[df["fold"] == f], 0) for f in range(k)}}
+        corrected = subject_corrected(df)
+        entry["subject_corrected_pooled"] = _metrics(corrected, 0)
+        results["methods"][method] = entry
+        print(f"{method:>14} pooled: {_fmt(entry['pooled'])}")
+        for f in range(k):
+            print(f"{'':>14} fold {f}: {_fmt(entry['per_fold'][f])}")
+        print(f"{'':>14} subject-corrected (needs subject ids): weighted_f1 "
+              f"{entry['subject_corrected_pooled']['weighted_f1']:.3f}")
+    for r in recipes:
+        a, b = oof.rename(columns={r: "prob_all"}), oof.rename(columns={"baseline": "prob_all"})
+        diff = paired_difference(a, b, args.n_boot, args.seed)
+        results["methods"][r]["minus_baseline"] = diff
+        print(f"{r} - baseline: weighted F1 {diff['weighted_f1']['difference']:+.3f} "
+              f"[{diff['weighted_f1']['ci95'][0]:+.3f}, {diff['weighted_f1']['ci95'][1]:+.3f}], ROC AUC "
+              f"{diff['roc_auc']['difference']:+.3f} [{diff['roc_auc']['ci95'][0]:+.3f}, "
+              f"{diff['roc_auc']['ci95'][1]:+.3f}]")
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    print(f"\nwritten: {args.out}/results.json, {args.out}/oof_predictions.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Model folders (inference-only model + decision rule + card), the shipped starter model, and the real-cell
+benchmark's refusal of data it cannot cross-validate."""
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from core.augmentation import AugmentSpec  # noqa: E402
+from core.calibration import DecisionRule  # noqa: E402
+from core.model_folder import STARTER_DIR, is_model_folder, load_model_folder, save_model_folder  # noqa: E402
+from core.models import create_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench_real():
+    spec = importlib.util.spec_from_file_location("bench_real", REPO / "benchmarks" / "bench_real.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_model_folder_is_inference_only_and_keeps_rule_and_card(tmp_path):
+    spec = AugmentSpec(hed_sigma=0.05, brightness=0.1, salt_pepper=0.01)
+    model = create_model("solution_a", 32, mean=(0.3, 0.2, 0.4), augment=spec, standardize=True,
+                         filters=(4, 4, 8, 8))
+    rule = DecisionRule(temperature=1.7, threshold=0.4, band=0.05, fitted_on="test rule")
+    folder = save_model_folder(tmp_path / "m", model, rule, {"name": "tiny"}, "# card\n")
+    assert is_model_folder(folder) and not is_model_folder(tmp_path)
+    mf = load_model_folder(folder)
+    names = {l.name for l in mf.model.layers}
+    assert "augmentation" not in names and "cell_standardize" in names
+    assert mf.rule == rule and mf.card == {"name": "tiny"} and mf.size == 32 and mf.card_markdown == "# card\n"
+    x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
+    np.testing.assert_allclose(mf.model.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="model.keras"):
+        load_model_folder(tmp_path / "nothing")
+
+
+def test_cli_predicts_and_evaluates_with_a_model_folder(tmp_path, samples_dir, capsys):
+    from training.cli import main
+
+    model = create_model("solution_a", 32, augment=AugmentSpec(), standardize=True, filters=(4, 4, 4, 4))
+    folder = save_model_folder(tmp_path / "m", model, DecisionRule(fitted_on="unit test"), {"name": "t"}, "")
+    cells = samples_dir / "training_like"
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(folder), str(cells), "--out", str(out)]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    assert len(table) == 7 and table["prob_all"].between(0, 1).all()
+    ev = tmp_path / "ev"
+    assert main(["evaluate", str(folder), "--data", str(cells), "--n-boot", "20", "--out", str(ev),
+                 "--runs-dir", str(tmp_path / "runs")]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["provenance"]["cells"] == 7 and "not refitted" in metrics["provenance"]["rule"]
+    assert main(["evaluate", str(folder)]) == 2  # a model folder needs --data
+    assert "--data" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (STARTER_DIR / "model.keras").exists(), reason="no shipped starter model in models/")
+def test_starter_loads_in_safe_mode_and_classifies_real_sample_cells(samples_dir):
+    from core.inference import classify_files, collect_images
+
+    assert (STARTER_DIR / "model.keras").stat().st_size <= 10e6
+    mf = load_model_folder("starter")
+    assert not any(l.name == "augmentation" for l in mf.model.layers)
+    assert mf.card["research_use_only"] and mf.card["data"]["subjects"] >= 10
+    assert "leave-subjects-out" in mf.rule.fitted_on
+    for part in ("Research use only", "Known limits", "C-NMC 2019", "leave-subjects-out"):
+        assert part.lower() in mf.card_markdown.lower(), part
+    paths = collect_images([samples_dir / "training_like"])
+    table = classify_files([mf.model], paths, mf.size, rule=mf.rule)
+    assert table["error"].isna().all() and table["prob_all_calibrated"].between(0, 1).all()
+    truth = table["path"].str.contains("_all").map({True: "all", False: "hem"})
+    print(f"starter on the {len(table)} real sample cells: accuracy {(table['prediction'] == truth).mean():.3f} "
+          "(reported, not asserted: 7 cells)")
+
+
+def test_bench_real_refuses_folders_it_cannot_cross_validate(tmp_path, samples_dir, capsys):
+    bench = _bench_real()
+    assert bench.main([str(tmp_path / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no cells here")
+    assert bench.main([str(empty)]) == 2
+    assert "no labelled cells" in capsys.readouterr().err
+    one = tmp_path / "one" / "all"
+    one.mkdir(parents=True)
+    for p in (samples_dir / "training_like").glob("*_all.bmp"):
+        shutil.copy(p, one / p.name)
+    assert bench.main([str(tmp_path / "one")]) == 2
+    assert "only one class" in capsys.readouterr().err
+    assert bench.main([str(samples_dir / "training_like"), "--recipes", "nope"]) == 2
+
+
+def test_paired_difference_and_subject_correction():
+    import pandas as pd
+
+    bench = _bench_real()
+    df = pd.DataFrame({"subject": ["a", "a", "b", "b", "c", "c"], "label": ["all", "all", "hem", "hem", "all", "all"],
+                       "prob_all": [0.9, 0.4, 0.2, 0.6, 0.7, 0.8]})
+    same = bench.paired_difference(df, df, n_boot=50)
+    assert same["weighted_f1"]["difference"] == 0 and same["weighted_f1"]["ci95"] == (0.0, 0.0)
+    fixed = bench.subject_corrected(df, weight=0.5)
+    # cell 2 of subject a: logit(0.4) averaged with logit(0.9) -> p = sigmoid((logit .4 + logit .9) / 2)
+    lg = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert fixed["prob_all"].iloc[1] == pytest.approx(1 / (1 + np.exp(-(lg(0.4) + lg(0.9)) / 2)))
