@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from core.dataset import IMAGE_EXTENSIONS, parse_uid
-from core.imageio import ImageReadError
-from core.preprocessing import load_crop
+from core.imageio import ImageReadError, read_image
+from core.preprocessing import crop_cell, load_crop
 
 
 def dihedral(x: np.ndarray) -> list[np.ndarray]:
@@ -51,69 +51,98 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def _load(name: str, source, size: int):
+def _load(name: str, source, size: int, image_gate=None):
+    """(crop, error, gate reason key) of one item; with an image gate the whole image is decoded and checked
+    (a cell the crop would cut is judged whole), otherwise only the crop is read."""
     try:
-        return load_crop(source, size=size, name=name), None
+        if image_gate is None:
+            return load_crop(source, size=size, name=name), None, None
+        img = read_image(source, name=name)
+        return crop_cell(img, size=size), None, image_gate.check(img)
     except ImageReadError as exc:
-        return None, exc.reason
+        return None, exc.reason, None
     except (OSError, ValueError) as exc:
-        return None, str(exc)
+        return None, str(exc), None
 
 
-def iter_crops(items: Sequence[tuple[str, object]], size: int, chunk: int = 64,
-               workers: int | None = None) -> Iterator[tuple[list[str], np.ndarray, dict[str, str]]]:
-    """Yield (names, crops, errors by name) per chunk of (name, path-or-bytes) items; decoding of the next
-    chunks overlaps the caller's prediction of this one."""
+def iter_crops(items: Sequence[tuple[str, object]], size: int, chunk: int = 64, workers: int | None = None,
+               image_gate=None) -> Iterator[tuple[list[str], np.ndarray, dict[str, str], list]]:
+    """Yield (names, crops, errors by name, image-gate reason keys) per chunk of (name, path-or-bytes) items;
+    decoding of the next chunks overlaps the caller's prediction of this one."""
     workers = workers or min(4, os.cpu_count() or 1)
     chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+
+    def load(it):
+        return _load(it[0], it[1], size, image_gate)
+
     with ThreadPoolExecutor(workers) as pool:
-        pending = [pool.map(lambda it: _load(it[0], it[1], size), c) for c in chunks[:2]]
+        pending = [pool.map(load, c) for c in chunks[:2]]
         for k, c in enumerate(chunks):
             results = list(pending[k])
             if k + 2 < len(chunks):
-                pending.append(pool.map(lambda it: _load(it[0], it[1], size), chunks[k + 2]))
-            ok = [i for i, (img, _) in enumerate(results) if img is not None]
+                pending.append(pool.map(load, chunks[k + 2]))
+            ok = [i for i, (img, _, _) in enumerate(results) if img is not None]
             crops = np.stack([results[i][0] for i in ok]) if ok else np.zeros((0, size, size, 3), np.uint8)
-            yield [c[i][0] for i in ok], crops, {c[i][0]: err for i, (img, err) in enumerate(results) if img is None}
+            yield ([c[i][0] for i in ok], crops, {c[i][0]: err for i, (img, err, _) in enumerate(results) if img is None},
+                   [results[i][2] for i in ok])
 
 
-RESULT_COLUMNS = ["name", "subject", "prediction", "prob_all", "prob_all_calibrated", "uncertain", "error"]
+RESULT_COLUMNS = ["name", "subject", "prediction", "prob_all", "prob_all_calibrated", "uncertain",
+                  "out_of_distribution", "ood_reason", "error"]
 
 
 def classify(models: Sequence, items: Sequence[tuple[str, object]], size: int, rule=None, tta: bool = False,
-             on_chunk: Callable[[list[str], np.ndarray], None] | None = None) -> pd.DataFrame:
+             on_chunk: Callable[[list[str], np.ndarray], None] | None = None, gate=None) -> pd.DataFrame:
     """Classify (name, path-or-bytes) items; one that cannot be read becomes an error row, the rest go on.
 
     One row per item, in input order: name, subject (from a `UID_` name), prediction, prob_all, calibrated
-    probability, uncertain (the review band) and error. `on_chunk(names, crops)` sees every decoded chunk
-    (for Grad-CAM or display) while the next one is being read.
+    probability, uncertain (the review band), out_of_distribution, ood_reason and error. With a `gate`
+    (`core.gate.Gate`), an image it refuses gets no class and no probability, only the reason in plain words.
+    `on_chunk(names, crops)` sees every decoded chunk (for Grad-CAM or display) while the next one is read.
     """
     from core.calibration import DecisionRule
+    from core.gate import REASONS, features_and_probs, feature_model
 
     rule = rule or DecisionRule()
+    novelty = gate.novelty if gate is not None else None
+    fmodel = feature_model(models[0]) if novelty is not None else None
     rows: list[dict] = []
-    for names, crops, errors in iter_crops(list(items), size):
+    for names, crops, errors, reasons in iter_crops(list(items), size,
+                                                    image_gate=gate.image if gate is not None else None):
         if len(crops):
-            p = predict_proba(models, crops, tta=tta)
+            reasons = list(reasons)
+            if fmodel is not None:
+                feats, p0 = features_and_probs(fmodel, crops)
+                reasons = [r or ("novel" if bad else None) for r, bad in zip(reasons, novelty.novel(feats))]
+                p = p0 if len(models) == 1 and not tta else predict_proba(models, crops, tta=tta)
+            else:
+                p = predict_proba(models, crops, tta=tta)
             decided = rule.decide(p)
             for i, name in enumerate(names):
                 parsed = parse_uid(Path(name).name)
-                rows.append({"name": name, "subject": parsed.subject if parsed else None,
-                             "prediction": decided.at[i, "prediction"], "prob_all": float(p[i]),
-                             "prob_all_calibrated": float(decided.at[i, "prob_all_calibrated"]),
-                             "uncertain": bool(decided.at[i, "uncertain"]), "error": None})
+                row = {"name": name, "subject": parsed.subject if parsed else None, "error": None,
+                       "out_of_distribution": reasons[i] is not None,
+                       "ood_reason": REASONS[reasons[i]] if reasons[i] else None}
+                if reasons[i] is None:
+                    row.update(prediction=decided.at[i, "prediction"], prob_all=float(p[i]),
+                               prob_all_calibrated=float(decided.at[i, "prob_all_calibrated"]),
+                               uncertain=bool(decided.at[i, "uncertain"]))
+                else:
+                    row.update(prediction=None, prob_all=np.nan, prob_all_calibrated=np.nan, uncertain=None)
+                rows.append(row)
             if on_chunk is not None:
                 on_chunk(names, crops)
         for name, err in errors.items():
             rows.append({"name": name, "subject": None, "prediction": None, "prob_all": np.nan,
-                         "prob_all_calibrated": np.nan, "uncertain": None, "error": err})
+                         "prob_all_calibrated": np.nan, "uncertain": None, "out_of_distribution": None,
+                         "ood_reason": None, "error": err})
     order = {name: i for i, (name, _) in enumerate(items)}
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     return df.sort_values("name", key=lambda s: s.map(order)).reset_index(drop=True)
 
 
 def classify_files(models: Sequence, paths: Sequence[Path], size: int, rule=None, tta: bool = False,
-                   gradcam_dir: str | os.PathLike | None = None, cam=None) -> pd.DataFrame:
+                   gradcam_dir: str | os.PathLike | None = None, cam=None, gate=None) -> pd.DataFrame:
     """`classify` for files (a `path` column instead of `name`), optionally writing Grad-CAM overlays."""
     from PIL import Image
 
@@ -128,4 +157,4 @@ def classify_files(models: Sequence, paths: Sequence[Path], size: int, rule=None
                 Image.fromarray(overlay(crop, heat)).save(Path(gradcam_dir) / f"{Path(name).stem}_gradcam.png")
 
     items = [(str(p), p) for p in paths]
-    return classify(models, items, size, rule, tta, on_chunk=save).rename(columns={"name": "path"})
+    return classify(models, items, size, rule, tta, on_chunk=save, gate=gate).rename(columns={"name": "path"})

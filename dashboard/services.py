@@ -26,6 +26,7 @@ class ModelBundle:
     rule: Any
     size: int
     description: str
+    gate: Any = None  # core.gate.Gate: which images the model may judge (None: judges every image)
     _cam: Any = field(default=None, repr=False)
 
     @property
@@ -49,7 +50,7 @@ def load_starter_bundle() -> tuple[ModelBundle, str]:
 
     mf = load_model_folder(STARTER)
     name = mf.card.get("name", "starter")
-    return ModelBundle(mf.model, mf.rule, mf.size, f"shipped starter model {name}"), mf.card_markdown
+    return ModelBundle(mf.model, mf.rule, mf.size, f"shipped starter model {name}", mf.gate), mf.card_markdown
 
 
 def load_run_bundle(run_id: str, runs_dir: str | Path) -> ModelBundle:
@@ -112,7 +113,7 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
         if gradcam:
             heat.update(zip(names, bundle.cam(batch)[1]))
 
-    table = classify([bundle.model], files, bundle.size, bundle.rule, on_chunk=keep).rename(columns={
+    table = classify([bundle.model], files, bundle.size, bundle.rule, on_chunk=keep, gate=bundle.gate).rename(columns={
         "name": "file", "prob_all": "prob_blast", "prob_all_calibrated": "calibrated_prob_blast",
         "uncertain": "review_manually"})
     overlays = {name: overlay(crops[name], h) for name, h in heat.items()}

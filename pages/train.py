@@ -11,7 +11,8 @@ from training.config import RunConfig, field_help
 from training.store import RunStore
 
 SPLITS = {"patient": "patient — subject-disjoint (default, sound)", "official": "official — challenge folds, "
-          "prelim set as test", "image": "image — random cells (the report's protocol; LEAKS SUBJECTS, optimistic)"}
+          "prelim set as test", "image": "image — random cells (the report's protocol; LEAKS SUBJECTS, optimistic)",
+          "all": "all — every cell trains, fixed epochs, no validation (a final model measured by cross-validation)"}
 HELP = field_help()
 
 
@@ -39,6 +40,14 @@ def config_ui(settings: Settings) -> RunConfig | None:
         rot = c2.slider("Rotation range (°)", 0, 360, (int(base.rotation_min_deg), int(base.rotation_max_deg)))
         shear = c3.slider("Shear", 0.0, 0.5, base.shear, help=HELP["shear"])
         noise = c4.slider("Salt-and-pepper rate", 0.0, 0.1, base.salt_pepper, 0.005, help=HELP["salt_pepper"])
+        st.markdown("**Stain and colour** (generalising across patients; `report` preset: all off)")
+        c1, c2, c3, c4, c5, c6 = st.columns(6)
+        std = c1.checkbox("Standardise cells", base.cell_standardize, help=HELP["cell_standardize"])
+        hed = c2.slider("HED jitter", 0.0, 0.3, base.hed_sigma, 0.01, help=HELP["hed_sigma"])
+        bright = c3.slider("Brightness", 0.0, 0.5, base.brightness, 0.05, help=HELP["brightness"])
+        contrast = c4.slider("Contrast", 0.0, 0.5, base.contrast, 0.05, help=HELP["contrast"])
+        sat = c5.slider("Saturation", 0.0, 0.5, base.saturation, 0.05, help=HELP["saturation"])
+        hue = c6.slider("Hue", 0.0, 0.2, base.hue, 0.01, help=HELP["hue"])
         preview = st.form_submit_button("Preview augmentation")
         launch = st.form_submit_button("Launch training", type="primary")
     info = model_info(arch)
@@ -47,7 +56,9 @@ def config_ui(settings: Settings) -> RunConfig | None:
                               batch_size=int(batch) or info.batch_size, learning_rate=float(lr),
                               samples_per_class=int(per_class), early_stopping=early, val_augmented=val_aug,
                               augment=augment, rotation_min_deg=float(rot[0]), rotation_max_deg=float(rot[1]),
-                              shear=float(shear), salt_pepper=float(noise), runs_dir=str(settings.runs_dir),
+                              shear=float(shear), salt_pepper=float(noise), cell_standardize=std,
+                              hed_sigma=float(hed), brightness=float(bright), contrast=float(contrast),
+                              saturation=float(sat), hue=float(hue), runs_dir=str(settings.runs_dir),
                               cache_dir=str(settings.runs_dir / "cache"))
     if preview:
         with st.spinner("Augmenting sample cells…"):

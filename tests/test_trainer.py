@@ -58,6 +58,16 @@ def test_train_writes_a_complete_run_folder(synth_small, tmp_path):
     assert len(preds) == (split["split"] != "train").sum()
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["split"] == "patient" and "test_accuracy" in summary
+    # every run ends calibrated and gated, fitted on its own validation split
+    from core.calibration import DecisionRule
+    from core.gate import Gate
+
+    rule = DecisionRule.load(folder / "calibration.json")
+    n_val = int((split["split"] == "val").sum())
+    assert rule.fitted_on.startswith(f"validation split ({n_val} cells") and rule.temperature > 0
+    gate = Gate.load(folder / "gate.json")
+    assert gate.novelty is not None and gate.novelty.threshold > 0
+    assert gate.false_rejection["cells"] == n_val and 0 <= gate.false_rejection["novelty_rejected"] <= 0.2
 
 
 def test_report_protocol_augmented_validation_is_labelled(synth_small, tmp_path):

@@ -143,18 +143,21 @@ def cmd_predict(args) -> int:
     from training.evaluate import resolve_model
     from training.store import RunStore
 
-    model, rule, size, what = resolve_model(args.model, RunStore(args.runs_dir))
+    model, rule, size, what, gate = resolve_model(args.model, RunStore(args.runs_dir))
     paths = collect_images(args.paths)
     if not paths:
         print("error: no image files found", file=sys.stderr)
         return 2
     cam = GradCAM(model) if args.gradcam else None
-    table = classify_files([model], paths, size, rule=rule, tta=args.tta, gradcam_dir=args.gradcam, cam=cam)
+    table = classify_files([model], paths, size, rule=rule, tta=args.tta, gradcam_dir=args.gradcam, cam=cam,
+                           gate=gate)
     if args.out:
         table.to_csv(args.out, index=False)
     failed = int(table["error"].notna().sum())
-    print(f"{what}: {len(table) - failed} classified, {failed} failed"
-          + (f"; table written to {args.out}" if args.out else ""))
+    refused = int((table["out_of_distribution"] == True).sum())  # noqa: E712 - None for failed files
+    gate_note = "" if gate is not None else " (this model has no out-of-distribution gate: every image was judged)"
+    print(f"{what}: {len(table) - failed - refused} classified, {refused} not assessed (out of distribution), "
+          f"{failed} failed{gate_note}" + (f"; table written to {args.out}" if args.out else ""))
     if not args.out:
         print(table.to_string(index=False))
     for row in table[table["error"].notna()].itertuples():

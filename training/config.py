@@ -57,6 +57,10 @@ class RunConfig:
     contrast: float = _f(0.1, "contrast jitter around the cell's mean: factor ~U(1-f, 1+f); 0 = off")
     saturation: float = _f(0.1, "saturation jitter: factor ~U(1-f, 1+f); 0 = off")
     hue: float = _f(0.02, "hue jitter: rotation ~U(-h, h) turns about the grey axis; 0 = off")
+    # --- safe classification (fitted on the validation split at the end of every run)
+    target_sensitivity: float | None = _f(None, "decision threshold reaching this sensitivity for all on "
+                                                "validation (none = 0.5 on the calibrated probability)")
+    review_band: float = _f(0.1, "cells whose calibrated P(blast) is within this of the threshold: review manually")
     val_augmented: bool = _f(False, "the report's augmented, class-balanced validation set (optimistic)")
     val_samples_per_class: int = _f(2_000, "cells per class of the augmented validation set")
     # --- hardware
@@ -86,6 +90,10 @@ class RunConfig:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         if self.image_size < 16:
             raise ValueError("image_size must be at least 16 pixels")
+        if self.target_sensitivity is not None and not 0 < self.target_sensitivity <= 1:
+            raise ValueError("target_sensitivity must be in (0, 1]")
+        if not 0 <= self.review_band < 0.5:
+            raise ValueError("review_band must be in [0, 0.5)")
         if not 0 <= self.rotation_min_deg <= self.rotation_max_deg <= 360:
             raise ValueError("rotation range must satisfy 0 <= min <= max <= 360")
         for name in ("batch_size", "epochs", "samples_per_class"):

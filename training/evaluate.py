@@ -31,23 +31,27 @@ def run_model_path(store: RunStore, run_id: str) -> Path:
 
 
 def resolve_model(ref: str, store: RunStore):
-    """(model, decision rule, input size, description) for `starter`, a model folder, a run id or a `.keras`
-    file (all loaded in safe mode)."""
+    """(model, decision rule, input size, description, gate) for `starter`, a model folder, a run id or a
+    `.keras` file (all loaded in safe mode). A bare `.keras` file has no gate: it judges every image."""
+    from core.gate import Gate
     from core.model_folder import is_model_folder, load_model_folder
     from core.models import load_model
 
     if is_model_folder(ref):
         mf = load_model_folder(ref)
         name = mf.card.get("name") or str(mf.folder)
-        return mf.model, mf.rule, mf.size, f"model {name} ({mf.folder})"
+        return mf.model, mf.rule, mf.size, f"model {name} ({mf.folder})", mf.gate
+    gate = None
     if ref.endswith(".keras") and Path(ref).is_file():
         model, rule, what = load_model(ref), cal.DecisionRule(), f"model file {ref}"
     else:
         model = load_model(str(run_model_path(store, ref)))
         calib = store.run_dir(ref) / "calibration.json"
         rule = cal.DecisionRule.load(calib) if calib.exists() else cal.DecisionRule()
+        gate_file = store.run_dir(ref) / "gate.json"
+        gate = Gate.load(gate_file) if gate_file.exists() else None
         what = f"run {ref}"
-    return model, rule, int(model.inputs[0].shape[1]), what
+    return model, rule, int(model.inputs[0].shape[1]), what, gate
 
 
 def _split_rows(store: RunStore, run_id: str) -> tuple[RunConfig, pd.DataFrame]:

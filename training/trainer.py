@@ -286,6 +286,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     out = split[["path", "subject", "label", "split"]][held_out].copy()
     out["prob_all"] = predict_rows(final, cache.array, rows[held_out], cfg.batch_size) if held_out.any() else []
     out.to_csv(run_dir / "predictions.csv", index=False)
+    store.set_progress(run_id, cfg.epochs, 0, 0, phase="calibrating")
+    fit_rule_and_gate(cfg, final, split, cache.array, rows, out, run_dir)
     test = out[out["split"] == "test"]
     summary = {"test_cells": int(len(test)), "best_val_accuracy": state.get("best_val_accuracy"),
                "split": cfg.split, "data_dir": str(cfg.data_dir), "device": store.get_run(run_id)["device"]}
@@ -294,6 +296,47 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     _atomic_json(summary, run_dir / "summary.json")
     log.info("finished: %s", json.dumps(summary))
     store.finish(run_id, "completed")
+
+
+def fit_rule_and_gate(cfg: RunConfig, model, split, images: np.ndarray, rows: np.ndarray, preds,
+                      run_dir: Path, max_images: int = 400, max_crops: int = 2000) -> None:
+    """Every run ends with its decision rule (temperature, threshold, review band: `calibration.json`) and its
+    out-of-distribution gate (`gate.json`), fitted on its own validation split, so no model is ever used
+    without them. Without validation cells (split `all`) the rule keeps its defaults and says so."""
+    from core.calibration import DecisionRule
+    from core.gate import fit_gate
+    from core.imageio import read_image
+
+    val = preds[preds["split"] == "val"]
+    yv = (val["label"] == "all").to_numpy().astype(int)
+    if len(np.unique(yv)) == 2:
+        rule = DecisionRule.fit(yv, val["prob_all"].to_numpy(), cfg.target_sensitivity, cfg.review_band,
+                                fitted_on=f"validation split ({len(val)} cells, {val['subject'].nunique()} subjects)")
+    else:
+        rule = DecisionRule(band=cfg.review_band, fitted_on="none (defaults): no validation cells of both classes")
+    rule.save(run_dir / "calibration.json")
+    log.info("decision rule: temperature %.3f, threshold %.3f, band %.2f, fitted on %s", rule.temperature,
+             rule.threshold, rule.band, rule.fitted_on)
+    rng = np.random.default_rng(cfg.seed)
+    part = split["split"].to_numpy()
+
+    def pick(name: str, n: int) -> np.ndarray:
+        idx = np.flatnonzero(part == name)
+        return np.sort(rng.choice(idx, n, replace=False)) if len(idx) > n else idx
+
+    paths = split["path"].to_numpy()
+    tr_img, tr_crop, va_img, va_crop = pick("train", max_images), pick("train", max_crops), \
+        pick("val", max_images), pick("val", max_crops)
+    try:
+        gate = fit_gate(model, [read_image(p) for p in paths[tr_img]], np.asarray(images[rows[tr_crop]]),
+                        [read_image(p) for p in paths[va_img]], np.asarray(images[rows[va_crop]]),
+                        fitted_on=f"{len(tr_crop)} training cells")
+    except ValueError as exc:
+        log.warning("no out-of-distribution gate for this run: %s", exc)
+        return
+    gate.save(run_dir / "gate.json")
+    log.info("out-of-distribution gate fitted; false rejection on validation cells: %s",
+             json.dumps(gate.false_rejection))
 
 
 def input_mean(cfg: RunConfig, images: np.ndarray, rows: np.ndarray, max_cells: int = 2000) -> np.ndarray:

@@ -1,0 +1,223 @@
+"""The out-of-distribution gate: which images a model may judge at all.
+
+A classifier of segmented C-NMC cells gives a confident class to anything: a screenshot, a smear field, a
+photo. The gate refuses such inputs with a reason in plain words, in two stages:
+
+1. `ImageGate` (image level, before the model): the image must look like the training data: one cell on a
+   black background, not cut by the border, of a size and colour inside the band of the training cells.
+   Measured on the whole image (padded to a square as the crop rule does, shrunk to `GATE_SIDE` px), so
+   a cell the 100-px crop would cut is still judged whole.
+2. `FeatureNovelty` (model level): the Mahalanobis distance (Ledoit-Wolf covariance) of the model's
+   penultimate-layer features from those of the training cells, thresholded at a high percentile of
+   held-out cells' distances (Lee et al. 2018's detector, one class-agnostic Gaussian).
+
+Both are fitted at the end of training and saved beside the model (`gate.json`), so they travel with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+GATE_SIDE = 150  # pixels of the square the image-level checks work on
+BLACK = 10  # a pixel is background when every channel is at most this (C-NMC's black frame is 0)
+
+REASONS = {
+    "blank": "no cell: the image is blank",
+    "field": "a field with many cells, not one segmented cell",
+    "no_black": "no cell on a black background",
+    "several": "several objects on the black background, not one segmented cell",
+    "border": "the cell is cut by the image border",
+    "size": "cell size outside the range of the training cells",
+    "colour": "colours outside the stain range of the training cells",
+    "novel": "unlike any training cell (model features far from the training cells')",
+}
+
+
+def _square_small(img: np.ndarray, side: int = GATE_SIDE) -> np.ndarray:
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    if h != w:
+        s = max(h, w)
+        sq = np.zeros((s, s, 3), np.uint8)
+        sq[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = img
+        img = sq
+    if img.shape[0] == side:
+        return img
+    resample = Image.Resampling.BOX if img.shape[0] > side else Image.Resampling.NEAREST
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((side, side), resample))
+
+
+def image_stats(img: np.ndarray) -> dict:
+    """What the image-level checks look at, for one RGB uint8 image of any size."""
+    from skimage.measure import label, regionprops
+
+    small = _square_small(img)
+    fg = small.max(axis=-1) > BLACK
+    n = fg.size
+    out = {"foreground": float(fg.mean()), "objects": 0, "area": 0.0, "border": False,
+           "mean_rgb": [np.nan] * 3, "stained_blobs": 0}
+    if fg.any():
+        props = sorted(regionprops(label(fg)), key=lambda r: -r.area)
+        big = [p for p in props if p.area >= 0.002 * n]
+        out["objects"] = len(big)
+        cell = props[0]
+        r0, c0, r1, c1 = cell.bbox
+        out["area"] = cell.area / n
+        out["border"] = bool(r0 == 0 or c0 == 0 or r1 == small.shape[0] or c1 == small.shape[1])
+        out["mean_rgb"] = small[label(fg) == cell.label].mean(axis=0).astype(float).tolist()
+    if out["foreground"] > 0.5:  # not a cell on black: count stain-like (violet, darker than the rest) blobs
+        f = small.astype("float32")
+        violet = ((f[..., 0] + f[..., 2]) / 2 - f[..., 1] > 25) & (f.mean(-1) < np.percentile(f.mean(-1), 60))
+        out["stained_blobs"] = sum(1 for p in regionprops(label(violet)) if p.area >= 0.001 * n)
+    return out
+
+
+@dataclass
+class ImageGate:
+    """Bands of the training cells' image statistics; `check` returns a reason key, or None to pass."""
+
+    min_black: float = 0.5  # fraction of the (padded, square) image that must be black background
+    area_band: tuple[float, float] = (0.02, 0.5)  # the cell's share of the square frame
+    rgb_low: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    rgb_high: list[float] = field(default_factory=lambda: [255.0, 255.0, 255.0])
+    fitted_on: str = "none (defaults)"
+
+    def check(self, img: np.ndarray) -> str | None:
+        s = image_stats(img)
+        if s["foreground"] < 0.001:
+            return "blank"
+        if 1 - s["foreground"] < self.min_black:
+            return "field" if s["stained_blobs"] >= 3 else "no_black"
+        if s["objects"] > 1:
+            return "several"
+        if s["border"]:
+            return "border"
+        if not self.area_band[0] <= s["area"] <= self.area_band[1]:
+            return "size"
+        rgb = np.asarray(s["mean_rgb"])
+        if np.any(rgb < self.rgb_low) or np.any(rgb > self.rgb_high):
+            return "colour"
+        return None
+
+    @classmethod
+    def fit(cls, images, margin: float = 0.25, fitted_on: str = "training cells") -> "ImageGate":
+        """Bands from training images: cell area within [p0.5 / (1 + margin), p99.5 * (1 + margin)], mean
+        colour per channel within [p0.5, p99.5] widened by `margin` of that range."""
+        stats = [image_stats(np.asarray(im)) for im in images]
+        stats = [s for s in stats if s["objects"] >= 1]
+        if len(stats) < 10:
+            raise ValueError(f"the image gate needs at least 10 training cells on black (got {len(stats)})")
+        area = np.array([s["area"] for s in stats])
+        rgb = np.array([s["mean_rgb"] for s in stats])
+        lo, hi = np.percentile(rgb, 0.5, axis=0), np.percentile(rgb, 99.5, axis=0)
+        pad = margin * (hi - lo) + 5
+        a_lo, a_hi = np.percentile(area, [0.5, 99.5])
+        return cls(area_band=(float(a_lo / (1 + margin)), float(min(1.0, a_hi * (1 + margin)))),
+                   rgb_low=np.maximum(lo - pad, 0).round(2).tolist(), rgb_high=np.minimum(hi + pad, 255).round(2).tolist(),
+                   fitted_on=f"{fitted_on} ({len(stats)} cells)")
+
+
+@dataclass
+class FeatureNovelty:
+    """Mahalanobis distance of penultimate-layer features to the training cells' Gaussian."""
+
+    mean: list[float]
+    precision: list[list[float]]
+    threshold: float
+    percentile: float = 99.0
+    fitted_on: str = ""
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        d = np.asarray(features, dtype="float64") - np.asarray(self.mean)
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, np.asarray(self.precision), d), 0.0))
+
+    def novel(self, features: np.ndarray) -> np.ndarray:
+        return self.score(features) > self.threshold
+
+    @classmethod
+    def fit(cls, train_features: np.ndarray, heldout_features: np.ndarray, percentile: float = 99.0,
+            fitted_on: str = "") -> "FeatureNovelty":
+        """Gaussian of the training features; threshold at `percentile` of the held-out cells' distances."""
+        from sklearn.covariance import LedoitWolf
+
+        lw = LedoitWolf().fit(np.asarray(train_features, dtype="float64"))
+        gate = cls(lw.location_.tolist(), lw.precision_.tolist(), 0.0, percentile, fitted_on)
+        gate.threshold = float(np.percentile(gate.score(heldout_features), percentile))
+        return gate
+
+
+@dataclass
+class Gate:
+    """Both stages; what travels with a model as `gate.json`."""
+
+    image: ImageGate
+    novelty: FeatureNovelty | None = None
+    false_rejection: dict = field(default_factory=dict)  # measured on held-out cells when fitted
+
+    def save(self, path: str | os.PathLike) -> None:
+        data = {"image": asdict(self.image), "novelty": asdict(self.novelty) if self.novelty else None,
+                "false_rejection": self.false_rejection}
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Gate":
+        data = json.loads(Path(path).read_text())
+        image = ImageGate(**{**data["image"], "area_band": tuple(data["image"]["area_band"])})
+        novelty = FeatureNovelty(**data["novelty"]) if data.get("novelty") else None
+        return cls(image, novelty, data.get("false_rejection", {}))
+
+
+def feature_model(model):
+    """A model returning (penultimate features, probabilities) in one pass: the layer named `pool`."""
+    import keras
+
+    return keras.Model(model.inputs, [model.get_layer("pool").output, model.outputs[0]])
+
+
+def features_and_probs(fmodel, crops: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    feats, probs = [], []
+    for s in range(0, len(crops), batch_size):
+        f, p = fmodel.predict_on_batch(np.asarray(crops[s:s + batch_size]))
+        feats.append(np.asarray(f, dtype="float64"))
+        probs.append(np.asarray(p, dtype="float64")[:, 1])
+    if not feats:
+        return np.zeros((0, 0)), np.zeros(0)
+    return np.concatenate(feats), np.concatenate(probs)
+
+
+def fit_gate(model, train_images, train_crops: np.ndarray, heldout_images=None, heldout_crops=None,
+             percentile: float = 99.0, fitted_on: str = "training cells") -> Gate:
+    """Fit both stages for `model`: the image bands on `train_images` (whole images), the feature Gaussian on
+    `train_crops`, its threshold at `percentile` of the held-out crops' distances (without held-out cells, at
+    99.5 of the training cells' own, which is lenient for new patients: stated in `fitted_on`). Records the
+    false-rejection rate on the held-out cells, by reason."""
+    image = ImageGate.fit(train_images, fitted_on=fitted_on)
+    fmodel = feature_model(model)
+    train_f, _ = features_and_probs(fmodel, train_crops)
+    have_heldout = heldout_crops is not None and len(heldout_crops) > 0
+    if have_heldout:
+        held_f, _ = features_and_probs(fmodel, heldout_crops)
+        novelty = FeatureNovelty.fit(train_f, held_f, percentile, f"{fitted_on}; threshold: {percentile}th "
+                                                                   "percentile of held-out cells")
+    else:
+        novelty = FeatureNovelty.fit(train_f, train_f, 99.5, f"{fitted_on}; threshold: 99.5th percentile of "
+                                                             "the training cells themselves (no held-out cells)")
+    gate = Gate(image, novelty)
+    if have_heldout:
+        reasons = [image.check(np.asarray(im)) for im in (heldout_images or [])]
+        novel = novelty.novel(held_f)
+        n_img = len(reasons)
+        gate.false_rejection = {
+            "cells": int(len(held_f)), "image_checked": n_img,
+            "image_rejected": float(np.mean([r is not None for r in reasons])) if n_img else None,
+            "image_reasons": {k: reasons.count(k) for k in set(reasons) if k},
+            "novelty_rejected": float(novel.mean()),
+        }
+    return gate
