@@ -27,7 +27,15 @@ class ModelBundle:
     size: int
     description: str
     gate: Any = None  # core.gate.Gate: which images the model may judge (None: judges every image)
+    model_path: str | None = None
+    model_sha256: str | None = None  # for the audit trail
     _cam: Any = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.model_sha256 is None and self.model_path:
+            from training.audit import sha256_of
+
+            self.model_sha256 = sha256_of(self.model_path)
 
     @property
     def cam(self):
@@ -50,7 +58,8 @@ def load_starter_bundle() -> tuple[ModelBundle, str]:
 
     mf = load_model_folder(STARTER)
     name = mf.card.get("name", "starter")
-    return ModelBundle(mf.model, mf.rule, mf.size, f"shipped starter model {name}", mf.gate), mf.card_markdown
+    return ModelBundle(mf.model, mf.rule, mf.size, f"shipped starter model {name}", mf.gate,
+                       str(mf.folder / "model.keras")), mf.card_markdown
 
 
 def load_run_bundle(run_id: str, runs_dir: str | Path) -> ModelBundle:
@@ -77,7 +86,13 @@ def load_uploaded_bundle(name: str, data: bytes) -> ModelBundle:
     shape = model.inputs[0].shape
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
         raise ValueError(f"{name}: expects input {tuple(shape)}, not square RGB crops")
-    return ModelBundle(model, DecisionRule(), int(shape[1]), f"uploaded model {name}")
+    from training.audit import sha256_of
+
+    return ModelBundle(model, DecisionRule(), int(shape[1]), f"uploaded model {name}", model_sha256=sha256_of(data))
+
+
+def audit_trail(runs_dir: str | Path) -> pd.DataFrame:
+    return RunStore(runs_dir).classifications()
 
 
 def completed_runs(runs_dir: str | Path) -> pd.DataFrame:
@@ -99,8 +114,10 @@ class Classified:
     subjects: pd.DataFrame
 
 
-def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False) -> Classified:
-    """Classify uploaded cells; a file that cannot be read gets its own error row and the others go on."""
+def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False,
+                     runs_dir: str | Path | None = None) -> Classified:
+    """Classify uploaded cells; a file that cannot be read gets its own error row and the others go on.
+    Each file gets an audit record in the run store at `runs_dir` (name and SHA-256 only; pixels are not kept)."""
     from core.explain import overlay
     from core.inference import classify
     from core.metrics import subject_readout
@@ -116,8 +133,13 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     table = classify([bundle.model], files, bundle.size, bundle.rule, on_chunk=keep, gate=bundle.gate).rename(columns={
         "name": "file", "prob_all": "prob_blast", "prob_all_calibrated": "calibrated_prob_blast",
         "uncertain": "review_manually"})
+    if runs_dir is not None:
+        from training.audit import record
+
+        record(RunStore(runs_dir), table, dict(files), bundle.description, bundle.model_sha256, bundle.rule,
+               source="dashboard")
     overlays = {name: overlay(crops[name], h) for name, h in heat.items()}
-    known = table[table["subject"].notna()]
+    known = table[table["subject"].notna() & table["prediction"].notna()]  # refused and failed images have no call
     subjects = subject_readout(known.assign(path=known["file"], prob_all=known["calibrated_prob_blast"]),
                                bundle.rule.threshold) if len(known) else pd.DataFrame()
     return Classified(table, crops, overlays, subjects)

@@ -68,11 +68,17 @@ def upload_ui():
 def results_ui(result, gradcam: bool) -> None:
     for row in result.table[result.table["error"].notna()].itertuples():
         st.error(f"{row.file}: {row.error}")
-    ok = result.table[result.table["error"].isna()]
+    read = result.table[result.table["error"].isna()]
+    refused = read[read["out_of_distribution"] == True]  # noqa: E712 - the column holds None for errors
+    ok = read[read["out_of_distribution"] != True]  # noqa: E712
     flagged = int(ok["review_manually"].sum()) if len(ok) else 0
     cells = f"{len(ok)} cell{'' if len(ok) == 1 else 's'} classified"
-    st.subheader(cells + (f", {flagged} to review manually" if flagged else ""))
-    st.dataframe(ok.drop(columns=["error"]), hide_index=True, width="stretch",
+    st.subheader(cells + (f", {flagged} to review manually" if flagged else "")
+                 + (f", {len(refused)} not assessed" if len(refused) else ""))
+    for row in refused.itertuples():
+        st.warning(f"{row.file}: not assessed: {row.ood_reason}. The model gives no class to images unlike "
+                   "the cells it was trained on.")
+    st.dataframe(read.drop(columns=["error"]), hide_index=True, width="stretch",
                  column_config={"prob_blast": st.column_config.ProgressColumn("P(blast)", min_value=0, max_value=1),
                                 "calibrated_prob_blast": st.column_config.NumberColumn("calibrated P(blast)",
                                                                                        format="%.3f")})
@@ -82,14 +88,24 @@ def results_ui(result, gradcam: bool) -> None:
         st.subheader("Per subject (from UID_ file names)")
         st.dataframe(result.subjects, hide_index=True)
     cols = st.columns(4)
-    for i, row in enumerate(ok.head(MAX_CARDS).itertuples()):
+    for i, row in enumerate(read.head(MAX_CARDS).itertuples()):
         with cols[i % 4]:
-            image = result.overlays[row.file] if gradcam else result.crops[row.file]
-            flag = " · review manually" if row.review_manually else ""
-            st.image(image, caption=f"{row.file}: {row.prediction} (P(blast) {row.calibrated_prob_blast:.2f}){flag}",
-                     width="stretch")
-    if len(ok) > MAX_CARDS:
-        st.caption(f"Cards shown for the first {MAX_CARDS} cells; the table and CSV hold all {len(ok)}.")
+            image = result.overlays.get(row.file, result.crops[row.file]) if gradcam else result.crops[row.file]
+            if row.out_of_distribution:
+                caption = f"{row.file}: Not assessed ({row.ood_reason})"
+            else:
+                flag = " · review manually" if row.review_manually else ""
+                caption = f"{row.file}: {row.prediction} (P(blast) {row.calibrated_prob_blast:.2f}){flag}"
+            st.image(image, caption=caption, width="stretch")
+    if len(read) > MAX_CARDS:
+        st.caption(f"Cards shown for the first {MAX_CARDS} images; the table and CSV hold all {len(read)}.")
+
+
+def audit_ui(settings: Settings) -> None:
+    trail = services.audit_trail(settings.runs_dir)
+    st.download_button(f"Download the audit trail ({len(trail)} classifications, CSV)", trail.to_csv(index=False),
+                       "audit_trail.csv", "text/csv", help="every classification made here or with the CLI: time, "
+                       "model and its hash, file name and SHA-256, result, rule; uploaded pixels are not kept")
 
 
 def main() -> None:
@@ -103,12 +119,17 @@ def main() -> None:
         st.error(f"{len(files)} files uploaded; only the first {MAX_UPLOAD_FILES} are classified.")
         files = files[:MAX_UPLOAD_FILES]
     with st.spinner(f"Classifying {len(files)} cells…"):
-        result = services.classify_uploads(bundle, [(f.name, f.getvalue()) for f in files], gradcam)
+        result = services.classify_uploads(bundle, [(f.name, f.getvalue()) for f in files], gradcam,
+                                           runs_dir=settings.runs_dir)
     rule = bundle.rule
     st.caption(f"Model: {bundle.description}. Decision rule: threshold {rule.threshold:.2f} on calibrated "
                f"P(blast) (temperature {rule.temperature:.2f}, fitted on {rule.fitted_on}); cells within "
-               f"{rule.band:.2f} of it are flagged for manual review.")
+               f"{rule.band:.2f} of it are flagged for manual review. "
+               + ("Images unlike the training cells are not assessed (out-of-distribution gate)."
+                  if bundle.gate is not None else "This model has no out-of-distribution gate: it judges every "
+                  "image, even ones unlike its training cells."))
     results_ui(result, gradcam)
+    audit_ui(settings)
 
 
 main()

@@ -33,6 +33,11 @@ def metrics_ui(result: dict) -> None:
                + (" · TTA" if prov.get("tta") else ""))
     if prov.get("warning"):
         st.warning(prov["warning"])
+    rule = result["calibration"]["rule"]
+    st.info(f"Decision rule in force: threshold {rule['threshold']:.3f} on calibrated P(blast) (temperature "
+            f"{rule['temperature']:.3f}"
+            + (f", chosen for sensitivity {rule['target_sensitivity']:.2f}" if rule.get("target_sensitivity") else "")
+            + f"), review band ±{rule['band']:.2f}; fitted on {rule['fitted_on']}.")
     ci = result["ci95_by_subject_bootstrap"]
     cols = st.columns(len(KEYS))
     for col, (key, label) in zip(cols, KEYS.items()):

@@ -15,13 +15,17 @@ pytestmark = pytest.mark.slow
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 
 
-def app(monkeypatch, runs, demo, roots=None) -> AppTest:
+def app(monkeypatch, runs, demo, roots=None, model: str | None = "Completed run") -> AppTest:
+    """The app's first page (Classify); `model` picks the Classify model source when the starter is offered."""
     monkeypatch.setenv("CNMC_RUNS_DIR", str(runs))
     monkeypatch.setenv("CNMC_DEMO_DATA", str(demo))
     monkeypatch.setenv("CNMC_DATA_ROOTS", str(roots or Path(runs) / "no-roots"))
     at = AppTest.from_file(APP, default_timeout=300)
     at.run()
     assert not at.exception, at.exception
+    if model and at.radio and model in at.radio[0].options and at.radio[0].value != model:
+        at.radio[0].set_value(model).run()
+        assert not at.exception, at.exception
     return at
 
 
@@ -44,10 +48,12 @@ def test_classify_real_cells_and_a_corrupt_file(monkeypatch, demo_run, samples_d
     assert not at.exception, at.exception
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and errors[0].startswith("corrupt.bmp:")
-    assert at.subheader[0].value.startswith("7 cells classified")
     table = at.dataframe[0].value
-    assert len(table) == 7 and set(table["prediction"]) <= {"all", "hem"}
-    assert table["prob_blast"].between(0, 1).all()
+    assert len(table) == 7  # every readable file has a row: a class, or "not assessed" with the reason
+    judged = table[~table["out_of_distribution"].astype(bool)]
+    assert at.subheader[0].value.startswith(f"{len(judged)} cell")
+    assert set(judged["prediction"]) <= {"all", "hem"} and judged["prob_blast"].between(0, 1).all()
+    assert table.loc[table["out_of_distribution"].astype(bool), "ood_reason"].str.len().gt(0).all()
     assert table.set_index("file").loc["UID_h3_4_1_hem.bmp", "subject"] == "H3"
     assert any(s.value.startswith("Per subject") for s in at.subheader)  # names carry subject ids
     at.toggle[0].set_value(True).run()  # Grad-CAM overlays
@@ -61,7 +67,7 @@ def test_classify_200_files_in_one_upload(monkeypatch, demo_run, samples_dir):
     files = [(f"{k:03d}_{n}", b, m) for k in range(29) for n, b, m in base][:200]
     at.file_uploader(key="cells").set_value(files).run()
     assert not at.exception, at.exception
-    assert at.subheader[0].value.startswith("200 cells classified")
+    assert len(at.dataframe[0].value) == 200
 
 
 def test_two_sessions_share_one_cached_model(monkeypatch, demo_run, samples_dir):
@@ -154,3 +160,51 @@ def test_server_config_is_locked_down():
     cfg = tomllib.loads((Path(APP).parent / ".streamlit" / "config.toml").read_text())["server"]
     assert cfg["address"] == "127.0.0.1" and cfg["enableXsrfProtection"] is True
     assert 0 < cfg["maxUploadSize"] <= 200
+
+
+def test_classify_refuses_non_cells_and_keeps_an_audit_trail(monkeypatch, demo_run, samples_dir):
+    """The demo run's gate (fitted at the end of its training) refuses a blank image and a photo-like one;
+    every upload gets an audit record (name and SHA-256), downloadable as CSV."""
+    import hashlib
+
+    import numpy as np
+
+    from core.imageio import encode_bmp
+
+    store, rid, data = demo_run
+    at = app(monkeypatch, store.root, data)
+    cell = sorted(Path(data).rglob("UID_*.bmp"))[0]
+    gradient = np.dstack([np.tile(np.linspace(40, 250, 300), (300, 1))] * 3).astype(np.uint8)
+    files = [(cell.name, cell.read_bytes(), "image/bmp"),
+             ("blank.bmp", encode_bmp(np.zeros((200, 200, 3), np.uint8)), "image/bmp"),
+             ("photo.bmp", encode_bmp(gradient), "image/bmp")]
+    at.file_uploader(key="cells").set_value(files).run()
+    assert not at.exception, at.exception
+    assert at.subheader[0].value.startswith("1 cell classified") and "2 not assessed" in at.subheader[0].value
+    warnings = " ".join(w.value for w in at.warning)
+    assert "blank.bmp: not assessed: no cell: the image is blank" in warnings
+    assert "photo.bmp: not assessed: no cell on a black background" in warnings
+    table = at.dataframe[0].value.set_index("file")
+    assert table.loc["blank.bmp", "out_of_distribution"] and pd.isna(table.loc["blank.bmp", "prediction"])
+    assert table.loc[cell.name, "prediction"] in ("all", "hem")
+    trail = store.classifications()
+    mine = trail[trail["file_name"].isin([f[0] for f in files])].drop_duplicates("file_name").set_index("file_name")
+    assert mine.loc["blank.bmp", "out_of_distribution"] == 1 and mine.loc["blank.bmp", "source"] == "dashboard"
+    assert mine.loc[cell.name, "file_sha256"] == hashlib.sha256(cell.read_bytes()).hexdigest()
+    assert mine.loc[cell.name, "model"].startswith(f"run {rid}") and len(mine.loc[cell.name, "model_sha256"]) == 64
+    assert any(b.label.startswith("Download the audit trail") for b in at.get("download_button"))
+
+
+def test_classify_defaults_to_the_starter_with_its_card(monkeypatch, tmp_path, synth_small, samples_dir):
+    from core.model_folder import STARTER_DIR
+
+    if not (STARTER_DIR / "model.keras").exists():
+        pytest.skip("no shipped starter model in models/starter")
+    at = app(monkeypatch, tmp_path / "runs", synth_small, model=None)
+    assert at.radio[0].value.startswith("Starter model")
+    assert any("Model card" in e.label for e in at.expander)
+    at.file_uploader(key="cells").set_value(sample_files(samples_dir)).run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert len(table) == 7 and table["out_of_distribution"].notna().all()
+    assert "starter" in " ".join(c.value for c in at.caption)

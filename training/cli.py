@@ -143,7 +143,8 @@ def cmd_predict(args) -> int:
     from training.evaluate import resolve_model
     from training.store import RunStore
 
-    model, rule, size, what, gate = resolve_model(args.model, RunStore(args.runs_dir))
+    store = RunStore(args.runs_dir)
+    model, rule, size, what, gate, model_path = resolve_model(args.model, store)
     paths = collect_images(args.paths)
     if not paths:
         print("error: no image files found", file=sys.stderr)
@@ -153,6 +154,9 @@ def cmd_predict(args) -> int:
                            gate=gate)
     if args.out:
         table.to_csv(args.out, index=False)
+    from training.audit import record, sha256_of
+
+    record(store, table, {str(p): p for p in paths}, what, sha256_of(model_path), rule, source="cli predict")
     failed = int(table["error"].notna().sum())
     refused = int((table["out_of_distribution"] == True).sum())  # noqa: E712 - None for failed files
     gate_note = "" if gate is not None else " (this model has no out-of-distribution gate: every image was judged)"
@@ -163,6 +167,18 @@ def cmd_predict(args) -> int:
     for row in table[table["error"].notna()].itertuples():
         print(f"error: {row.path}: {row.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_audit(args) -> int:
+    from training.store import RunStore
+
+    table = RunStore(args.runs_dir).classifications()
+    if args.out:
+        table.to_csv(args.out, index=False)
+        print(f"{len(table)} classification records written to {args.out}")
+    else:
+        print(table.to_csv(index=False), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,8 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="CSV to write")
     s.add_argument("--gradcam", metavar="DIR", help="write Grad-CAM overlays here")
     s.add_argument("--tta", action="store_true")
-    s.add_argument("--runs-dir", default="runs")
+    s.add_argument("--runs-dir", default="runs", help="run store (runs, and the audit trail of classifications)")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("audit", help="the audit trail of classifications (dashboard and CLI) as CSV")
+    s.add_argument("--out", help="CSV to write (default: print)")
+    s.add_argument("--runs-dir", default="runs")
+    s.set_defaults(func=cmd_audit)
     return p
 
 

@@ -31,8 +31,8 @@ def run_model_path(store: RunStore, run_id: str) -> Path:
 
 
 def resolve_model(ref: str, store: RunStore):
-    """(model, decision rule, input size, description, gate) for `starter`, a model folder, a run id or a
-    `.keras` file (all loaded in safe mode). A bare `.keras` file has no gate: it judges every image."""
+    """(model, decision rule, input size, description, gate, model file) for `starter`, a model folder, a run
+    id or a `.keras` file (all loaded in safe mode). A bare `.keras` file has no gate: it judges every image."""
     from core.gate import Gate
     from core.model_folder import is_model_folder, load_model_folder
     from core.models import load_model
@@ -40,18 +40,19 @@ def resolve_model(ref: str, store: RunStore):
     if is_model_folder(ref):
         mf = load_model_folder(ref)
         name = mf.card.get("name") or str(mf.folder)
-        return mf.model, mf.rule, mf.size, f"model {name} ({mf.folder})", mf.gate
+        return mf.model, mf.rule, mf.size, f"model {name} ({mf.folder})", mf.gate, str(mf.folder / "model.keras")
     gate = None
     if ref.endswith(".keras") and Path(ref).is_file():
-        model, rule, what = load_model(ref), cal.DecisionRule(), f"model file {ref}"
+        model, rule, what, path = load_model(ref), cal.DecisionRule(), f"model file {ref}", ref
     else:
-        model = load_model(str(run_model_path(store, ref)))
+        path = str(run_model_path(store, ref))
+        model = load_model(path)
         calib = store.run_dir(ref) / "calibration.json"
         rule = cal.DecisionRule.load(calib) if calib.exists() else cal.DecisionRule()
         gate_file = store.run_dir(ref) / "gate.json"
         gate = Gate.load(gate_file) if gate_file.exists() else None
         what = f"run {ref}"
-    return model, rule, int(model.inputs[0].shape[1]), what, gate
+    return model, rule, int(model.inputs[0].shape[1]), what, gate, path
 
 
 def _split_rows(store: RunStore, run_id: str) -> tuple[RunConfig, pd.DataFrame]:
@@ -133,7 +134,9 @@ def evaluate(store: RunStore, run_ids: Sequence[str], split: str = "test", data_
     out_dir.mkdir(parents=True, exist_ok=True)
     yv = (val["label"] == "all").to_numpy().astype(int)
     if len(np.unique(yv)) == 2:
-        rule = cal.DecisionRule.fit(yv, val["prob_all"].to_numpy(), target_sensitivity, band)
+        rule = cal.DecisionRule.fit(yv, val["prob_all"].to_numpy(), target_sensitivity, band,
+                                    fitted_on=f"validation split of run {', '.join(run_ids)} ({len(val)} cells, "
+                                              f"{val['subject'].nunique()} subjects)")
     else:
         rule = cal.DecisionRule(band=band, fitted_on="none: validation split lacks a class")
     rule.save(out_dir / "calibration.json")

@@ -36,7 +36,14 @@ CREATE TABLE IF NOT EXISTS epochs (
 CREATE TABLE IF NOT EXISTS progress (
     run_id TEXT PRIMARY KEY, epoch INTEGER, step INTEGER, steps INTEGER, updated_at REAL, phase TEXT
 );
+CREATE TABLE IF NOT EXISTS classifications (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL, source TEXT, model TEXT, model_sha256 TEXT,
+    file_name TEXT, file_sha256 TEXT, prediction TEXT, prob_all_calibrated REAL, review INTEGER,
+    out_of_distribution INTEGER, ood_reason TEXT, error TEXT, rule TEXT
+);
 """
+AUDIT_COLUMNS = ["at", "source", "model", "model_sha256", "file_name", "file_sha256", "prediction",
+                 "prob_all_calibrated", "review", "out_of_distribution", "ood_reason", "error", "rule"]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -136,6 +143,31 @@ class RunStore:
                         (run_id, epoch, step, steps, now, phase))
             con.execute("UPDATE runs SET heartbeat_at=? WHERE id=?", (now, run_id))
             con.execute("COMMIT")
+
+    # --- audit trail ---------------------------------------------------------------------------------------
+    def log_classifications(self, records: list[dict[str, Any]]) -> None:
+        """Append one audit record per classified file (all in one transaction: all or none)."""
+        if not records:
+            return
+        cols = AUDIT_COLUMNS
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.executemany(f"INSERT INTO classifications ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                                [tuple(r.get(c) for c in cols) for r in records])
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    def classifications(self, limit: int | None = None) -> pd.DataFrame:
+        """The audit trail, newest first, with times as ISO strings."""
+        with self._connect() as con:
+            rows = con.execute("SELECT * FROM classifications ORDER BY id DESC"
+                               + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
+        df = pd.DataFrame([dict(r) for r in rows], columns=["id", *AUDIT_COLUMNS])
+        df["at"] = pd.to_datetime(df["at"], unit="s", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return df
 
     # --- reading -------------------------------------------------------------------------------------------
     def get_run(self, run_id: str) -> dict[str, Any]:

@@ -1,0 +1,68 @@
+"""The audit trail of classifications: who classified what file, with which model and rule, and what came out.
+
+Every classification made in the dashboard or with `python -m training predict` appends one record per file
+to the run store (`classifications` table). Only the record is kept: the file's name and SHA-256, never its
+pixels.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from training.store import RunStore
+
+
+def sha256_of(source) -> str:
+    """SHA-256 of bytes or of a file's content (read in 1 MB blocks)."""
+    h = hashlib.sha256()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        h.update(source)
+    else:
+        with open(source, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def rule_text(rule) -> str:
+    if rule is None:
+        return "threshold 0.50 (no decision rule)"
+    return (f"threshold {rule.threshold:.3f} on calibrated P(blast), temperature {rule.temperature:.3f}, "
+            f"review band {rule.band:.2f}, fitted on {rule.fitted_on}")
+
+
+def record(store: RunStore, table: pd.DataFrame, sources: dict[str, object], model: str, model_sha256: str | None,
+           rule, source: str) -> int:
+    """Append the rows of a classification table (`classify` output; name or path column) to the audit trail.
+
+    `sources` maps each row's name to its path or bytes (hashed here). Returns the number of records.
+    """
+    name_col = "name" if "name" in table else "path" if "path" in table else "file"
+    prob_col = next(c for c in ("prob_all_calibrated", "calibrated_prob_blast") if c in table)
+    review_col = next(c for c in ("uncertain", "review_manually") if c in table)
+    now, text = time.time(), rule_text(rule)
+    records = []
+    for row in table.to_dict("records"):
+        name = row[name_col]
+        src = sources.get(name)
+        try:
+            digest = sha256_of(src) if src is not None else None
+        except OSError as exc:
+            digest = f"unreadable: {exc}"
+        ood = row.get("out_of_distribution")
+        records.append({
+            "at": now, "source": source, "model": model, "model_sha256": model_sha256,
+            "file_name": Path(str(name)).name if isinstance(src, (str, os.PathLike)) else str(name),
+            "file_sha256": digest, "prediction": row.get("prediction") if pd.notna(row.get("prediction")) else None,
+            "prob_all_calibrated": None if pd.isna(row.get(prob_col)) else float(row[prob_col]),
+            "review": None if row.get(review_col) is None or pd.isna(row.get(review_col)) else int(bool(row[review_col])),
+            "out_of_distribution": None if ood is None or pd.isna(ood) else int(bool(ood)),
+            "ood_reason": row.get("ood_reason") if isinstance(row.get("ood_reason"), str) else None,
+            "error": row.get("error") if isinstance(row.get("error"), str) else None, "rule": text,
+        })
+    store.log_classifications(records)
+    return len(records)
