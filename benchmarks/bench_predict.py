@@ -6,6 +6,9 @@
    Grad-CAM (target p50 < 150 ms), beside the p50 of a bare compiled forward pass of the same model.
 2. `classify_files` over a folder of >= 1,000 BMP cells (reading and cropping overlapped with prediction)
    versus `model.predict` on the same crops already in memory (target ratio >= 0.8).
+3. The out-of-distribution gate's cost: `classify` of one cell file (read, crop, predict, decide) without and
+   with the gate (image checks on the whole image + feature novelty), p50 of each and their ratio (target
+   <= 1.20).
 """
 from __future__ import annotations
 
@@ -78,6 +81,27 @@ def main() -> int:
     n = len(files)
     print(f"folder of {n} cells, {args.batch_model} {args.size}px: model.predict in memory {n / t_mem:.1f} img/s, "
           f"classify_files from disk {n / t_files:.1f} img/s, ratio {t_mem / t_files:.2f} (target >= 0.8)")
+
+    from core.gate import fit_gate
+    from core.imageio import read_image
+    from core.inference import classify
+
+    gm = create_model(args.batch_model, args.size, standardize=True)
+    sample = files[:200]
+    gate = fit_gate(gm, [read_image(p) for p in sample[:100]], np.stack([load_crop(p, args.size) for p in sample[:100]]),
+                    [read_image(p) for p in sample[100:]], np.stack([load_crop(p, args.size) for p in sample[100:]]))
+    plain, gated = [], []
+    for g, out in ((None, plain), (gate, gated)):
+        classify([gm], [(str(files[0]), files[0])], args.size, gate=g)  # warm
+    for k in range(args.repeats):
+        f = files[k % len(files)]
+        for g, out in ((None, plain), (gate, gated)):
+            t = time.perf_counter()
+            classify([gm], [(str(f), f)], args.size, gate=g)
+            out.append(time.perf_counter() - t)
+    print(f"classify one cell, {args.batch_model} {args.size}px: without gate p50 {np.median(plain) * 1000:.1f} ms, "
+          f"with gate p50 {np.median(gated) * 1000:.1f} ms, ratio {np.median(gated) / np.median(plain):.2f} "
+          "(target <= 1.20)")
     return 0
 
 

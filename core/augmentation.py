@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import keras
 from keras import layers, ops
 
-from core.stain_layers import RandomColorJitter, RandomHEDJitter
+from core.stain_layers import RandomColorJitter, RandomHEDJitter, RandomTexture
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class AugmentSpec:
     contrast: float = 0.0
     saturation: float = 0.0
     hue: float = 0.0  # hue rotation drawn from U(-h, h) turns (0.05 = 18 degrees)
+    sharpness: float = 0.0  # unsharp-mask amount drawn from U(-s, s): blur (< 0) or sharpen (> 0); 0 = off
+    noise_std: float = 0.0  # Gaussian noise on the cell, std drawn from U(0, n) grey levels; 0 = off
 
 
 @keras.saving.register_keras_serializable(package="cnmc")
@@ -155,6 +157,8 @@ def build_augmentation(spec: AugmentSpec = AugmentSpec(), seed: int | None = Non
     if any((spec.brightness, spec.contrast, spec.saturation, spec.hue)):
         stack.append(RandomColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue, seed=seed,
                                        dtype=dt, name="color_jitter"))
+    if spec.sharpness > 0 or spec.noise_std > 0:
+        stack.append(RandomTexture(spec.sharpness, spec.noise_std, seed=seed, dtype=dt, name="texture"))
     if spec.salt_pepper > 0:
         stack.append(SaltAndPepper(spec.salt_pepper, seed=seed, dtype=dt, name="salt_and_pepper"))
     return keras.Sequential(stack, name="augmentation")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,11 +178,19 @@ class Gate:
         return cls(image, novelty, data.get("false_rejection", {}))
 
 
+_FEATURE_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def feature_model(model):
-    """A model returning (penultimate features, probabilities) in one pass: the layer named `pool`."""
+    """A model returning (penultimate features, probabilities) in one pass: the layer named `pool`. Built
+    once per model (a new Keras model would be traced again on every call)."""
     import keras
 
-    return keras.Model(model.inputs, [model.get_layer("pool").output, model.outputs[0]])
+    fm = _FEATURE_MODELS.get(model)
+    if fm is None:
+        fm = keras.Model(model.inputs, [model.get_layer("pool").output, model.outputs[0]])
+        _FEATURE_MODELS[model] = fm
+    return fm
 
 
 def features_and_probs(fmodel, crops: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:

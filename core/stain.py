@@ -75,6 +75,24 @@ def color_jitter(x: np.ndarray, brightness: float = 1.0, contrast: float = 1.0, 
     return np.where(fg[..., None], np.clip(y, 0, 255), x)
 
 
+def box3(x: np.ndarray) -> np.ndarray:
+    """3x3 mean of one image (H, W, C) with zero padding, the blur `texture` sharpens against."""
+    p = np.pad(np.asarray(x, dtype="float64"), ((1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[:2]
+    return sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+
+
+def texture(x: np.ndarray, amount: float = 0.0, noise=None, background: float = BACKGROUND) -> np.ndarray:
+    """One image: unsharp masking x + amount * (x - box3(x)) (amount < 0 blurs, > 0 sharpens), plus an additive
+    `noise` array; cell pixels only, clipped. Scanners and focus differ by batch: a texture a model must not
+    take for a class."""
+    x = np.asarray(x, dtype="float64")
+    y = x + amount * (x - box3(x))
+    if noise is not None:
+        y = y + noise
+    return np.where(foreground(x, background)[..., None], np.clip(y, 0, 255), x)
+
+
 def standardize_cells(x: np.ndarray, background: float = BACKGROUND, eps: float = 1.0) -> np.ndarray:
     """Batch (N, H, W, 3): each cell's pixels, per channel, to mean 128 and std 48; background stays 0."""
     x = np.asarray(x, dtype="float64")

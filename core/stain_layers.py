@@ -125,3 +125,40 @@ class CellStandardize(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "background": self.background, "eps": self.eps}
+
+
+@keras.saving.register_keras_serializable(package="cnmc")
+class RandomTexture(layers.Layer):
+    """Sharpness and noise per sample, on cell pixels: unsharp amount ~U(-s, s), Gaussian noise with a std drawn
+    from U(0, n); identity at inference. Follows `core.stain.texture`."""
+
+    def __init__(self, sharpness: float = 0.0, noise_std: float = 0.0, background: float = BACKGROUND, seed=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.sharpness, self.noise_std, self.background, self.seed = float(sharpness), float(noise_std), \
+            float(background), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def jitter(self, x, amount, noise):
+        """Deterministic core: x (N, H, W, 3), amount (N,), noise (N, H, W, 3)."""
+        blur = ops.average_pool(ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), 3, strides=1, padding="valid")
+        y = x + amount[:, None, None, None] * (x - blur) + noise
+        fg = _fg_mask(x, self.background)
+        return ops.clip(y, 0.0, 255.0) * fg + x * (1 - fg)
+
+    def call(self, inputs, training=None):
+        if not training or (self.sharpness <= 0 and self.noise_std <= 0):
+            return inputs
+        x = ops.cast(inputs, "float32")
+        n = ops.shape(x)[0]
+        amount = keras.random.uniform((n,), -self.sharpness, self.sharpness, seed=self.seed_generator)
+        std = keras.random.uniform((n, 1, 1, 1), 0.0, self.noise_std, seed=self.seed_generator)
+        noise = keras.random.normal(ops.shape(x), seed=self.seed_generator) * std
+        return ops.cast(self.jitter(x, amount, noise), inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "sharpness": self.sharpness, "noise_std": self.noise_std,
+                "background": self.background, "seed": self.seed}

@@ -48,6 +48,9 @@ def config_ui(settings: Settings) -> RunConfig | None:
         contrast = c4.slider("Contrast", 0.0, 0.5, base.contrast, 0.05, help=HELP["contrast"])
         sat = c5.slider("Saturation", 0.0, 0.5, base.saturation, 0.05, help=HELP["saturation"])
         hue = c6.slider("Hue", 0.0, 0.2, base.hue, 0.01, help=HELP["hue"])
+        c1, c2, _ = st.columns(3)
+        sharp = c1.slider("Sharpness jitter", 0.0, 2.0, base.sharpness, 0.1, help=HELP["sharpness"])
+        noise_std = c2.slider("Noise (grey levels)", 0.0, 20.0, base.noise_std, 1.0, help=HELP["noise_std"])
         preview = st.form_submit_button("Preview augmentation")
         launch = st.form_submit_button("Launch training", type="primary")
     info = model_info(arch)
@@ -58,7 +61,8 @@ def config_ui(settings: Settings) -> RunConfig | None:
                               augment=augment, rotation_min_deg=float(rot[0]), rotation_max_deg=float(rot[1]),
                               shear=float(shear), salt_pepper=float(noise), cell_standardize=std,
                               hed_sigma=float(hed), brightness=float(bright), contrast=float(contrast),
-                              saturation=float(sat), hue=float(hue), runs_dir=str(settings.runs_dir),
+                              saturation=float(sat), hue=float(hue), sharpness=float(sharp),
+                              noise_std=float(noise_std), runs_dir=str(settings.runs_dir),
                               cache_dir=str(settings.runs_dir / "cache"))
     if preview:
         with st.spinner("Augmenting sample cells…"):

@@ -111,3 +111,25 @@ def test_stain_layers_in_a_saved_model_round_trip(tmp_path):
     m.save(path)
     x = (np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3))).astype("uint8")
     np.testing.assert_allclose(load_model(str(path)).predict(x, verbose=0), m.predict(x, verbose=0), atol=1e-6)
+
+
+def test_texture_hand_computed_and_layer_matches():
+    from core.stain import box3, texture
+    from core.stain_layers import RandomTexture
+
+    x = np.zeros((3, 3, 3))
+    x[1, 1] = 90.0  # one cell pixel: its 3x3 mean is 10
+    np.testing.assert_allclose(box3(x)[1, 1], 10.0)
+    np.testing.assert_allclose(texture(x, amount=0.5)[1, 1], 90 + 0.5 * (90 - 10))  # sharpened
+    np.testing.assert_allclose(texture(x, amount=-0.5)[1, 1], 90 - 0.5 * 80)  # blurred
+    np.testing.assert_array_equal(texture(x, amount=0.5)[0, 0], 0)  # background untouched
+    noise = np.full((3, 3, 3), 7.0)
+    np.testing.assert_allclose(texture(x, 0.0, noise)[1, 1], 97.0)
+    xb = _batch()
+    layer = RandomTexture(1.0, 8.0)
+    amount = np.array([0.7, -0.4, 0.0], "float32")
+    nz = np.random.default_rng(2).normal(0, 5, xb.shape).astype("float32")
+    got = keras.ops.convert_to_numpy(layer.jitter(keras.ops.convert_to_tensor(xb), amount, nz))
+    want = np.stack([texture(xb[i], amount[i], nz[i]) for i in range(3)])
+    np.testing.assert_allclose(got, want, atol=0.05)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(RandomTexture(1.0, 8.0)(xb, training=False)), xb)

@@ -57,6 +57,8 @@ class RunConfig:
     contrast: float = _f(0.1, "contrast jitter around the cell's mean: factor ~U(1-f, 1+f); 0 = off")
     saturation: float = _f(0.1, "saturation jitter: factor ~U(1-f, 1+f); 0 = off")
     hue: float = _f(0.02, "hue jitter: rotation ~U(-h, h) turns about the grey axis; 0 = off")
+    sharpness: float = _f(0.0, "texture jitter: unsharp-mask amount ~U(-s, s) (blur or sharpen the cell); 0 = off")
+    noise_std: float = _f(0.0, "texture jitter: Gaussian noise on the cell, std ~U(0, n) grey levels; 0 = off")
     # --- safe classification (fitted on the validation split at the end of every run)
     target_sensitivity: float | None = _f(None, "decision threshold reaching this sensitivity for all on "
                                                 "validation (none = 0.5 on the calibrated probability)")
@@ -107,7 +109,8 @@ class RunConfig:
         return AugmentSpec(rotation_deg=(self.rotation_min_deg, self.rotation_max_deg), flip=True,
                            shear=self.shear, blur_sigma=(min(0.5, self.blur_sigma_max), self.blur_sigma_max),
                            salt_pepper=self.salt_pepper, hed_sigma=self.hed_sigma, brightness=self.brightness,
-                           contrast=self.contrast, saturation=self.saturation, hue=self.hue)
+                           contrast=self.contrast, saturation=self.saturation, hue=self.hue,
+                           sharpness=self.sharpness, noise_std=self.noise_std)
 
     # Serialisation ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +142,8 @@ class RunConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "cross_patient": {},
     "report": {"cell_standardize": False, "hed_sigma": 0.0, "brightness": 0.0, "contrast": 0.0,
-               "saturation": 0.0, "hue": 0.0},
+               "saturation": 0.0, "hue": 0.0, "sharpness": 0.0, "noise_std": 0.0},
+    "cross_patient_texture": {"sharpness": 1.0, "noise_std": 8.0},
 }
 
 
