@@ -60,8 +60,10 @@ def image_stats(img: np.ndarray) -> dict:
     small = _square_small(img)
     fg = small.max(axis=-1) > BLACK
     n = fg.size
-    out = {"foreground": float(fg.mean()), "objects": 0, "area": 0.0, "border": False,
-           "mean_rgb": [np.nan] * 3, "stained_blobs": 0}
+    h, w = img.shape[:2]
+    # the black share is judged on the image itself (padding a wide photo with black would fake a background)
+    out = {"foreground": float(fg.sum() * max(h, w) ** 2 / (h * w) / n), "objects": 0, "area": 0.0,
+           "border": False, "mean_rgb": [np.nan] * 3, "stained_blobs": 0}
     if fg.any():
         props = sorted(regionprops(label(fg)), key=lambda r: -r.area)
         big = [p for p in props if p.area >= 0.002 * n]
@@ -77,7 +79,7 @@ def image_stats(img: np.ndarray) -> dict:
         f = gaussian(small.astype("float32"), sigma=1.5, channel_axis=-1, preserve_range=True)  # noise averages out
         violet = ((f[..., 0] + f[..., 2]) / 2 - f[..., 1] > 25) & (f.mean(-1) < np.percentile(f.mean(-1), 60))
         out["stained_blobs"] = sum(1 for p in regionprops(label(violet))
-                                   if p.area >= 0.001 * n and p.solidity > 0.8)
+                                   if p.area >= 0.001 * n and p.solidity > 0.8 and p.extent < 0.9)  # round
     return out
 
 
