@@ -50,11 +50,26 @@ def test_cli_predicts_and_evaluates_with_a_model_folder(tmp_path, samples_dir, c
     folder = save_model_folder(tmp_path / "m", model, DecisionRule(fitted_on="unit test"), {"name": "t"}, "")
     cells = samples_dir / "training_like"
     out = tmp_path / "pred.csv"
-    assert main(["predict", str(folder), str(cells), "--out", str(out)]) == 0
+    runs = tmp_path / "runs"
+    assert main(["predict", str(folder), str(cells), "--out", str(out), "--runs-dir", str(runs)]) == 0
+    import hashlib
+
     import pandas as pd
+
+    from training.store import RunStore
 
     table = pd.read_csv(out)
     assert len(table) == 7 and table["prob_all"].between(0, 1).all()
+    assert {"out_of_distribution", "ood_reason"} <= set(table.columns)
+    trail = RunStore(runs).classifications()  # the CLI's classifications are audited too
+    assert len(trail) == 7 and set(trail["source"]) == {"cli predict"}
+    first = sorted(cells.glob("*.bmp"))[0]
+    row = trail.set_index("file_name").loc[first.name]
+    assert row["file_sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert row["model_sha256"] == hashlib.sha256((folder / "model.keras").read_bytes()).hexdigest()
+    assert "fitted on unit test" in row["rule"]
+    assert main(["audit", "--out", str(tmp_path / "trail.csv"), "--runs-dir", str(runs)]) == 0
+    assert len(pd.read_csv(tmp_path / "trail.csv")) == 7
     ev = tmp_path / "ev"
     assert main(["evaluate", str(folder), "--data", str(cells), "--n-boot", "20", "--out", str(ev),
                  "--runs-dir", str(tmp_path / "runs")]) == 0
