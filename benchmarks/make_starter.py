@@ -91,6 +91,17 @@ def card_markdown(card: dict) -> str:
         f"calibration error there: {c['ece_raw']:.3f} raw -> {c['ece_calibrated']:.3f} calibrated; "
         f"{c['review_fraction']:.1%} of those cells fall in the review band.",
         "",
+        "## What it refuses (out-of-distribution gate)",
+        f"Images unlike its training cells get no class (\"not assessed\", with the reason): image checks (one cell on "
+        f"black, not cut by the border, cell area {card['gate']['image']['area_band'][0]:.3f}-"
+        f"{card['gate']['image']['area_band'][1]:.3f} of the frame, mean colour inside the training cells' stain "
+        f"range) and feature novelty (Mahalanobis distance of its penultimate features above "
+        f"{card['gate']['novelty_threshold']:.2f}). False rejections: "
+        f"{card['gate']['false_rejection']['image_rejected_unseen_patients']:.1%} of real cells of unseen patients by the "
+        f"image checks (leave-subjects-out); {card['gate']['false_rejection']['novelty_rejected_in_sample']:.1%} of its "
+        "own training cells by feature novelty (more for new patients; `benchmarks/bench_gate.py` measures refusals of "
+        "non-cells).",
+        "",
         "## Known limits",
         "- Three healthy donors only, all from one training fold and one acquisition batch: normal cells of other "
         "donors, labs, stains or cameras may be judged less well than the figures above say.",
@@ -104,6 +115,44 @@ def card_markdown(card: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def starter_gate(model, cells, cfg, cache_dir: str, fit_cells: int = 600, seed: int = 0):
+    """The starter's out-of-distribution gate, fitted on its training cells, with its false-rejection rates:
+    image checks leave-subjects-out (fitted on two folds' patients, applied to the third's: unseen patients),
+    feature novelty in-sample (the model saw every cell: its threshold is the 99.5th percentile of the
+    training cells' own distances, which unseen patients exceed more often)."""
+    from core.gate import ImageGate, fit_gate
+    from core.imageio import read_image
+    from core.preprocessing import CropCache
+    from core.splits import subject_folds
+
+    rng = np.random.default_rng(seed)
+    folds = subject_folds(cells, 3)
+    images = {p: read_image(p) for p in folds["path"]}
+    paths, fold = folds["path"].to_numpy(), folds["fold"].to_numpy()
+    refused = 0
+    for k in range(folds.attrs["n_folds"]):
+        pick = rng.choice(paths[fold != k], min(fit_cells, int((fold != k).sum())), replace=False)
+        g = ImageGate.fit([images[p] for p in pick])
+        refused += sum(g.check(images[p]) is not None for p in paths[fold == k])
+    files = pd.DataFrame({"path": paths, "size": [Path(p).stat().st_size for p in paths],
+                          "mtime_ns": [Path(p).stat().st_mtime_ns for p in paths]})
+    cache = CropCache.build(files, cache_dir, size=cfg.image_size, progress=False)
+    crop_rows = np.sort(rng.choice(len(paths), min(2000, len(paths)), replace=False))
+    fit_paths = rng.choice(paths, min(fit_cells, len(paths)), replace=False)
+    gate = fit_gate(model, [images[p] for p in fit_paths], np.asarray(cache.array[cache.rows(paths[crop_rows])]),
+                    fitted_on=f"C-NMC 2019 fold 1 training cells ({len(fit_paths)} images, {len(crop_rows)} crops)")
+    from core.gate import feature_model, features_and_probs
+
+    feats, _ = features_and_probs(feature_model(model), np.asarray(cache.array[cache.rows(paths)]))
+    gate.false_rejection = {
+        "cells": int(len(paths)),
+        "image_rejected_unseen_patients": refused / len(paths),
+        "image_method": "leave-subjects-out: image bands fitted on two folds' patients, applied to the third's",
+        "novelty_rejected_in_sample": float(gate.novelty.novel(feats).mean()),
+    }
+    return gate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest, problems = index(args.data)
     lab = manifest[manifest["label"].notna()]
     resolved = cfg.resolved()
+    gate = starter_gate(model, lab, resolved, args.cache_dir)
+    print(f"gate: {json.dumps(gate.false_rejection)}", flush=True)
     card = {
         "name": args.name,
         "research_use_only": True,
@@ -177,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             "budget": b, "methods": {k: {"pooled": v["pooled"], "per_fold": v["per_fold"]}
                                      for k, v in results["methods"].items()},
             "minus_baseline": results["methods"][args.recipe].get("minus_baseline")},
+        "gate": {"image": gate.image.__dict__, "novelty_threshold": gate.novelty.threshold,
+                 "false_rejection": gate.false_rejection},
         "calibration": {**rule.__dict__, "ece_raw": expected_calibration_error(y, p),
                         "ece_calibrated": expected_calibration_error(y, decided["prob_all_calibrated"]),
                         "review_fraction": float(decided["uncertain"].mean())},
@@ -185,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"python benchmarks/make_starter.py DATA --bench BENCH --recipe {args.recipe}"],
     }
     out = Path(args.out) if args.out else STARTER_DIR
-    save_model_folder(out, model, rule, card, card_markdown(card))
+    save_model_folder(out, model, rule, card, card_markdown(card), gate=gate)
     size_mb = (out / "model.keras").stat().st_size / 1e6
     print(f"wrote {out} (model.keras {size_mb:.1f} MB); decision rule: temperature {rule.temperature:.3f}, "
           f"threshold {rule.threshold:.3f}, band {rule.band}")
