@@ -109,6 +109,9 @@ def cmd_evaluate(args) -> int:
         print(f"model {prov['model']} on {prov['data_dir']} ({prov['cells']} cells, {len(prov['subjects'])} "
               f"subjects, {prov['excluded_files']} files excluded{', TTA' if prov['tta'] else ''}); decision rule "
               f"fitted on {prov['rule']}")
+        if prov.get("not_assessed_by_gate") is not None:
+            print(f"the model's gate would refuse {prov['not_assessed_by_gate']} of these cells as out of distribution "
+                  "(the metrics below cover every cell)")
     else:
         store = RunStore(args.runs_dir)
         result = evaluate(store, args.run_ids, split=args.split, data_dir=args.data, tta=args.tta,

@@ -239,13 +239,24 @@ def evaluate_model_folder(ref: str, data_dir: str, out_dir: str | Path | None = 
     cache = _cached_crops(target, mf.size, cache_dir)
     ok = cache.valid[cache.rows(target["path"])]
     target = target[ok].reset_index(drop=True)
-    target["prob_all"] = predict_proba([mf.model], np.asarray(cache.array[cache.rows(target["path"])]), tta=tta)
+    crops = np.asarray(cache.array[cache.rows(target["path"])])
+    target["prob_all"] = predict_proba([mf.model], crops, tta=tta)
+    if mf.gate is not None:  # what the gate would refuse (metrics below still cover every cell)
+        from core.gate import REASONS, feature_model, features_and_probs
+        from core.imageio import read_image
+
+        reasons = [mf.gate.image.check(read_image(p)) for p in target["path"]]
+        if mf.gate.novelty is not None:
+            novel = mf.gate.novelty.novel(features_and_probs(feature_model(mf.model), crops)[0])
+            reasons = [r or ("novel" if n else None) for r, n in zip(reasons, novel)]
+        target["ood_reason"] = [REASONS[r] if r else None for r in reasons]
     decided = mf.rule.decide(target["prob_all"].to_numpy())
     target = pd.concat([target, decided], axis=1)
     name = mf.card.get("name") or mf.folder.name
     provenance = {"model": name, "model_folder": str(mf.folder), "split": "external", "split_strategy": "external",
                   "data_dir": str(data_dir), "tta": tta, "excluded_files": int(len(problems) + (~ok).sum()),
-                  "rule": f"{mf.rule.fitted_on} (not refitted)"}
+                  "rule": f"{mf.rule.fitted_on} (not refitted)",
+                  "not_assessed_by_gate": None if mf.gate is None else int(target["ood_reason"].notna().sum())}
     scored = target.assign(prob_all=target["prob_all_calibrated"])
     result = evaluate_predictions(scored, threshold=mf.rule.threshold, n_boot=n_boot, seed=seed,
                                   provenance=provenance)
