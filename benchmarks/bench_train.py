@@ -6,7 +6,9 @@
 For each architecture, one compiled model (augmentation inside, the run's batch size and precision) is fitted:
   ceiling    : a fixed batch already on the device, fed by `fit` every step (no slicing, no sampling)
   end-to-end : the trainer's input path: class-balanced batches sliced from the memory-mapped crop cache
-and the script prints img/s for both and their ratio (target on a GPU: >= 0.85). With --precision-compare,
+and the script prints img/s for both and their ratio (target >= 0.85), and the ceiling of the same model without
+its augmentation/stain layers (what share of a step the augmentation costs). `--recipe report` measures the
+report's recipe instead of the default one. With --precision-compare,
 EfficientNetB2's ceiling is also measured in float32 vs mixed precision (target >= 1.4x on a GPU).
 """
 from __future__ import annotations
@@ -46,12 +48,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=None, help="override every model's report batch size")
     ap.add_argument("--precision", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--precision-compare", action="store_true")
+    ap.add_argument("--recipe", default="cross_patient", help="preset whose augmentation/stain layers are used")
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "cnmc_bench_train"))
     args = ap.parse_args()
 
     import keras
 
-    from core.augmentation import AugmentSpec
     from core.dataset import index
     from core.models import create_model, model_info
     from core.preprocessing import CropCache
@@ -80,9 +82,14 @@ def main() -> int:
         def __getitem__(self, i):
             return self.x, self.y
 
-    def measure(name: str, policy: str, batch: int) -> tuple[float, float]:
+    from training.config import preset
+
+    recipe = preset(args.recipe)
+
+    def measure(name: str, policy: str, batch: int, augment: bool = True) -> tuple[float, float]:
         keras.mixed_precision.set_dtype_policy(policy)
-        model = create_model(name, args.size, augment=AugmentSpec(), seed=0)
+        model = create_model(name, args.size, augment=recipe.augment_spec() if augment else None, seed=0,
+                             standardize=recipe.cell_standardize)
         model.compile(keras.optimizers.Adam(1e-4), "categorical_crossentropy", metrics=["accuracy"])
         rng = np.random.default_rng(0)
         x = keras.ops.convert_to_tensor(rng.integers(0, 256, (batch, args.size, args.size, 3), dtype=np.uint8))
@@ -100,11 +107,15 @@ def main() -> int:
     policy = hardware.precision_policy(args.precision, acc)
     print(f"device: {acc.describe(policy)}; crops {args.size}px from {len(manifest)} cached cells; "
           f"{args.steps} timed steps")
-    print(f"{'model':<16} {'batch':>5} {'ceiling img/s':>14} {'end-to-end img/s':>17} {'ratio':>6}")
+    print(f"recipe {args.recipe}: augmentation and stain layers inside the model, as the trainer runs them")
+    print(f"{'model':<16} {'batch':>5} {'ceiling img/s':>14} {'end-to-end img/s':>17} {'ratio':>6} "
+          f"{'no-augment ceiling':>19} {'augment share':>14}")
     for name in args.models.split(","):
         batch = args.batch or model_info(name).batch_size
         ceiling, e2e = measure(name, policy, batch)
-        print(f"{name:<16} {batch:>5} {ceiling:>14.1f} {e2e:>17.1f} {e2e / ceiling:>6.2f}")
+        bare, _ = measure(name, policy, batch, augment=False)
+        print(f"{name:<16} {batch:>5} {ceiling:>14.1f} {e2e:>17.1f} {e2e / ceiling:>6.2f} {bare:>19.1f} "
+              f"{1 - ceiling / bare:>14.0%}")
     if args.precision_compare:
         batch = args.batch or model_info("efficientnet_b2").batch_size
         fp32, _ = measure("efficientnet_b2", "float32", batch)
