@@ -1,14 +1,14 @@
 """Benchmark: leave-subjects-out cross-validation on real C-NMC cells, CNN recipes vs a hand-crafted baseline.
 
     python benchmarks/bench_real.py data/real                     # all budget defaults (about 1 h on 2 cores)
-    python benchmarks/bench_real.py data/real --recipes cross_patient,report --size 64 --per-class 1000 --epochs 6
+    python benchmarks/bench_real.py data/real --recipes cross_patient_texture,cross_patient,report --epochs 6
 
 Folds are grouped by subject (`core.splits.subject_folds`): every test fold holds patients that no model of that
 fold saw, of both classes (C-NMC fold 1: 3 folds, one normal subject out each). On the same folds, in the same
 run:
   baseline : 24 colour/texture/shape statistics of the segmented cell (`core.features`) + logistic regression
-  CNN      : each named recipe (`training.config.PRESETS`: the project's default `cross_patient`, the
-             report's `report`), trained from scratch on the training folds for a fixed budget, no peeking at
+  CNN      : each named recipe (`training.config.PRESETS`: the project's default `cross_patient_texture`,
+             `cross_patient`, the report's `report`), trained from scratch on the training folds for a fixed budget, no peeking at
              the test fold (no early stopping, threshold 0.5)
 Prints per fold and pooled: weighted F1 (the challenge metric), balanced accuracy, sensitivity/specificity for
 blasts, ROC AUC with subject-bootstrap 95% CIs, and CNN - baseline with a paired subject-bootstrap CI. Also a
@@ -140,7 +140,7 @@ def _fmt(m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", help="a labelled C-NMC folder with UID_ names (any supported layout)")
-    ap.add_argument("--recipes", default="cross_patient,report", help="comma-separated preset names")
+    ap.add_argument("--recipes", default="cross_patient_texture,report", help="comma-separated preset names")
     ap.add_argument("--architecture", default="solution_a")
     ap.add_argument("--size", type=int, default=64, help="CNN input size (budget)")
     ap.add_argument("--per-class", type=int, default=1000, help="cells per class per epoch (budget)")

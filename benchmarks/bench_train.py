@@ -48,7 +48,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=None, help="override every model's report batch size")
     ap.add_argument("--precision", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--precision-compare", action="store_true")
-    ap.add_argument("--recipe", default="cross_patient", help="preset whose augmentation/stain layers are used")
+    ap.add_argument("--recipe", default="cross_patient_texture", help="preset whose augmentation/stain layers are used")
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "cnmc_bench_train"))
     args = ap.parse_args()
 

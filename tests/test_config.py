@@ -63,8 +63,9 @@ def test_presets_and_stain_fields():
     report = preset("report", epochs=2)
     assert report.epochs == 2 and not report.cell_standardize
     assert (report.hed_sigma, report.brightness, report.contrast, report.saturation, report.hue) == (0, 0, 0, 0, 0)
-    default = preset("cross_patient")
-    assert default == RunConfig() and default.cell_standardize and default.hed_sigma > 0
+    default = preset("cross_patient_texture")
+    assert default == RunConfig() and default.cell_standardize and default.hed_sigma > 0 and default.sharpness > 0
+    assert preset("cross_patient").sharpness == 0 and preset("cross_patient").hed_sigma == default.hed_sigma
     spec = default.augment_spec()
     assert (spec.hed_sigma, spec.brightness, spec.hue) == (default.hed_sigma, default.brightness, default.hue)
     assert set(PRESETS) >= {"report", "cross_patient"}

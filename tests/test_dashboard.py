@@ -33,6 +33,11 @@ def sample_files(samples_dir):
     return [(p.name, p.read_bytes(), "image/bmp") for p in sorted((samples_dir / "training_like").glob("*.bmp"))]
 
 
+def demo_cells(data, n):
+    """Synthetic cells like the demo model's training cells: inside its gate, so they get a class."""
+    return [(p.name, p.read_bytes(), "image/bmp") for p in sorted(Path(data).rglob("UID_*.bmp"))[:n]]
+
+
 def test_banner_and_empty_classify_offers_demo(monkeypatch, tmp_path, synth_small):
     at = app(monkeypatch, tmp_path / "runs", synth_small)
     assert "not a diagnostic device" in at.warning[0].value
@@ -80,7 +85,7 @@ def test_two_sessions_share_one_cached_model(monkeypatch, demo_run, samples_dir)
     import streamlit as st
 
     st.cache_resource.clear()
-    files = sample_files(samples_dir)[:2]
+    files = demo_cells(data, 2)
     sessions = [app(monkeypatch, store.root, data) for _ in range(2)]
     for at in sessions:
         at.file_uploader(key="cells").set_value(files).run()
@@ -147,7 +152,7 @@ def test_decompression_bomb_upload_is_refused_alone(monkeypatch, demo_run, sampl
     buf = io.BytesIO()
     Image.new("L", (9000, 9000)).save(buf, "PNG")  # 81 megapixels in a few kilobytes
     at = app(monkeypatch, store.root, data)
-    at.file_uploader(key="cells").set_value([("bomb.png", buf.getvalue(), "image/png")] + sample_files(samples_dir)[:1]).run()
+    at.file_uploader(key="cells").set_value([("bomb.png", buf.getvalue(), "image/png")] + demo_cells(data, 1)).run()
     assert not at.exception, at.exception
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and errors[0].startswith("bomb.png:") and "decompression bomb" in errors[0]
