@@ -52,7 +52,8 @@ def card_markdown(card: dict) -> str:
         f"- `{r['preset']}` preset: {r['architecture']} from scratch at {r['image_size']} px (the 100-px margin "
         f"crop of each 450 px cell, resized), per-cell colour standardisation {'on' if r['cell_standardize'] else 'off'}, "
         f"HED stain jitter sigma {r['hed_sigma']}, brightness/contrast/saturation jitter "
-        f"{r['brightness']}/{r['contrast']}/{r['saturation']}, hue {r['hue']}, rotation + flips + shear/blur; "
+        f"{r['brightness']}/{r['contrast']}/{r['saturation']}, hue {r['hue']}, texture jitter (unsharp amount "
+        f"±{r.get('sharpness', 0)}, cell noise up to {r.get('noise_std', 0)} grey levels), rotation + flips + shear/blur; "
         f"Adam {r['learning_rate']}, batch {r['batch_size']}, {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''} of {r['samples_per_class']} "
         "class-balanced cells per class; every cell trains (no validation split; the quality below was measured by "
         "cross-validation with the same recipe and budget).",
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                  "excluded": int(len(problems))},
         "recipe": {"preset": args.recipe, **{k: getattr(resolved, k) for k in (
             "architecture", "image_size", "cell_standardize", "hed_sigma", "brightness", "contrast", "saturation",
-            "hue", "learning_rate", "batch_size", "epochs", "samples_per_class", "seed")}},
+            "hue", "sharpness", "noise_std", "learning_rate", "batch_size", "epochs", "samples_per_class", "seed")}},
         "training_run": run_id,
         "input": {"size": resolved.image_size, "crop": "100/450 margin per side, then resize", "dtype": "uint8 RGB"},
         "leave_subjects_out": {
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": {**rule.__dict__, "ece_raw": expected_calibration_error(y, p),
                         "ece_calibrated": expected_calibration_error(y, decided["prob_all_calibrated"]),
                         "review_fraction": float(decided["uncertain"].mean())},
-        "reproduce": [f"python benchmarks/bench_real.py DATA --size {b['size']} --per-class {b['per_class']} "
+        "reproduce": [f"python benchmarks/bench_real.py DATA --recipes {args.recipe} --size {b['size']} --per-class {b['per_class']} "
                       f"--epochs {b['epochs']} --lr {b['lr']} --out BENCH",
                       f"python benchmarks/make_starter.py DATA --bench BENCH --recipe {args.recipe}"],
     }
