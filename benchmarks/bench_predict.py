@@ -31,14 +31,11 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=250)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "cnmc_bench_predict"))
+    ap.add_argument("--parts", default="1,2,3", help="which measurements to run (1 latency, 2 folder, 3 gate)")
     args = ap.parse_args()
+    parts = {int(p) for p in args.parts.split(",")}
 
-    import keras
-
-    from core.explain import GradCAM
-    from core.inference import classify_files, collect_images
-    from core.models import create_model
-    from core.preprocessing import load_crop
+    from core.inference import collect_images
     from core.synthetic import synthesize
 
     data = Path(args.data)
@@ -47,6 +44,22 @@ def main() -> int:
     files = collect_images([data / "C-NMC_Leukemia"])[: args.cells]
     for p in files:
         p.read_bytes()  # warm page cache for both contenders
+
+    if 1 in parts:
+        single_cell(args, files)
+    if 2 in parts:
+        folder(args, files)
+    if 3 in parts:
+        gate_cost(args, files)
+    return 0
+
+
+def single_cell(args, files) -> None:
+    import keras
+
+    from core.explain import GradCAM
+    from core.models import create_model
+    from core.preprocessing import load_crop
 
     model = create_model(args.model, args.size)
     cam = GradCAM(model)
@@ -67,6 +80,12 @@ def main() -> int:
           f"{np.median(single) * 1000:.1f} ms, p90 {np.percentile(single, 90) * 1000:.1f} ms; "
           f"bare forward p50 {np.median(bare) * 1000:.1f} ms (target p50 < 150 ms)")
 
+
+def folder(args, files) -> None:
+    from core.inference import classify_files
+    from core.models import create_model
+    from core.preprocessing import load_crop
+
     bm = create_model(args.batch_model, args.size)
     crops = np.stack([load_crop(p, args.size) for p in files])
     bm.predict(crops[:64], verbose=0)
@@ -82,9 +101,13 @@ def main() -> int:
     print(f"folder of {n} cells, {args.batch_model} {args.size}px: model.predict in memory {n / t_mem:.1f} img/s, "
           f"classify_files from disk {n / t_files:.1f} img/s, ratio {t_mem / t_files:.2f} (target >= 0.8)")
 
+
+def gate_cost(args, files) -> None:
     from core.gate import fit_gate
     from core.imageio import read_image
     from core.inference import classify
+    from core.models import create_model
+    from core.preprocessing import load_crop
 
     gm = create_model(args.batch_model, args.size, standardize=True)
     sample = files[:200]
@@ -102,7 +125,6 @@ def main() -> int:
     print(f"classify one cell, {args.batch_model} {args.size}px: without gate p50 {np.median(plain) * 1000:.1f} ms, "
           f"with gate p50 {np.median(gated) * 1000:.1f} ms, ratio {np.median(gated) / np.median(plain):.2f} "
           "(target <= 1.20)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ def _square_small(img: np.ndarray, side: int = GATE_SIDE) -> np.ndarray:
         img = sq
     if img.shape[0] == side:
         return img
+    if img.shape[0] % side == 0:  # C-NMC's 450 px: every third pixel, no resampling cost
+        k = img.shape[0] // side
+        return img[k // 2::k, k // 2::k]
     resample = Image.Resampling.BOX if img.shape[0] > side else Image.Resampling.NEAREST
     return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((side, side), resample))
 
@@ -65,14 +68,15 @@ def image_stats(img: np.ndarray) -> dict:
     out = {"foreground": float(fg.sum() * max(h, w) ** 2 / (h * w) / n), "objects": 0, "area": 0.0,
            "border": False, "mean_rgb": [np.nan] * 3, "stained_blobs": 0}
     if fg.any():
-        props = sorted(regionprops(label(fg)), key=lambda r: -r.area)
-        big = [p for p in props if p.area >= 0.002 * n]
-        out["objects"] = len(big)
-        cell = props[0]
-        r0, c0, r1, c1 = cell.bbox
-        out["area"] = cell.area / n
-        out["border"] = bool(r0 == 0 or c0 == 0 or r1 == small.shape[0] or c1 == small.shape[1])
-        out["mean_rgb"] = small[label(fg) == cell.label].mean(axis=0).astype(float).tolist()
+        lab = label(fg)
+        areas = np.bincount(lab.ravel())[1:]
+        out["objects"] = int((areas >= 0.002 * n).sum())
+        cell = lab == int(np.argmax(areas)) + 1
+        rows, cols = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
+        out["area"] = float(areas.max() / n)
+        out["border"] = bool(rows[0] == 0 or cols[0] == 0 or rows[-1] == small.shape[0] - 1
+                             or cols[-1] == small.shape[1] - 1)
+        out["mean_rgb"] = small[cell].mean(axis=0).astype(float).tolist()
     if out["foreground"] > 0.5:  # not a cell on black: count stain-like (violet, darker than the rest) blobs
         from skimage.filters import gaussian
 
