@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.stain import foreground
+
 GATE_SIDE = 150  # pixels of the square the image-level checks work on
-BLACK = 10  # a pixel is background when every channel is at most this (C-NMC's black frame is 0)
 
 REASONS = {
     "blank": "no cell: the image is blank",
@@ -41,12 +42,9 @@ REASONS = {
 def _square_small(img: np.ndarray, side: int = GATE_SIDE) -> np.ndarray:
     from PIL import Image
 
-    h, w = img.shape[:2]
-    if h != w:
-        s = max(h, w)
-        sq = np.zeros((s, s, 3), np.uint8)
-        sq[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = img
-        img = sq
+    from core.preprocessing import pad_square
+
+    img = pad_square(img)
     if img.shape[0] == side:
         return img
     if img.shape[0] % side == 0:  # C-NMC's 450 px: every third pixel, no resampling cost
@@ -61,7 +59,7 @@ def image_stats(img: np.ndarray) -> dict:
     from skimage.measure import label, regionprops
 
     small = _square_small(img)
-    fg = small.max(axis=-1) > BLACK
+    fg = foreground(small)
     n = fg.size
     h, w = img.shape[:2]
     # the black share is judged on the image itself (padding a wide photo with black would fake a background)

@@ -33,18 +33,25 @@ def crop_cell(img: np.ndarray, size: int = CROP_SIZE, margin: int = CROP_MARGIN,
     """Apply the crop rule to an RGB uint8 image and return a (size, size, 3) uint8 crop."""
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {img.shape}")
+    img = pad_square(img)
     h, w = img.shape[:2]
-    if h != w:  # pad to a centred square with the black background
-        side = max(h, w)
-        sq = np.zeros((side, side, 3), np.uint8)
-        top, left = (side - h) // 2, (side - w) // 2
-        sq[top:top + h, left:left + w] = img
-        img, h, w = sq, side, side
     m = crop_margin(h, margin, reference)
     crop = img[m:h - m, m:w - m]
     if crop.shape[0] < 1:
         raise ValueError(f"image of {h}x{w} pixels is too small to crop")
     return np.ascontiguousarray(crop if crop.shape[0] == size else _resize(crop, size))
+
+
+def pad_square(img: np.ndarray) -> np.ndarray:
+    """A non-square image centred on a black square (the crop rule's first step); a square one unchanged."""
+    h, w = img.shape[:2]
+    if h == w:
+        return img
+    side = max(h, w)
+    sq = np.zeros((side, side, 3), np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    sq[top:top + h, left:left + w] = img
+    return sq
 
 
 def crop_margin(side: int, margin: int = CROP_MARGIN, reference: int = REFERENCE_SIDE) -> int:
