@@ -112,10 +112,10 @@ def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, 
         test = folds["fold"].to_numpy() == k
         tr_rows, tr_y = rows[~test], y[~test]
         model = build_model(cfg, input_mean(cfg, images, tr_rows))
-        data = BalancedBatches(images, [tr_rows[tr_y == c] for c in (0, 1)], cfg.samples_per_class,
-                               cfg.batch_size, seed=cfg.seed + 100 * k)
         t0 = time.perf_counter()
         for e in range(cfg.epochs):
+            data = BalancedBatches(images, [tr_rows[tr_y == c] for c in (0, 1)], cfg.samples_per_class,
+                                   cfg.batch_size, seed=cfg.seed + 100 * k, first_epoch=e)
             h = model.fit(data, epochs=e + 1, initial_epoch=e, verbose=0)
             print(f"  {recipe} fold {k} epoch {e + 1}/{cfg.epochs}: loss {h.history['loss'][-1]:.4f} "
                   f"acc {h.history['accuracy'][-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)

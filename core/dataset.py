@@ -149,8 +149,16 @@ def full_digest(path: str | os.PathLike) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 def _walk_images(root: Path) -> tuple[list[Path], list[Path]]:
+    """Image and other files under `root`, following symlinked folders (a dataset assembled from links, e.g.
+    `all/` pointing elsewhere) but never the same real folder twice, so a link loop ends."""
     images, others = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: a loop or a second path
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in sorted(filenames):
             if fn.startswith("."):

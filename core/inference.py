@@ -11,7 +11,7 @@ import pandas as pd
 
 from core.dataset import IMAGE_EXTENSIONS, parse_uid
 from core.imageio import ImageReadError, read_image
-from core.preprocessing import crop_cell, load_crop
+from core.preprocessing import CROP_MARGIN, crop_cell, load_crop
 
 
 def dihedral(x: np.ndarray) -> list[np.ndarray]:
@@ -51,14 +51,14 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def _load(name: str, source, size: int, image_gate=None):
+def _load(name: str, source, size: int, image_gate=None, margin: int = CROP_MARGIN):
     """(crop, error, gate reason key) of one item; with an image gate the whole image is decoded and checked
     (a cell the crop would cut is judged whole), otherwise only the crop is read."""
     try:
         if image_gate is None:
-            return load_crop(source, size=size, name=name), None, None
+            return load_crop(source, size=size, margin=margin, name=name), None, None
         img = read_image(source, name=name)
-        return crop_cell(img, size=size), None, image_gate.check(img)
+        return crop_cell(img, size=size, margin=margin), None, image_gate.check(img)
     except ImageReadError as exc:
         return None, exc.reason, None
     except (OSError, ValueError) as exc:
@@ -66,14 +66,14 @@ def _load(name: str, source, size: int, image_gate=None):
 
 
 def iter_crops(items: Sequence[tuple[str, object]], size: int, chunk: int = 64, workers: int | None = None,
-               image_gate=None) -> Iterator[tuple[list[str], np.ndarray, dict[str, str], list]]:
+               image_gate=None, margin: int = CROP_MARGIN) -> Iterator[tuple[list[str], np.ndarray, dict[str, str], list]]:
     """Yield (names, crops, errors by name, image-gate reason keys) per chunk of (name, path-or-bytes) items;
     decoding of the next chunks overlaps the caller's prediction of this one."""
     workers = workers or min(4, os.cpu_count() or 1)
     chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
 
     def load(it):
-        return _load(it[0], it[1], size, image_gate)
+        return _load(it[0], it[1], size, image_gate, margin)
 
     with ThreadPoolExecutor(workers) as pool:
         pending = [pool.map(load, c) for c in chunks[:2]]
@@ -92,7 +92,8 @@ RESULT_COLUMNS = ["name", "subject", "prediction", "prob_all", "prob_all_calibra
 
 
 def classify(models: Sequence, items: Sequence[tuple[str, object]], size: int, rule=None, tta: bool = False,
-             on_chunk: Callable[[list[str], np.ndarray], None] | None = None, gate=None) -> pd.DataFrame:
+             on_chunk: Callable[[list[str], np.ndarray], None] | None = None, gate=None,
+             margin: int = CROP_MARGIN) -> pd.DataFrame:
     """Classify (name, path-or-bytes) items; one that cannot be read becomes an error row, the rest go on.
 
     One row per item, in input order: name, subject (from a `UID_` name), prediction, prob_all, calibrated
@@ -107,7 +108,7 @@ def classify(models: Sequence, items: Sequence[tuple[str, object]], size: int, r
     novelty = gate.novelty if gate is not None else None
     fmodel = feature_model(models[0]) if novelty is not None else None
     rows: list[dict] = []
-    for names, crops, errors, reasons in iter_crops(list(items), size,
+    for names, crops, errors, reasons in iter_crops(list(items), size, margin=margin,
                                                     image_gate=gate.image if gate is not None else None):
         if len(crops):
             reasons = list(reasons)
@@ -142,7 +143,8 @@ def classify(models: Sequence, items: Sequence[tuple[str, object]], size: int, r
 
 
 def classify_files(models: Sequence, paths: Sequence[Path], size: int, rule=None, tta: bool = False,
-                   gradcam_dir: str | os.PathLike | None = None, cam=None, gate=None) -> pd.DataFrame:
+                   gradcam_dir: str | os.PathLike | None = None, cam=None, gate=None,
+                   margin: int = CROP_MARGIN) -> pd.DataFrame:
     """`classify` for files (a `path` column instead of `name`), optionally writing Grad-CAM overlays."""
     from PIL import Image
 
@@ -157,4 +159,27 @@ def classify_files(models: Sequence, paths: Sequence[Path], size: int, rule=None
                 Image.fromarray(overlay(crop, heat)).save(Path(gradcam_dir) / f"{Path(name).stem}_gradcam.png")
 
     items = [(str(p), p) for p in paths]
-    return classify(models, items, size, rule, tta, on_chunk=save, gate=gate).rename(columns={"name": "path"})
+    return classify(models, items, size, rule, tta, on_chunk=save, gate=gate, margin=margin).rename(
+        columns={"name": "path"})
+
+
+def review_queue(table: pd.DataFrame, threshold: float, prob: str = "prob_all_calibrated",
+                 ood: str = "out_of_distribution", error: str = "error") -> pd.DataFrame:
+    """The table reordered so an expert's minutes go where the model is least able to decide: first the cells
+    the gate refused (the model cannot judge them at all), then judged cells by the distance of their calibrated
+    P(blast) from the decision threshold (nearest first), unreadable files last. Adds `review_rank` (1 = first)
+    and `review_reason`."""
+    t = table.copy()
+    failed = t[error].notna() if error in t else pd.Series(False, index=t.index)
+    refused = t[ood].fillna(False).astype(bool) & ~failed
+    distance = (pd.to_numeric(t[prob], errors="coerce") - threshold).abs()
+    tier = np.where(failed, 2, np.where(refused, 0, 1))
+    order = np.lexsort((np.arange(len(t)), distance.fillna(np.inf).to_numpy(), tier))
+    t = t.iloc[order].reset_index(drop=True)
+    d = distance.iloc[order].reset_index(drop=True)
+    tier = tier[order]
+    t["review_rank"] = np.arange(1, len(t) + 1)
+    t["review_reason"] = [("out of distribution: the model cannot judge it" if k == 0 else
+                           "unreadable file" if k == 2 else f"|P(blast) - threshold| = {dist:.3f}")
+                          for k, dist in zip(tier, d)]
+    return t

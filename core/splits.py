@@ -53,7 +53,7 @@ def make_split(manifest: pd.DataFrame, strategy: str = "patient", seed: int = 0,
     else:
         split = np.full(len(m), "train", dtype=object)
     m["split"] = pd.array(split, dtype="str")
-    m = m[m["split"].notna()].reset_index(drop=True)[_SPLIT_COLUMNS]
+    m = m[m["split"].notna()].reset_index(drop=True)[_columns(m)]
     m.attrs.update(strategy=strategy, seed=seed, val_fold=val_fold if strategy == "official" else None,
                    leaks_subjects=strategy == "image", note=LEAKY.get(strategy, ""))
     return m
@@ -131,25 +131,102 @@ def split_counts(split: pd.DataFrame) -> pd.DataFrame:
 
 
 _SPLIT_COLUMNS = ["path", "name", "label", "subject", "image", "cell", "source", "original_name", "split"]
+_OPTIONAL = ["label_overridden"]  # present when the run was trained with label overrides
+
+
+def _columns(table: pd.DataFrame) -> list[str]:
+    return _SPLIT_COLUMNS + [c for c in _OPTIONAL if c in table.columns]
+
+
 _DTYPES = {"path": "str", "name": "str", "label": "str", "subject": "str", "image": "Int64", "cell": "Int64",
            "source": "str", "original_name": "str", "split": "str"}
 
 
-def save_split(split: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a split as CSV (atomically); `load_split` reads back an identical table."""
+def save_split(split: pd.DataFrame, path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """Write a split as CSV (atomically); `load_split` reads back an identical table.
+
+    With `root` (the dataset folder) paths are stored relative to it and the root in a `root` column, so a run
+    survives its dataset being moved: `load_split(path, data_root=NEW)` finds the cells in their new place.
+    """
     path = Path(path)
+    table = split[_columns(split)].copy()
+    if root is not None:
+        root = Path(root).resolve()
+        table["path"] = [_relative(p, root) for p in table["path"]]
+        table["root"] = str(root)
     tmp = path.with_name(path.name + ".tmp")
-    split[_SPLIT_COLUMNS].to_csv(tmp, index=False)
+    table.to_csv(tmp, index=False)
     os.replace(tmp, path)
     return path
 
 
-def load_split(path: str | os.PathLike) -> pd.DataFrame:
+def _relative(p: str, root: Path) -> str:
+    try:
+        return Path(p).resolve().relative_to(root).as_posix()
+    except ValueError:  # outside the dataset folder: kept absolute
+        return str(p)
+
+
+def split_root(path: str | os.PathLike) -> str | None:
+    """The dataset folder a split was saved against (for splits saved before roots were stored: the folder
+    that holds all its cells)."""
+    df = pd.read_csv(path, usecols=lambda c: c in ("path", "root"), dtype="str", keep_default_na=False)
+    if "root" in df.columns and len(df):
+        return df["root"].iloc[0]
+    if not len(df):
+        return None
+    return os.path.commonpath([os.path.dirname(p) for p in df["path"]]) if all(map(os.path.isabs, df["path"])) else None
+
+
+def relocate(paths, stored_root: str | os.PathLike | None, data_root: str | os.PathLike | None) -> list[str]:
+    """Paths of a run's cells under `data_root`: relative paths are joined to it; absolute paths under the
+    `stored_root` the run was trained with are moved to it; anything else is left as it is."""
+    new = Path(data_root or stored_root or "")
+    old = Path(stored_root) if stored_root else None
+    out = []
+    for p in paths:
+        p = str(p)
+        if not os.path.isabs(p):
+            out.append(str(new / p))
+        elif old is not None and data_root is not None and Path(p).is_relative_to(old):
+            out.append(str(new / Path(p).relative_to(old)))
+        else:
+            out.append(p)
+    return out
+
+
+def find_data_root(stored_root: str | None, sample: list[str], candidates) -> str | None:
+    """Where a run's dataset is now: its stored root if the cells are there, else the first candidate folder
+    (or a sub-folder of one, two levels deep) that holds the sample of its relative paths. None if nowhere."""
+    def holds(root: Path) -> bool:
+        return bool(sample) and all((root / s).is_file() for s in sample)
+
+    if stored_root and holds(Path(stored_root)):
+        return stored_root
+    for cand in candidates:
+        cand = Path(cand)
+        if not cand.is_dir():
+            continue
+        level1 = [d for d in sorted(cand.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        level2 = [d for sub in level1 for d in sorted(sub.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        for root in [cand, *level1, *level2]:
+            if holds(root):
+                return str(root.resolve())
+    return None
+
+
+def load_split(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """A saved split with absolute paths: under `data_root` when given (the dataset was moved), else under
+    the root it was saved with. `attrs` carry `stored_root` and `data_root`."""
     df = pd.read_csv(path, dtype=_DTYPES, keep_default_na=False, na_values=[""])
     missing = set(_SPLIT_COLUMNS) - set(df.columns)
     if missing:
         raise ValueError(f"{path}: not a split file (missing columns {sorted(missing)})")
-    return df[_SPLIT_COLUMNS]
+    stored = split_root(path)
+    df["path"] = relocate(df["path"], stored, data_root)
+    out = df[_columns(df)].copy()
+    out.attrs.update(stored_root=stored, data_root=str(data_root or stored))
+    return out
 
 
 def subject_folds(manifest: pd.DataFrame, n_folds: int = 3) -> pd.DataFrame:

@@ -20,7 +20,10 @@ def training_curves(epochs: pd.DataFrame) -> go.Figure:
     fig.add_trace(go.Scatter(x=x, y=epochs["learning_rate"], name="learning rate"), row=1, col=3)
     fig.update_yaxes(type="log", row=1, col=3)
     fig.update_xaxes(title_text="epoch")
-    fig.update_layout(height=330, margin={"t": 40, "b": 30, "l": 30, "r": 10}, legend={"orientation": "h"})
+    # the legend sits above the subplot titles: a horizontal legend's default place, under the plot, covers
+    # the "epoch" axis titles
+    fig.update_layout(height=360, margin={"t": 80, "b": 40, "l": 30, "r": 10},
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.14, "xanchor": "left", "x": 0})
     return fig
 
 

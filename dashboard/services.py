@@ -29,6 +29,7 @@ class ModelBundle:
     gate: Any = None  # core.gate.Gate: which images the model may judge (None: judges every image)
     model_path: str | None = None
     model_sha256: str | None = None  # for the audit trail
+    margin: int = 100  # the crop margin the model was trained with (RunConfig.crop_margin)
     _cam: Any = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -65,7 +66,10 @@ def load_starter_bundle() -> tuple[ModelBundle, str]:
 def load_run_bundle(run_id: str, runs_dir: str | Path) -> ModelBundle:
     from training.evaluate import resolve_model
 
-    return ModelBundle(*resolve_model(run_id, RunStore(runs_dir)))
+    from training.evaluate import crop_margin_of
+
+    store = RunStore(runs_dir)
+    return ModelBundle(*resolve_model(run_id, store), margin=crop_margin_of(run_id, store))
 
 
 def load_uploaded_bundle(name: str, data: bytes) -> ModelBundle:
@@ -130,7 +134,8 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
         if gradcam:
             heat.update(zip(names, bundle.cam(batch)[1]))
 
-    table = classify([bundle.model], files, bundle.size, bundle.rule, on_chunk=keep, gate=bundle.gate).rename(columns={
+    table = classify([bundle.model], files, bundle.size, bundle.rule, on_chunk=keep, gate=bundle.gate,
+                     margin=bundle.margin).rename(columns={
         "name": "file", "prob_all": "prob_blast", "prob_all_calibrated": "calibrated_prob_blast",
         "uncertain": "review_manually"})
     if runs_dir is not None:
@@ -146,6 +151,13 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
 
 
 # --- training ---------------------------------------------------------------------------------------------------
+def review_order(table: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Classify's result table as a review queue: not-assessed cells first, then the least certain calls."""
+    from core.inference import review_queue
+
+    return review_queue(table, threshold, prob="calibrated_prob_blast")
+
+
 def launch_demo(settings) -> str:
     from training import jobs
     from training.cli import demo_config
@@ -153,6 +165,44 @@ def launch_demo(settings) -> str:
     if not (settings.demo_data / "synthetic_truth.csv").exists():
         raise FileNotFoundError(f"the demo dataset is missing at {settings.demo_data}: run `make demo-data`")
     return jobs.launch(demo_config(settings.demo_data, settings.runs_dir))
+
+
+def model_names() -> list[str]:
+    from core.models import list_models
+
+    return list_models()
+
+
+def architecture_defaults(name: str):
+    """The registry's per-architecture defaults (epochs, batch size)."""
+    from core.models import model_info
+
+    return model_info(name)
+
+
+def config_help() -> dict[str, str]:
+    from training.config import field_help
+
+    return field_help()
+
+
+def launch_run(cfg: RunConfig) -> str:
+    from training import jobs
+
+    return jobs.launch(cfg, RunStore(cfg.runs_dir))
+
+
+def cancel_run(runs_dir: str | Path, run_id: str) -> bool:
+    from training import jobs
+
+    return jobs.cancel(run_id, RunStore(runs_dir))
+
+
+def resume_run(runs_dir: str | Path, run_id: str, epochs: int | None = None) -> None:
+    """Continue a stopped run from its checkpoint; `epochs` extends its schedule (also for a completed run)."""
+    from training import jobs
+
+    jobs.resume(run_id, RunStore(runs_dir), epochs=epochs)
 
 
 def progress_info(store: RunStore, run_id: str) -> dict[str, Any]:
@@ -169,8 +219,13 @@ def progress_info(store: RunStore, run_id: str) -> dict[str, Any]:
     if len(epochs) and run["status"] == "running":
         per_epoch = float(epochs["seconds"].mean())
         eta = max(0.0, (planned - done_epochs - within) * per_epoch)
-    phase = prog.get("phase") or run["status"]
-    text = f"{run['status']}: epoch {min(done_epochs + 1, planned)}/{planned}, {phase}"
+    if run["status"] in ("queued", "running"):
+        phase = prog.get("phase") or run["status"]
+        text = f"{run['status']}: epoch {min(done_epochs + 1, planned)}/{planned}, {phase}"
+    else:  # a finished run is not "predicting": say how it ended and what it kept
+        text = f"{run['status']}: {done_epochs} of {planned} epochs trained"
+        if run["status"] == "cancelled" and prog.get("step") and prog.get("epoch", -1) == done_epochs:
+            text += f" (stopped at step {prog['step']}/{prog['steps']} of epoch {done_epochs + 1}, checkpoint kept)"
     if eta is not None:
         text += f", about {eta / 60:.1f} min left" if eta >= 90 else f", about {eta:.0f} s left"
     return {"fraction": fraction, "eta_s": eta, "text": text, "status": run["status"], "error": run["error"]}
@@ -186,22 +241,58 @@ def augmentation_preview(data_dir: str | Path, cfg: RunConfig, n: int = 8, seed:
     manifest, _ = index(data_dir)
     labelled = manifest[manifest["label"].notna()]
     pick = labelled.sample(min(n, len(labelled)), random_state=seed)
-    crops = np.stack([load_crop(p, size=cfg.image_size) for p in pick["path"]]).astype("float32")
+    crops = np.stack([load_crop(p, size=cfg.image_size, margin=cfg.crop_margin)
+                      for p in pick["path"]]).astype("float32")
     aug = build_augmentation(cfg.augment_spec(), seed=seed)
     out = keras.ops.convert_to_numpy(aug(crops, training=True))
     return [np.clip(a, 0, 255).astype(np.uint8) for a in out]
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
-def evaluation(runs_dir: str | Path, run_ids: list[str], refresh: bool = False, n_boot: int = 500) -> dict:
-    """metrics.json of a run (computed once, then read) or of an ensemble of runs."""
+def evaluation(runs_dir: str | Path, run_ids: list[str], refresh: bool = False, n_boot: int = 500,
+               with_overrides: bool = False) -> dict:
+    """metrics.json of a run (computed once, then read) or of an ensemble of runs; `with_overrides` scores
+    against the reviewers' corrected labels instead (recomputed each time: reviews change)."""
     from training.evaluate import evaluate
 
     store = RunStore(runs_dir)
+    if with_overrides:
+        return evaluate(store, run_ids, n_boot=n_boot, label_overrides=str(export_overrides(runs_dir)))
     path = store.run_dir(run_ids[0]) / "metrics.json"
     if len(run_ids) == 1 and path.exists() and not refresh:
         return json.loads(path.read_text())
     return evaluate(store, run_ids, n_boot=n_boot)
+
+
+# --- label review -------------------------------------------------------------------------------------------------
+REVIEW_DECISIONS = ("label is wrong", "label is right", "unsure")  # as core.labels.DECISIONS (tested equal)
+
+
+def record_review(runs_dir: str | Path, name: str, original_label: str, decision: str, reviewer: str,
+                  note: str = "", run_id: str | None = None, path: str | None = None) -> None:
+    RunStore(runs_dir).record_review(name, original_label, decision, reviewer, note, run_id, path)
+
+
+def label_reviews(runs_dir: str | Path) -> pd.DataFrame:
+    return RunStore(runs_dir).reviews()
+
+
+def label_overrides(runs_dir: str | Path) -> pd.DataFrame:
+    return RunStore(runs_dir).label_overrides()
+
+
+def export_overrides(runs_dir: str | Path) -> Path:
+    """The reviewers' corrections frozen as `<runs>/label_overrides/overrides-<sha>.csv` (content-addressed:
+    a run's `label_overrides` keeps naming exactly what it trained on, whatever is reviewed later)."""
+    import hashlib
+
+    from core.labels import save_overrides
+
+    table = label_overrides(runs_dir)
+    digest = hashlib.sha256(table[["name", "label"]].to_csv(index=False).encode()).hexdigest()[:12]
+    folder = Path(runs_dir) / "label_overrides"
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_overrides(table, folder / f"overrides-{digest}.csv")
 
 
 def predictions(runs_dir: str | Path, run_id: str, split: str = "test") -> pd.DataFrame:
@@ -222,14 +313,39 @@ def subjects_table(runs_dir: str | Path, run_id: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"subject": "str"}) if path.exists() else pd.DataFrame()
 
 
-def errors(runs_dir: str | Path, run_id: str) -> pd.DataFrame:
-    """False positives and negatives of a run's test split (evaluating it first if needed)."""
+def run_data_root(runs_dir: str | Path, run_id: str, candidates=()) -> tuple[str | None, str | None]:
+    """(where the run's cells are now, the folder it was trained on): the trained-on folder if the cells are
+    still there, else the first of `candidates` (the dashboard's data roots and their sub-folders) holding them;
+    None where they are found nowhere."""
+    from core.splits import find_data_root, load_split
+
+    split_path = RunStore(runs_dir).run_dir(run_id) / "split.csv"
+    if not split_path.exists():
+        return None, None
+    split = load_split(split_path)
+    stored = split.attrs.get("stored_root")
+    if not stored or split.empty:
+        return None, stored
+    sample = [str(Path(p).relative_to(stored)) for p in split["path"].head(3)
+              if Path(p).is_relative_to(stored)]
+    return find_data_root(stored, sample, candidates), stored
+
+
+def errors(runs_dir: str | Path, run_id: str, candidates=()) -> pd.DataFrame:
+    """False positives and negatives of a run's test split (evaluating it first if needed), with each cell's
+    current path (found again if the dataset moved) and a `missing` flag for cells that are nowhere."""
+    from core.splits import relocate
+
     store = RunStore(runs_dir)
     path = store.run_dir(run_id) / "errors.csv"
     if not path.exists():
         evaluation(runs_dir, [run_id])
     table = pd.read_csv(path, dtype={"subject": "str"})
     table["confidence"] = np.where(table["error"] == "false_positive", table["prob_all"], 1 - table["prob_all"])
+    now, stored = run_data_root(runs_dir, run_id, candidates)
+    if now and stored and now != stored:
+        table["path"] = relocate(table["path"], stored, now)
+    table["missing"] = [not Path(p).is_file() for p in table["path"]]
     return table
 
 
@@ -237,10 +353,11 @@ def cell_view(path: str, size: int = 250, bundle: ModelBundle | None = None) -> 
     """A cell's crop for display and, given a model, its Grad-CAM overlay."""
     from core.explain import overlay
 
-    crop = load_crop(path, size=size)
+    margin = bundle.margin if bundle is not None else 100
+    crop = load_crop(path, size=size, margin=margin)
     if bundle is None:
         return crop, None
-    small = load_crop(path, size=bundle.size)
+    small = load_crop(path, size=bundle.size, margin=margin)
     _, maps = bundle.cam(small[None])
     return crop, overlay(crop, maps[0])
 

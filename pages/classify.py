@@ -65,10 +65,13 @@ def upload_ui():
     return files or [], gradcam
 
 
-def results_ui(result, gradcam: bool) -> None:
+def results_ui(result, gradcam: bool, threshold: float) -> None:
     for row in result.table[result.table["error"].notna()].itertuples():
         st.error(f"{row.file}: {row.error}")
     read = result.table[result.table["error"].isna()]
+    if st.toggle("Review queue: cells the model cannot judge first, then the least certain calls", value=False,
+                 help="orders the table and the cards so an expert's time goes where the model is least sure"):
+        read = services.review_order(read, threshold)
     refused = read[read["out_of_distribution"] == True]  # noqa: E712 - the column holds None for errors
     ok = read[read["out_of_distribution"] != True]  # noqa: E712
     flagged = int(ok["review_manually"].sum()) if len(ok) else 0
@@ -128,7 +131,7 @@ def main() -> None:
                + ("Images unlike the training cells are not assessed (out-of-distribution gate)."
                   if bundle.gate is not None else "This model has no out-of-distribution gate: it judges every "
                   "image, even ones unlike its training cells."))
-    results_ui(result, gradcam)
+    results_ui(result, gradcam, rule.threshold)
     audit_ui(settings)
 
 

@@ -10,6 +10,19 @@ def overview(path: str, stamp: float) -> dict:
     return services.dataset_overview(path)
 
 
+def overrides_ui(settings: Settings, manifest) -> None:
+    """Reviewers' label corrections that concern this dataset (matched by file name)."""
+    overrides = services.label_overrides(settings.runs_dir)
+    here = overrides[overrides["name"].isin(set(manifest["name"]))]
+    st.subheader("Label overrides")
+    if here.empty:
+        st.caption("No reviewer has marked a label of this dataset as wrong (Misclassified page → Review label).")
+        return
+    st.caption(f"{len(here)} cells of this dataset have a corrected label (their latest review says the label is "
+               "wrong); runs use them only when asked to (Train page option, `--label-overrides`).")
+    st.dataframe(here, hide_index=True)
+
+
 def main() -> None:
     settings = Settings.from_env()
     st.title("Data")
@@ -45,6 +58,7 @@ def main() -> None:
         for reason, n in s["excluded_by_reason"].items():
             st.write(f"- {n} × {reason}")
         st.dataframe(info["problems"], hide_index=True)
+    overrides_ui(settings, info["manifest"])
     for label in ("all", "hem"):
         samples = services.sample_crops(info["manifest"], label)
         if samples:

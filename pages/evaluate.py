@@ -11,8 +11,8 @@ KEYS = {"weighted_f1": "Weighted F1 (challenge)", "balanced_accuracy": "Balanced
 
 
 @st.cache_data(show_spinner="Evaluating…", max_entries=32)
-def evaluation(runs_dir: str, run_ids: tuple[str, ...], stamp: float) -> dict:
-    return services.evaluation(runs_dir, list(run_ids))
+def evaluation(runs_dir: str, run_ids: tuple[str, ...], stamp: float, with_overrides: bool = False) -> dict:
+    return services.evaluation(runs_dir, list(run_ids), with_overrides=with_overrides)
 
 
 def runs_ui(settings: Settings) -> list[str]:
@@ -82,7 +82,15 @@ def main() -> None:
         st.subheader("Comparison (test split)")
         st.dataframe(pd.DataFrame(rows).T.rename(columns=KEYS).style.format(precision=4))
         st.subheader("Ensemble (averaged probabilities)")
-    result = evaluation(str(settings.runs_dir), tuple(run_ids), 0.0)
+    n_over = len(services.label_overrides(settings.runs_dir))
+    corrected = st.toggle(f"Score against the reviewers' corrected labels ({n_over} overrides)", False,
+                          disabled=n_over == 0, help="the same predictions, scored with and without the label "
+                                                     "corrections recorded on the Misclassified page")
+    stamp = float(len(services.label_reviews(settings.runs_dir))) if corrected else 0.0
+    result = evaluation(str(settings.runs_dir), tuple(run_ids), stamp, corrected)
+    if corrected:
+        lo = result["provenance"]["label_overrides"]
+        st.info(f"Labels: {lo['labels_changed']} of these cells scored with a reviewer's corrected label.")
     metrics_ui(result)
     if len(run_ids) == 1:
         threshold_ui(settings, run_ids[0], result)

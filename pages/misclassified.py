@@ -1,4 +1,6 @@
 """Misclassified: galleries of false positives and false negatives, filterable, with Grad-CAM."""
+from pathlib import Path
+
 import streamlit as st
 
 from dashboard import services
@@ -32,21 +34,45 @@ def filters_ui(table):
     return view.sort_values("confidence", ascending=order.startswith("least"))
 
 
+def review_ui(settings: Settings, run_id: str, row, i: int) -> None:
+    """A reviewer's decision on this cell's dataset label, stored with name and time in the run store."""
+    with st.popover("Review label"):
+        decision = st.radio(f"Dataset label `{row.label}` is…", services.REVIEW_DECISIONS, key=f"decision-{i}")
+        note = st.text_input("Note", key=f"note-{i}")
+        if st.button("Save review", key=f"save-{i}"):
+            reviewer = st.session_state.get("reviewer", "")
+            if not reviewer.strip():
+                st.error("Enter your name as reviewer (sidebar) first.")
+            else:
+                services.record_review(settings.runs_dir, Path(row.path).name, row.label, decision, reviewer, note,
+                                       run_id, row.path)
+                st.toast(f"Saved: {Path(row.path).name}: {decision}")
+
+
 def main() -> None:
     settings = Settings.from_env()
     st.title("Misclassified cells")
+    st.sidebar.text_input("Reviewer", key="reviewer", help="your name, stored with each label review")
     runs = services.completed_runs(settings.runs_dir)
     if runs.empty:
         st.info("No completed run yet.")
         return
     labels = {services.run_label(r): r["id"] for r in runs.to_dict("records")}
     run_id = labels[st.selectbox("Run", list(labels))]
-    table = services.errors(settings.runs_dir, run_id)
+    table = services.errors(settings.runs_dir, run_id, settings.data_roots)
     fp, fn = (table["error"] == "false_positive").sum(), (table["error"] == "false_negative").sum()
     st.caption(f"Test split of run {run_id}: {fp} false positives, {fn} false negatives "
                "(at the run's decision threshold).")
+    if table["missing"].any():
+        st.warning(f"{int(table['missing'].sum())} of these cells are missing from disk (moved or deleted); "
+                   "a moved dataset is found again when it lies under one of the data roots (CNMC_DATA_ROOTS).")
     view = filters_ui(table)
     st.download_button("Export this list (CSV)", view.to_csv(index=False), f"errors_{run_id}.csv", "text/csv")
+    overrides = services.label_overrides(settings.runs_dir)
+    st.download_button(f"Export label overrides ({len(overrides)} corrected labels, CSV)",
+                       overrides.to_csv(index=False), "label_overrides.csv", "text/csv",
+                       help="every cell whose latest review says 'label is wrong', with its corrected label: "
+                            "train with it (Train page, or `run --label-overrides FILE`)")
     gradcam = st.toggle("Grad-CAM overlay", value=False)
     if view.empty:
         st.success("No misclassified cells match the filters.")
@@ -54,12 +80,17 @@ def main() -> None:
     bundle = run_bundle(run_id, str(settings.runs_dir)) if gradcam else None
     cols = st.columns(6)
     for i, row in enumerate(view.head(PAGE).itertuples()):
-        crop, over = services.cell_view(row.path, 160, bundle)
+        caption = f"{row.error.replace('_', ' ')} · {row.subject} · P(blast) {row.prob_all:.2f}"
         with cols[i % 6]:
-            st.image(over if gradcam else crop, width="stretch",
-                     caption=f"{row.error.replace('_', ' ')} · {row.subject} · P(blast) {row.prob_all:.2f}")
+            if row.missing:
+                st.markdown(f"**missing** · {caption}")
+                st.caption(row.path)
+                continue
+            crop, over = services.cell_view(row.path, 160, bundle)
+            st.image(over if gradcam else crop, width="stretch", caption=caption)
             if st.button("Enlarge", key=f"big-{i}"):
                 enlarge(row.path, str(settings.runs_dir), run_id)
+            review_ui(settings, run_id, row, i)
     if len(view) > PAGE:
         st.caption(f"Showing {PAGE} of {len(view)}; narrow the filters or export the list.")
 

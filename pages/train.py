@@ -3,17 +3,14 @@ import dataclasses
 
 import streamlit as st
 
-from core.models import list_models, model_info
 from dashboard import charts, services
+from dashboard.services import RunConfig, RunStore
 from dashboard.settings import Settings
-from training import jobs
-from training.config import RunConfig, field_help
-from training.store import RunStore
 
 SPLITS = {"patient": "patient — subject-disjoint (default, sound)", "official": "official — challenge folds, "
           "prelim set as test", "image": "image — random cells (the report's protocol; LEAKS SUBJECTS, optimistic)",
           "all": "all — every cell trains, fixed epochs, no validation (a final model measured by cross-validation)"}
-HELP = field_help()
+HELP = services.config_help()
 
 
 def config_ui(settings: Settings) -> RunConfig | None:
@@ -22,7 +19,7 @@ def config_ui(settings: Settings) -> RunConfig | None:
     with st.form("new_run"):
         name = st.text_input("Run name", help=HELP["name"])
         data = st.selectbox("Data source", list(datasets), help="the demo set or a folder under the data roots")
-        arch = st.selectbox("Architecture", list_models(), help=HELP["architecture"])
+        arch = st.selectbox("Architecture", services.model_names(), help=HELP["architecture"])
         split = st.radio("Split", list(SPLITS), format_func=SPLITS.get, help=HELP["split"])
         c1, c2, c3, c4 = st.columns(4)
         size = c1.number_input("Input size (px)", 32, 250, base.image_size, 2, help=HELP["image_size"])
@@ -51,9 +48,12 @@ def config_ui(settings: Settings) -> RunConfig | None:
         c1, c2, _ = st.columns(3)
         sharp = c1.slider("Sharpness jitter", 0.0, 2.0, base.sharpness, 0.1, help=HELP["sharpness"])
         noise_std = c2.slider("Noise (grey levels)", 0.0, 20.0, base.noise_std, 1.0, help=HELP["noise_std"])
+        n_over = len(services.label_overrides(settings.runs_dir))
+        use_over = st.checkbox(f"Train with the reviewers' label corrections ({n_over} cells)", False,
+                               disabled=n_over == 0, help=HELP["label_overrides"])
         preview = st.form_submit_button("Preview augmentation")
         launch = st.form_submit_button("Launch training", type="primary")
-    info = model_info(arch)
+    info = services.architecture_defaults(arch)
     cfg = dataclasses.replace(base, name=name, architecture=arch, data_dir=str(datasets[data]), split=split,
                               image_size=int(size), epochs=int(epochs) or info.epochs,
                               batch_size=int(batch) or info.batch_size, learning_rate=float(lr),
@@ -71,6 +71,8 @@ def config_ui(settings: Settings) -> RunConfig | None:
         if not settings.is_allowed(datasets[data]):
             st.error("That folder is not under the configured data roots.")
             return None
+        if use_over:  # a frozen copy: later reviews do not change what this run trained on
+            cfg = dataclasses.replace(cfg, label_overrides=str(services.export_overrides(settings.runs_dir)))
         return cfg
     return None
 
@@ -94,13 +96,19 @@ def live_ui(runs_dir: str, run_id: str) -> None:
     epochs = store.epochs(run_id)
     if len(epochs):
         st.plotly_chart(charts.training_curves(epochs), key=f"curves-{run_id}")
-    c1, c2 = st.columns(2)
+    c1, c2, c3 = st.columns(3)
     if info["status"] in ("queued", "running") and c1.button("Cancel", key=f"cancel-{run_id}"):
-        jobs.cancel(run_id, store)
-        st.toast("Stop requested: the run saves a checkpoint after the current batch.")
+        services.cancel_run(runs_dir, run_id)
+        st.toast("Stop requested: the run writes a checkpoint after the current batch; Resume continues there.")
     if info["status"] in ("cancelled", "failed") and c2.button("Resume", key=f"resume-{run_id}"):
-        jobs.resume(run_id, store)
+        services.resume_run(runs_dir, run_id)
         st.toast("Resuming from the last checkpoint.")
+    if info["status"] in ("completed", "cancelled", "failed"):
+        planned = int(store.get_run(run_id)["epochs_planned"] or 1)
+        more = c3.number_input("Extend to epochs", planned + 1, 1000, planned + 1, key=f"epochs-{run_id}")
+        if c3.button("Extend", key=f"extend-{run_id}"):
+            services.resume_run(runs_dir, run_id, epochs=int(more))
+            st.toast(f"Continuing to {int(more)} epochs from the last checkpoint.")
     if info["status"] == "failed" and info["error"]:
         st.error("The run failed:")
         st.code(info["error"][-3000:])
@@ -113,7 +121,7 @@ def main() -> None:
     with st.expander("New run", expanded=True):
         cfg = config_ui(settings)
     if cfg is not None:
-        run_id = jobs.launch(cfg, store)
+        run_id = services.launch_run(cfg)
         st.session_state["selected_run"] = run_id
         st.success(f"Run {run_id} launched in the background: it keeps going if you close this tab.")
     st.subheader("Runs")

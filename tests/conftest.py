@@ -23,23 +23,50 @@ def file_list(samples_dir) -> Path:
     return samples_dir / "kaggle_file_list.txt"
 
 
+SAMPLE_NAMES = ("UID_1_2_2_all.bmp", "UID_1_3_1_all.bmp", "UID_3_4_2_all.bmp", "UID_53_4_8_all.bmp",
+                "UID_H10_47_2_hem.bmp", "UID_h3_4_1_hem.bmp", "UID_h3_5_1_hem.bmp")
+
+
+@pytest.fixture(scope="session")
+def cell_dir(tmp_path_factory) -> Path:
+    """Seven labelled cells under the real samples' names: the real C-NMC samples where present (CI), else
+    generated look-alikes (a user's clone), for tests whose point is not the real file format."""
+    if (SAMPLES / "training_like").is_dir():
+        return SAMPLES / "training_like"
+    from core.synthetic import synthesize
+
+    pool = tmp_path_factory.mktemp("lookalike_pool")
+    synthesize(pool, cells_per_subject=1, noise=0.0, seed=5, workers=2, progress=False)
+    blasts = sorted(pool.rglob("UID_*_all.bmp"))
+    normals = sorted(pool.rglob("UID_*_hem.bmp"))
+    out = tmp_path_factory.mktemp("lookalikes")
+    for name, src in zip(SAMPLE_NAMES, blasts[:4] + normals[:3]):
+        shutil.copy(src, out / name)
+    return out
+
+
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
     """A default-plan synthetic dataset: 24 training subjects over 3 folds, prelim with CSV, final."""
     from core.synthetic import synthesize
 
     out = tmp_path_factory.mktemp("synth_small")
-    synthesize(out, cells_per_subject=6, seed=3, workers=2, progress=False)
+    synthesize(out, cells_per_subject=6, noise=0.0, seed=3, workers=2, progress=False)
     return out
 
 
 @pytest.fixture(scope="session")
-def replica_small(tmp_path_factory, file_list) -> Path:
-    """A 2% replica of the real Kaggle tree: real names, every subject, real prelim CSV rows."""
+def replica_small(tmp_path_factory) -> Path:
+    """A 2% replica of the real Kaggle tree (real names, every subject, real prelim CSV rows) where the Kaggle
+    file list is present; else the default synthetic plan, which has the same layout, folds and phases."""
     from core.synthetic import synthesize
 
     out = tmp_path_factory.mktemp("replica")
-    synthesize(out, replica=0.02, file_list=file_list, seed=1, workers=2, progress=False)
+    listing = SAMPLES / "kaggle_file_list.txt"
+    if listing.is_file():
+        synthesize(out, replica=0.02, file_list=listing, seed=1, workers=2, progress=False)
+    else:
+        synthesize(out, cells_per_subject=4, noise=0.0, seed=1, workers=2, progress=False)
     return out
 
 
@@ -66,3 +93,10 @@ def demo_run(tmp_path_factory):
     run_id = train(demo_config(data, runs, epochs=6), store)
     assert store.get_run(run_id)["status"] == "completed", store.get_run(run_id)["error"]
     return store, run_id, data
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_device_lock(tmp_path_factory):
+    """Tests queue on their own device lock, not behind a real training run on the same machine."""
+    os.environ["CNMC_LOCK_DIR"] = str(tmp_path_factory.mktemp("locks"))
+    yield

@@ -49,13 +49,13 @@ def server(demo_run, tmp_path):
     proc.wait(timeout=20)
 
 
-def test_upload_a_cell_and_see_the_prediction(server, samples_dir):
+def test_upload_a_cell_and_see_the_prediction(server, cell_dir):
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian chromium is missing: `make test` installs it (make browser-deps)")
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
-    cell = samples_dir / "training_like" / "UID_h3_4_1_hem.bmp"
+    cell = cell_dir / "UID_h3_4_1_hem.bmp"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -3,6 +3,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -29,8 +30,19 @@ def app(monkeypatch, runs, demo, roots=None, model: str | None = "Completed run"
     return at
 
 
-def sample_files(samples_dir):
-    return [(p.name, p.read_bytes(), "image/bmp") for p in sorted((samples_dir / "training_like").glob("*.bmp"))]
+def plotly_array(value) -> np.ndarray:
+    """A Plotly figure's array as sent to the browser (plain lists, or base64 typed arrays in Plotly 6)."""
+    if isinstance(value, dict) and "bdata" in value:
+        import base64
+
+        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        shape = value.get("shape")
+        return arr.reshape([int(v) for v in str(shape).split(",")]) if shape else arr
+    return np.asarray(value)
+
+
+def sample_files(cell_dir):
+    return [(p.name, p.read_bytes(), "image/bmp") for p in sorted((cell_dir).glob("*.bmp"))]
 
 
 def demo_cells(data, n):
@@ -48,11 +60,11 @@ def test_banner_and_empty_classify_offers_demo(monkeypatch, tmp_path, synth_smal
     assert any(b.label == "Train the demo model" for b in at.button)
 
 
-def test_classify_real_cells_and_a_corrupt_file(monkeypatch, demo_run, samples_dir):
+def test_classify_real_cells_and_a_corrupt_file(monkeypatch, demo_run, cell_dir):
     """Real cells with the default model: the shipped starter (trained on real cells) when present."""
     store, rid, data = demo_run
     at = app(monkeypatch, store.root, data, model=None)
-    files = sample_files(samples_dir) + [("corrupt.bmp", b"BM" + b"\0" * 200, "image/bmp")]
+    files = sample_files(cell_dir) + [("corrupt.bmp", b"BM" + b"\0" * 200, "image/bmp")]
     at.file_uploader(key="cells").set_value(files).run()
     assert not at.exception, at.exception
     errors = [e.value for e in at.error]
@@ -70,17 +82,17 @@ def test_classify_real_cells_and_a_corrupt_file(monkeypatch, demo_run, samples_d
     assert not at.exception, at.exception
 
 
-def test_classify_200_files_in_one_upload(monkeypatch, demo_run, samples_dir):
+def test_classify_200_files_in_one_upload(monkeypatch, demo_run, cell_dir):
     store, rid, data = demo_run
     at = app(monkeypatch, store.root, data)
-    base = sample_files(samples_dir)
+    base = sample_files(cell_dir)
     files = [(f"{k:03d}_{n}", b, m) for k in range(29) for n, b, m in base][:200]
     at.file_uploader(key="cells").set_value(files).run()
     assert not at.exception, at.exception
     assert len(at.dataframe[0].value) == 200
 
 
-def test_two_sessions_share_one_cached_model(monkeypatch, demo_run, samples_dir):
+def test_two_sessions_share_one_cached_model(monkeypatch, demo_run, cell_dir):
     from dashboard import services
 
     store, rid, data = demo_run
@@ -104,10 +116,33 @@ def test_pages_render_for_a_completed_run(monkeypatch, demo_run):
     for page in ("pages/train.py", "pages/evaluate.py", "pages/misclassified.py", "pages/data.py"):
         at.switch_page(page).run()
         assert not at.exception, (page, at.exception)
-    # Data page: the report's Table 1 from the demo set, and no problems.
+    # Data page: the report's Table 1 from the demo set, and no problems; counts checked against the files
     assert any("No problems" in s.value for s in at.success)
+    files = sorted(Path(data).rglob("UID_*.bmp"))
+    subjects = {p.name.split("_")[1] for p in files}
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Cells"] == str(len(files))
+    assert metrics["Subjects (all / hem)"] == \
+        f"{sum(not s.startswith('H') for s in subjects)} / {sum(s.startswith('H') for s in subjects)}"
+    # Evaluate page: the figures it shows, recomputed here from the run's stored predictions and decision rule
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    from core.calibration import DecisionRule
+
+    preds = pd.read_csv(store.run_dir(rid) / "predictions.csv")
+    test = preds[preds["split"] == "test"]
+    decided = DecisionRule.load(store.run_dir(rid) / "calibration.json").decide(test["prob_all"].to_numpy())
+    y, yhat = test["label"].to_numpy(), decided["prediction"].to_numpy()
     at.switch_page("pages/evaluate.py").run()
-    assert any("Weighted F1" in m.label for m in at.metric)
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Weighted F1 (challenge)"] == f"{f1_score(y, yhat, average='weighted'):.3f}"
+    assert shown["Accuracy"] == f"{(y == yhat).mean():.3f}"
+    heat = plotly_array(json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["z"])
+    assert heat.tolist() == confusion_matrix(y, yhat, labels=["hem", "all"]).tolist()
+    # Misclassified page: as many false positives / negatives as the rule makes on the test split
+    at.switch_page("pages/misclassified.py").run()
+    fp, fn = int(((y == "hem") & (yhat == "all")).sum()), int(((y == "all") & (yhat == "hem")).sum())
+    assert any(f"{fp} false positives, {fn} false negatives" in c.value for c in at.caption)
 
 
 def test_whole_flow_train_evaluate_misclassified(monkeypatch, tmp_path, synth_small):
@@ -148,7 +183,7 @@ def test_whole_flow_train_evaluate_misclassified(monkeypatch, tmp_path, synth_sm
     assert any(f"{fp} false positives, {fn} false negatives" in c.value for c in at.caption)
 
 
-def test_decompression_bomb_upload_is_refused_alone(monkeypatch, demo_run, samples_dir):
+def test_decompression_bomb_upload_is_refused_alone(monkeypatch, demo_run, cell_dir):
     import io
 
     from PIL import Image
@@ -172,7 +207,7 @@ def test_server_config_is_locked_down():
     assert 0 < cfg["maxUploadSize"] <= 200
 
 
-def test_classify_refuses_non_cells_and_keeps_an_audit_trail(monkeypatch, demo_run, samples_dir):
+def test_classify_refuses_non_cells_and_keeps_an_audit_trail(monkeypatch, demo_run, cell_dir):
     """The demo run's gate (fitted at the end of its training) refuses a blank image and a photo-like one;
     every upload gets an audit record (name and SHA-256), downloadable as CSV."""
     import hashlib
@@ -205,7 +240,7 @@ def test_classify_refuses_non_cells_and_keeps_an_audit_trail(monkeypatch, demo_r
     assert any(b.label.startswith("Download the audit trail") for b in at.get("download_button"))
 
 
-def test_classify_defaults_to_the_starter_with_its_card(monkeypatch, tmp_path, synth_small, samples_dir):
+def test_classify_defaults_to_the_starter_with_its_card(monkeypatch, tmp_path, synth_small, cell_dir):
     from core.model_folder import STARTER_DIR
 
     if not (STARTER_DIR / "model.keras").exists():
@@ -213,7 +248,7 @@ def test_classify_defaults_to_the_starter_with_its_card(monkeypatch, tmp_path, s
     at = app(monkeypatch, tmp_path / "runs", synth_small, model=None)
     assert at.radio[0].value.startswith("Starter model")
     assert any("Model card" in e.label for e in at.expander)
-    at.file_uploader(key="cells").set_value(sample_files(samples_dir)).run()
+    at.file_uploader(key="cells").set_value(sample_files(cell_dir)).run()
     assert not at.exception, at.exception
     table = at.dataframe[0].value
     assert len(table) == 7 and table["out_of_distribution"].notna().all()

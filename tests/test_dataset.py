@@ -47,8 +47,8 @@ def test_encode_bmp_variants_match_real_sizes_and_roundtrip():
         np.testing.assert_array_equal(np.asarray(Image.open(__import__("io").BytesIO(data)).convert("RGB")), img)
 
 
-def test_index_plain_class_folders_with_real_cells(samples_dir, tmp_path):
-    for f in (samples_dir / "training_like").glob("*.bmp"):
+def test_index_plain_class_folders_with_real_cells(cell_dir, tmp_path):
+    for f in (cell_dir).glob("*.bmp"):
         cls = parse_uid(f.name).label
         (tmp_path / cls).mkdir(exist_ok=True)
         shutil.copy(f, tmp_path / cls / f.name)
@@ -173,3 +173,22 @@ def test_prelim_extra_files_and_missing_csv_are_named_correctly(synth_small, tmp
     m, p = index(root)
     assert (m["source"] != "prelim").all()
     assert set(p["reason"]) == {"no label CSV found beside the prelim folder"} and len(p) == 24 + 3
+
+
+def test_index_follows_symlinked_class_folders_without_looping(synth_small, tmp_path):
+    cells = sorted(synth_small.rglob("UID_*.bmp"))
+    blasts = [p for p in cells if p.name.endswith("_all.bmp")][:5]
+    normals = [p for p in cells if p.name.endswith("_hem.bmp")][:4]
+    elsewhere = tmp_path / "elsewhere" / "blasts"
+    elsewhere.mkdir(parents=True)
+    for p in blasts:
+        shutil.copy(p, elsewhere / p.name)
+    data = tmp_path / "data"
+    (data / "hem").mkdir(parents=True)
+    for p in normals:
+        shutil.copy(p, data / "hem" / p.name)
+    (data / "all").symlink_to(elsewhere, target_is_directory=True)  # a linked class folder
+    (data / "hem" / "loop").symlink_to(data, target_is_directory=True)  # a link loop back to the root
+    m, _ = index(data)
+    assert m["label"].value_counts().to_dict() == {"all": 5, "hem": 4}
+    assert sorted(m["name"]) == sorted(p.name for p in blasts + normals)  # each cell once, despite the loop

@@ -107,12 +107,12 @@ def test_evaluate_on_external_folder(demo_run, synth_small):
     assert result["provenance"]["cells"] == int(m["label"].notna().sum())
 
 
-def test_predict_cli_reports_bad_files_and_continues(demo_run, samples_dir, tmp_path, capsys):
+def test_predict_cli_reports_bad_files_and_continues(demo_run, cell_dir, tmp_path, capsys):
     store, rid, _ = demo_run
     bad = tmp_path / "broken.bmp"
     bad.write_bytes(b"BM" + b"\0" * 64)
     out = tmp_path / "preds.csv"
-    code = main(["predict", rid, str(samples_dir / "training_like"), str(bad), "--out", str(out),
+    code = main(["predict", rid, str(cell_dir), str(bad), "--out", str(out),
                  "--runs-dir", str(store.root), "--gradcam", str(tmp_path / "cams")])
     assert code == 1  # something failed, and the exit code says so
     table = pd.read_csv(out)
@@ -127,3 +127,57 @@ def test_predict_cli_reports_bad_files_and_continues(demo_run, samples_dir, tmp_
     assert ok.loc[ok["path"].str.contains("UID_h3_4_1"), "subject"].item() == "H3"
     assert len(list((tmp_path / "cams").glob("*.png"))) == 7
     assert "1 failed" in capsys.readouterr().out
+
+
+def test_threshold_fitted_on_validation_holds_on_held_out_test_cells(demo_run):
+    store, rid, _ = demo_run
+    result = evaluate(store, [rid], split="test", target_sensitivity=0.95, n_boot=0)
+    rule = result["calibration"]["rule"]
+    assert rule["fitted_on"].startswith(f"validation split of run {rid}")
+    assert result["provenance"]["split"] == "test"
+    assert result["metrics"]["sensitivity_all"] >= 0.9  # chosen on validation, checked on unseen test patients
+
+
+def test_evaluate_cli_prints_what_metrics_json_holds(demo_run, capsys):
+    store, rid, _ = demo_run
+    assert main(["evaluate", rid, "--runs-dir", str(store.root), "--n-boot", "20"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((store.run_dir(rid) / "metrics.json").read_text())
+    assert f"weighted_f1        {metrics['metrics']['weighted_f1']:.4f}" in out
+    assert f"runs {rid} on the test set (patient split, {metrics['provenance']['cells']} cells" in out
+    assert main(["evaluate", "no-such-run", "--runs-dir", str(store.root)]) == 2
+
+
+def test_predict_cli_tta_and_calibrated_outputs(demo_run, tmp_path):
+    from core.calibration import DecisionRule
+
+    store, rid, data = demo_run
+    split = load_split(store.run_dir(rid) / "split.csv")
+    paths = split[split["split"] == "test"]["path"].iloc[:5].tolist()
+    out = tmp_path / "tta.csv"
+    assert main(["predict", rid, *paths, "--tta", "--out", str(out), "--runs-dir", str(store.root)]) == 0
+    table = pd.read_csv(out).set_index("path").loc[paths]
+    model = load_model(str(store.run_dir(rid) / "best.keras"))
+    crops = np.stack([load_crop(p, 64) for p in paths])
+    judged = ~table["out_of_distribution"].astype(bool).to_numpy()
+    assert judged.sum() >= 3  # the demo model's own kind of cell is inside its gate
+    expected = predict_proba([model], crops, tta=True)
+    np.testing.assert_allclose(table["prob_all"].to_numpy()[judged], expected[judged], atol=1e-4)
+    plain = predict_proba([model], crops, tta=False)
+    assert not np.allclose(expected, plain, atol=1e-6)  # the eight views really were averaged
+    rule = DecisionRule.load(store.run_dir(rid) / "calibration.json")
+    decided = rule.decide(expected[judged])
+    np.testing.assert_allclose(table["prob_all_calibrated"].to_numpy()[judged], decided["prob_all_calibrated"],
+                               atol=1e-4)
+    assert table["prediction"].to_numpy()[judged].tolist() == decided["prediction"].tolist()
+    assert table["uncertain"].to_numpy()[judged].astype(bool).tolist() == decided["uncertain"].tolist()
+
+
+def test_demo_cli_trains_on_an_existing_synthetic_set(synth_small, tmp_path, capsys):
+    assert main(["demo", "--data", str(synth_small), "--runs-dir", str(tmp_path), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "demo run " in out and ": completed; test accuracy on the synthetic patient-level test split" in out
+    from training.store import RunStore
+
+    runs = RunStore(tmp_path).list_runs()
+    assert runs["status"].tolist() == ["completed"] and runs["name"].tolist() == ["demo"]

@@ -11,8 +11,8 @@ from core.imageio import encode_bmp, read_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def real_cells(samples_dir):
-    return [read_image(p) for p in sorted((samples_dir / "training_like").glob("*.bmp"))]
+def real_cells(cell_dir):
+    return [read_image(p) for p in sorted((cell_dir).glob("*.bmp"))]
 
 
 @pytest.fixture(scope="module")

@@ -43,12 +43,12 @@ def test_model_folder_is_inference_only_and_keeps_rule_and_card(tmp_path):
         load_model_folder(tmp_path / "nothing")
 
 
-def test_cli_predicts_and_evaluates_with_a_model_folder(tmp_path, samples_dir, capsys):
+def test_cli_predicts_and_evaluates_with_a_model_folder(tmp_path, cell_dir, capsys):
     from training.cli import main
 
     model = create_model("solution_a", 32, augment=AugmentSpec(), standardize=True, filters=(4, 4, 4, 4))
     folder = save_model_folder(tmp_path / "m", model, DecisionRule(fitted_on="unit test"), {"name": "t"}, "")
-    cells = samples_dir / "training_like"
+    cells = cell_dir
     out = tmp_path / "pred.csv"
     runs = tmp_path / "runs"
     assert main(["predict", str(folder), str(cells), "--out", str(out), "--runs-dir", str(runs)]) == 0
@@ -98,7 +98,7 @@ def test_starter_loads_in_safe_mode_and_classifies_real_sample_cells(samples_dir
           "(reported, not asserted: 7 cells)")
 
 
-def test_bench_real_refuses_folders_it_cannot_cross_validate(tmp_path, samples_dir, capsys):
+def test_bench_real_refuses_folders_it_cannot_cross_validate(tmp_path, cell_dir, capsys):
     bench = _bench_real()
     assert bench.main([str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
@@ -109,11 +109,11 @@ def test_bench_real_refuses_folders_it_cannot_cross_validate(tmp_path, samples_d
     assert "no labelled cells" in capsys.readouterr().err
     one = tmp_path / "one" / "all"
     one.mkdir(parents=True)
-    for p in (samples_dir / "training_like").glob("*_all.bmp"):
+    for p in (cell_dir).glob("*_all.bmp"):
         shutil.copy(p, one / p.name)
     assert bench.main([str(tmp_path / "one")]) == 2
     assert "only one class" in capsys.readouterr().err
-    assert bench.main([str(samples_dir / "training_like"), "--recipes", "nope"]) == 2
+    assert bench.main([str(cell_dir), "--recipes", "nope"]) == 2
 
 
 def test_paired_difference_and_subject_correction():

@@ -1,9 +1,6 @@
 """End-to-end trainer, worker and run-store behaviour on small synthetic data (32-px crops)."""
 import json
 import os
-import signal
-import sqlite3
-import time
 
 import pandas as pd
 import pytest
@@ -13,27 +10,10 @@ pytest.importorskip("keras")
 from training import jobs  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.store import RunStore  # noqa: E402
+from helpers import tiny, wait_for  # noqa: E402
 from training.trainer import train  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def tiny(data, runs, **kw) -> RunConfig:
-    base = dict(architecture="solution_a", data_dir=str(data), runs_dir=str(runs), cache_dir=str(runs / "cache"),
-                image_size=32, batch_size=16, epochs=2, samples_per_class=32, learning_rate=1e-3,
-                early_stopping=False, loader_workers=1)
-    base.update(kw)
-    return RunConfig(**base)
-
-
-def wait_for(pred, timeout=180, every=0.3):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not reached")
 
 
 def test_train_writes_a_complete_run_folder(synth_small, tmp_path):
@@ -103,29 +83,9 @@ def test_cancel_then_resume_from_checkpoint(synth_small, tmp_path):
     run = wait_for(lambda: (r := store.get_run(rid))["status"] not in ("queued", "running") and r, timeout=300)
     assert run["status"] == "completed", run["error"]
     assert store.epochs(rid)["epoch"].tolist() == list(range(5))  # continued, nothing repeated or lost
-    assert "resuming from epoch" in (folder / "train.log").read_text()
-
-
-def test_sigkill_leaves_a_failed_run_and_a_sound_database(synth_small, tmp_path):
-    store = RunStore(tmp_path)
-    rid = jobs.launch(tiny(synth_small, tmp_path, epochs=20, samples_per_class=96), store)
-    wait_for(lambda: store.progress(rid) and store.progress(rid)["step"] > 0)
-    os.kill(store.get_run(rid)["pid"], signal.SIGKILL)
-    run = wait_for(lambda: (r := store.get_run(rid))["status"] == "failed" and r, timeout=30)
-    assert "ended without reporting" in run["error"]
-    with sqlite3.connect(store.db_path) as con:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-
-
-def test_two_jobs_queue_on_one_device(synth_small, tmp_path):
-    store = RunStore(tmp_path)
-    a = jobs.launch(tiny(synth_small, tmp_path, epochs=2), store)
-    b = jobs.launch(tiny(synth_small, tmp_path, epochs=2), store)
-    runs = [wait_for(lambda r=r: (x := store.get_run(r))["status"] not in ("queued", "running") and x, timeout=300)
-            for r in (a, b)]
-    assert [r["status"] for r in runs] == ["completed", "completed"], [r["error"] for r in runs]
-    first, second = sorted(runs, key=lambda r: r["started_at"])
-    assert second["started_at"] >= first["finished_at"] - 0.5  # never both running
+    assert "resuming at epoch" in (folder / "train.log").read_text()
+    state = json.loads((folder / "state.json").read_text())  # SIGTERM kept every trained batch: none twice
+    assert json.loads((folder / "summary.json").read_text())["batches_trained"] == 5 * state["steps_per_epoch"]
 
 
 def test_demo_reaches_90_percent_on_synthetic_test_split(demo_run):
@@ -151,3 +111,45 @@ def test_split_all_trains_every_cell_for_fixed_epochs_and_keeps_the_last(synth_s
     best, last = load_model(str(folder / "best.keras")), load_model(str(folder / "last.keras"))
     for a, b in zip(best.get_weights(), last.get_weights()):
         assert (a == b).all()  # the kept model is the last epoch's
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(synth_small, tmp_path):
+    """With a learning rate too small to change anything, validation accuracy never improves: patience 1 stops
+    the run after its second epoch of ten, the run completes and its checkpoint says why."""
+    store = RunStore(tmp_path)
+    rid = train(tiny(synth_small, tmp_path, epochs=10, early_stopping=True, es_patience=1, learning_rate=1e-12,
+                     augment=False), store)
+    run = store.get_run(rid)
+    assert run["status"] == "completed", run["error"]
+    assert store.epochs(rid)["epoch"].tolist() == [0, 1]
+    state = json.loads((store.run_dir(rid) / "state.json").read_text())
+    assert state["stopped_early"] is True and state["callbacks"]["EarlyStopping"]["wait"] >= 1
+    assert json.loads((store.run_dir(rid) / "summary.json").read_text())["epochs_trained"] == 2
+
+
+def test_crop_margin_zero_keeps_whole_images(synth_small, tmp_path):
+    """For pre-cropped datasets: margin 0 trains on the whole image (resized), and the run's model is then
+    applied to whole images too."""
+    import numpy as np
+
+    from core.imageio import read_image
+    from core.preprocessing import CropCache, crop_cell
+    from core.splits import load_split
+    from training.evaluate import crop_margin_of
+
+    store = RunStore(tmp_path)
+    rid = train(tiny(synth_small, tmp_path, epochs=1, crop_margin=0), store)
+    assert store.get_run(rid)["status"] == "completed", store.get_run(rid)["error"]
+    assert RunConfig.from_file(store.run_dir(rid) / "config.json").crop_margin == 0
+    assert crop_margin_of(rid, store) == 0  # predict / Classify apply the model to whole images too
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("crops-*.json")]
+    assert [m["margin"] for m in metas] == [0]
+    split = load_split(store.run_dir(rid) / "split.csv")
+    stats = [os.stat(p) for p in split["path"]]
+    cache = CropCache.build(split.assign(size=[s.st_size for s in stats], mtime_ns=[s.st_mtime_ns for s in stats]),
+                            tmp_path / "cache", size=32, margin=0, progress=False)
+    assert cache.reused  # the very cache the run trained on
+    img = read_image(split["path"].iloc[0])
+    whole = crop_cell(img, size=32, margin=0)
+    assert not np.array_equal(whole, crop_cell(img, size=32))  # the default crop would have cut it
+    np.testing.assert_array_equal(cache.array[cache.rows(split["path"].iloc[:1])][0], whole)

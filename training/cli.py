@@ -36,12 +36,15 @@ def cmd_synth(args) -> int:
             print("error: --replica needs --file-list PATH (the Kaggle kaggle_file_list.txt)", file=sys.stderr)
             return 2
         file_list = DEFAULT_FILE_LIST
-    truth = synthesize(args.dir, cells_per_subject=args.cells_per_subject, noise=args.noise,
+    from core.synthetic import DEMO_NOISE
+
+    noise = DEMO_NOISE if args.noise is None else args.noise
+    truth = synthesize(args.dir, cells_per_subject=args.cells_per_subject, noise=noise,
                        difficulty=args.difficulty, seed=args.seed, replica=args.replica, file_list=file_list,
                        workers=args.workers)
     flipped = int(truth["morphology_flipped"].sum())
     print(f"wrote {len(truth)} synthetic cells to {args.dir} "
-          f"({flipped} with label-noise-flipped morphology; best achievable accuracy ~{1 - args.noise:.3f})")
+          f"({flipped} with label-noise-flipped morphology; best achievable accuracy ~{1 - noise:.3f})")
     return 0
 
 
@@ -53,7 +56,19 @@ def cmd_run(args) -> int:
     base = RunConfig.from_file(args.config) if args.config else RunConfig()
     store = RunStore(args.runs_dir or base.runs_dir)  # a config file's runs_dir counts unless a flag overrides it
     if args.resume:
-        run_id = train(base, store, run_id=args.resume, resume=True)
+        try:
+            stored = RunConfig.from_dict(store.get_run(args.resume)["config"])
+        except KeyError as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 2
+        wanted = config_from_args(args, RunConfig.from_file(args.config) if args.config else stored)
+        changed = sorted(f for f, v in wanted.to_dict().items()
+                         if f not in ("epochs", "runs_dir") and v != stored.to_dict().get(f))
+        if changed:
+            print(f"error: --resume continues run {args.resume} with its own settings; only --epochs may change, "
+                  f"not: {', '.join(changed)}", file=sys.stderr)
+            return 2
+        run_id = train(base, store, run_id=args.resume, resume=True, epochs=args.epochs)
     else:
         if args.run_id:  # launched by training.jobs: the config was registered with the run
             base = RunConfig.from_dict(store.get_run(args.run_id)["config"])
@@ -72,7 +87,7 @@ def cmd_demo(args) -> int:
     data = Path(args.data)
     if not (data / "synthetic_truth.csv").exists():
         print(f"generating the synthetic demo dataset in {data} ...")
-        synthesize(data, cells_per_subject=20, noise=0.0, seed=0)
+        synthesize(data, cells_per_subject=20, seed=0)  # the default label noise: a demo worth reviewing
     cfg = demo_config(data, args.runs_dir or "runs", epochs=args.epochs)
     store = RunStore(cfg.runs_dir)
     run_id = train(cfg, store)
@@ -115,12 +130,19 @@ def cmd_evaluate(args) -> int:
                   "(the metrics below cover every cell)")
     else:
         store = RunStore(args.runs_dir)
-        result = evaluate(store, args.run_ids, split=args.split, data_dir=args.data, tta=args.tta,
-                          target_sensitivity=args.target_sensitivity, n_boot=args.n_boot)
+        try:
+            result = evaluate(store, args.run_ids, split=args.split, data_dir=args.data, tta=args.tta,
+                              target_sensitivity=args.target_sensitivity, n_boot=args.n_boot,
+                              data_root=args.data_root, label_overrides=args.label_overrides)
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+            return 2
         prov, m = result["provenance"], result["metrics"]
         print(f"runs {', '.join(prov['runs'])} on the {prov['split']} set ({prov['split_strategy']} split, "
               f"{prov['cells']} cells, {len(prov['subjects'])} subjects, data {prov['data_dir']}"
               f"{', TTA' if prov['tta'] else ''})")
+        if prov.get("label_overrides"):
+            print(f"labels: {prov['label_overrides']['labels_changed']} corrected by {prov['label_overrides']['file']}")
     if prov.get("warning"):
         print(f"WARNING: {prov['warning']}")
     import pandas as pd
@@ -154,8 +176,14 @@ def cmd_predict(args) -> int:
         print("error: no image files found", file=sys.stderr)
         return 2
     cam = GradCAM(model) if args.gradcam else None
+    from training.evaluate import crop_margin_of
+
     table = classify_files([model], paths, size, rule=rule, tta=args.tta, gradcam_dir=args.gradcam, cam=cam,
-                           gate=gate)
+                           gate=gate, margin=crop_margin_of(args.model, store))
+    if args.review_queue:
+        from core.inference import review_queue
+
+        table = review_queue(table, rule.threshold)
     if args.out:
         table.to_csv(args.out, index=False)
     from training.audit import record, sha256_of
@@ -200,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reproduce the real tree's names, counts and subjects, scaled to FRACTION")
     s.add_argument("--file-list", help="kaggle_file_list.txt for --replica (the label CSV must sit beside it)")
     s.add_argument("--cells-per-subject", type=int, default=20)
-    s.add_argument("--noise", type=float, default=0.0, help="label-noise rate epsilon")
+    s.add_argument("--noise", type=float, default=None,
+                   help="label-noise rate epsilon (default 0.08: about 8%% of cells look like the other class)")
     s.add_argument("--difficulty", type=float, default=0.3, help="0 easy ... 1 classes identical")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=None)
@@ -210,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="train one job in the foreground (the dashboard runs this in the background)")
     s.add_argument("--config", help="JSON file of RunConfig fields (flags override it)")
-    s.add_argument("--resume", metavar="RUN_ID", help="continue a cancelled/failed run from its last checkpoint")
+    s.add_argument("--resume", metavar="RUN_ID",
+                   help="continue a cancelled/failed run from its checkpoint; with --epochs N, extend its schedule "
+                        "(any other changed flag is refused)")
     s.add_argument("--run-id", help="run a job already registered in the store (used by the dashboard)")
     add_config_arguments(s)
     s.set_defaults(func=cmd_run)
@@ -227,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", choices=("train", "val", "test"))
     s.add_argument("--data", default=None, help="evaluate on another labelled C-NMC folder instead")
     s.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
+    s.add_argument("--label-overrides", default=None, metavar="CSV",
+                   help="score against reviewers' corrected labels (name,label); written to with_overrides/")
+    s.add_argument("--data-root", default=None,
+                   help="where the run's dataset is now, if it was moved after training")
     s.add_argument("--target-sensitivity", type=float, default=None,
                    help="choose the threshold on validation to reach this sensitivity for all")
     s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (by subject) for CIs")
@@ -242,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gradcam", metavar="DIR", help="write Grad-CAM overlays here")
     s.add_argument("--tta", action="store_true")
     s.add_argument("--runs-dir", default="runs", help="run store (runs, and the audit trail of classifications)")
+    s.add_argument("--review-queue", action="store_true",
+                   help="order the table for an expert: cells the model cannot judge (out of distribution) first, "
+                        "then by closeness of calibrated P(blast) to the threshold; adds review_rank")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("audit", help="the audit trail of classifications (dashboard and CLI) as CSV")

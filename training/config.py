@@ -27,11 +27,16 @@ class RunConfig:
     # --- data
     data_dir: str = _f("data/demo", "C-NMC folder (any supported layout, any level)")
     cache_dir: str = _f("cache", "where decoded crop caches live")
+    label_overrides: str | None = _f(None, "CSV of corrected labels (name,label), e.g. the reviewers' export: "
+                                           "applied before the split; the run counts and marks them")
     split: str = _f("patient", "patient (subject-disjoint, default), official (challenge folds), image (leaky), "
                                "all (every cell trains; fixed epochs, no validation: for a final model)",
                     choices=("patient", "official", "image", "all"))
     val_fold: int = _f(2, "official split: which training fold validates")
     image_size: int = _f(250, "model input in pixels after the 100-px crop (250 = no resize)")
+    crop_margin: int = _f(100, "pixels cut from each side of a 450-px tile before resizing (scaled with the "
+                               "image: 100/450 of the side); 0 keeps whole images, for tightly pre-cropped "
+                               "datasets such as ALL-IDB2")
     # --- optimisation (report §5.4-5.5)
     batch_size: int | None = _f(None, "batch size; default per architecture (solution_a 16, efficientnet_b2 32)")
     epochs: int | None = _f(None, "epochs; default per architecture (solution_a 50, efficientnet_b2 30)")
@@ -90,6 +95,8 @@ class RunConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        if not 0 <= self.crop_margin < 225:
+            raise ValueError("crop_margin must be in [0, 225) pixels of a 450-px tile")
         if self.image_size < 16:
             raise ValueError("image_size must be at least 16 pixels")
         if self.target_sensitivity is not None and not 0 < self.target_sensitivity <= 1:

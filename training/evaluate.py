@@ -55,14 +55,39 @@ def resolve_model(ref: str, store: RunStore):
     return model, rule, int(model.inputs[0].shape[1]), what, gate, path
 
 
-def _split_rows(store: RunStore, run_id: str) -> tuple[RunConfig, pd.DataFrame]:
+def _split_rows(store: RunStore, run_id: str, data_root: str | None = None) -> tuple[RunConfig, pd.DataFrame]:
+    """The run's config and split, with paths under `data_root` when the dataset was moved there."""
     from core.splits import load_split
 
     cfg = RunConfig.from_dict(store.get_run(run_id)["config"])
-    return cfg, load_split(store.run_dir(run_id) / "split.csv")
+    return cfg, load_split(store.run_dir(run_id) / "split.csv", data_root=data_root)
 
 
-def _cached_crops(table: pd.DataFrame, size: int, cache_dir: str):
+def _require_files(paths: pd.Series, what: str) -> None:
+    """A clear error, not a traceback from deep inside, when cells have to be read and are gone."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} cells of {what} are missing (first: {missing[0]}); "
+                                "if the dataset was moved, give its new folder with --data-root")
+
+
+def crop_margin_of(ref: str, store: RunStore) -> int:
+    """The crop margin a model was trained with (its run's config, or its model folder's card); the report's
+    100 px for anything that does not say."""
+    from core.model_folder import is_model_folder, load_model_folder
+    from core.preprocessing import CROP_MARGIN
+
+    if is_model_folder(ref):
+        return int(load_model_folder(ref).card.get("crop_margin", CROP_MARGIN))
+    if ref.endswith(".keras"):
+        return CROP_MARGIN
+    try:
+        return int(store.get_run(ref)["config"].get("crop_margin", CROP_MARGIN))
+    except KeyError:
+        return CROP_MARGIN
+
+
+def _cached_crops(table: pd.DataFrame, size: int, cache_dir: str, margin: int | None = None):
     """The crop cache of `table`'s cells (one stat per file); for a run's split.csv this is the key the
     trainer built, so its cache is reused rather than rebuilt."""
     from core.preprocessing import CropCache
@@ -70,7 +95,10 @@ def _cached_crops(table: pd.DataFrame, size: int, cache_dir: str):
     stats = [Path(p).stat() for p in table["path"]]
     files = pd.DataFrame({"path": table["path"].to_numpy(), "size": [st.st_size for st in stats],
                           "mtime_ns": [st.st_mtime_ns for st in stats]})
-    return CropCache.build(files, cache_dir, size=size, progress=False)
+    from core.preprocessing import CROP_MARGIN
+
+    return CropCache.build(files, cache_dir, size=size, margin=CROP_MARGIN if margin is None else margin,
+                           progress=False)
 
 
 def _predict(models, cache, paths: pd.Series, tta: bool) -> np.ndarray:
@@ -80,13 +108,16 @@ def _predict(models, cache, paths: pd.Series, tta: bool) -> np.ndarray:
 
 
 def collect_predictions(store: RunStore, run_ids: Sequence[str], split: str = "test",
-                        data_dir: str | None = None, tta: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(validation predictions, evaluation predictions, provenance), averaged over `run_ids`."""
+                        data_dir: str | None = None, tta: bool = False,
+                        data_root: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(validation predictions, evaluation predictions, provenance), averaged over `run_ids`; `data_root` is
+    where the runs' dataset is now, if it was moved after training."""
     from core.models import load_model
+    from core.splits import relocate
 
-    first_cfg, first_split = _split_rows(store, run_ids[0])
+    first_cfg, first_split = _split_rows(store, run_ids[0], data_root)
     for rid in run_ids[1:]:
-        _, other = _split_rows(store, rid)
+        _, other = _split_rows(store, rid, data_root)
         if not other[["path", "split"]].equals(first_split[["path", "split"]]):
             raise ValueError(f"run {rid} used a different split than {run_ids[0]}: an ensemble must share one")
     cols = ["path", "subject", "label", "split"]
@@ -106,17 +137,23 @@ def collect_predictions(store: RunStore, run_ids: Sequence[str], split: str = "t
     simple = len(run_ids) == 1 and not tta and not data_dir and split in ("val", "test")
     pred_file = store.run_dir(run_ids[0]) / "predictions.csv"
     if simple and pred_file.exists():  # written by the trainer from best.keras: no need to predict again
-        stored = pd.read_csv(pred_file, dtype={"subject": "str"}).set_index("path")["prob_all"]
+        stored = pd.read_csv(pred_file, dtype={"subject": "str"})
+        stored["path"] = relocate(stored["path"], first_split.attrs.get("stored_root"), data_root)
+        stored = stored.set_index("path")["prob_all"]
         val["prob_all"], target["prob_all"] = stored.loc[val["path"]].to_numpy(), stored.loc[target["path"]].to_numpy()
     else:
+        _require_files(first_split["path"], f"run {run_ids[0]}'s split (data root "
+                                            f"{first_split.attrs.get('data_root')})")
         models = [load_model(str(run_model_path(store, r))) for r in run_ids]
         size = int(models[0].inputs[0].shape[1])
-        split_cache = _cached_crops(first_split, size, first_cfg.cache_dir)
-        target_cache = _cached_crops(target, size, first_cfg.cache_dir) if data_dir else split_cache
+        split_cache = _cached_crops(first_split, size, first_cfg.cache_dir, first_cfg.crop_margin)
+        target_cache = _cached_crops(target, size, first_cfg.cache_dir, first_cfg.crop_margin) if data_dir \
+            else split_cache
         val["prob_all"] = _predict(models, split_cache, val["path"], tta)
         target["prob_all"] = _predict(models, target_cache, target["path"], tta)
     provenance = {"runs": list(run_ids), "split": split if not data_dir else "external",
-                  "split_strategy": first_cfg.split, "data_dir": data_dir or first_cfg.data_dir, "tta": tta,
+                  "split_strategy": first_cfg.split, "tta": tta,
+                  "data_dir": data_dir or first_split.attrs.get("data_root") or first_cfg.data_dir,
                   "architectures": [store.get_run(r)["architecture"] for r in run_ids]}
     if first_cfg.split == "image" and not data_dir:
         provenance["warning"] = "image-level split: subjects leak between splits; optimistic"
@@ -125,12 +162,25 @@ def collect_predictions(store: RunStore, run_ids: Sequence[str], split: str = "t
 
 def evaluate(store: RunStore, run_ids: Sequence[str], split: str = "test", data_dir: str | None = None,
              tta: bool = False, target_sensitivity: float | None = None, band: float = 0.1,
-             n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Evaluate one run or an ensemble; writes the artefacts and returns metrics.json's content."""
+             n_boot: int = 1000, seed: int = 0, data_root: str | None = None,
+             label_overrides: str | None = None) -> dict[str, Any]:
+    """Evaluate one run or an ensemble; writes the artefacts and returns metrics.json's content.
+    `data_root`: the runs' dataset folder if it moved since training (paths are stored relative to it).
+    `label_overrides`: a reviewers' corrections CSV applied to the labels scored against (artefacts then go to a
+    `with_overrides/` sub-folder, so the figures with and without them sit side by side)."""
     run_ids = list(run_ids)
-    val, target, provenance = collect_predictions(store, run_ids, split, data_dir, tta)
+    val, target, provenance = collect_predictions(store, run_ids, split, data_dir, tta, data_root)
     out_dir = store.run_dir(run_ids[0]) if len(run_ids) == 1 else \
         store.root / "ensembles" / hashlib.sha1("|".join(sorted(run_ids)).encode()).hexdigest()[:12]
+    if label_overrides:
+        from core.labels import apply_overrides, load_overrides
+
+        table = load_overrides(label_overrides)
+        val, _ = apply_overrides(val.assign(name=[Path(p).name for p in val["path"]]), table)
+        target, changed = apply_overrides(target.assign(name=[Path(p).name for p in target["path"]]), table)
+        val, target = val.drop(columns=["name", "label_overridden"]), target.drop(columns=["name", "label_overridden"])
+        provenance["label_overrides"] = {"file": str(label_overrides), "labels_changed": changed}
+        out_dir = out_dir / "with_overrides"
     out_dir.mkdir(parents=True, exist_ok=True)
     yv = (val["label"] == "all").to_numpy().astype(int)
     if len(np.unique(yv)) == 2:

@@ -39,14 +39,18 @@ def launch(config: RunConfig, store: RunStore | None = None) -> str:
     return run_id
 
 
-def resume(run_id: str, store: RunStore) -> int:
-    """Continue a cancelled or failed run from its last checkpoint in a new background worker."""
+def resume(run_id: str, store: RunStore, epochs: int | None = None) -> int:
+    """Continue a cancelled or failed run from its checkpoint in a new background worker; with `epochs`, also
+    extend its schedule (a completed run can be extended, not repeated)."""
     run = store.get_run(run_id)
     if run["status"] in ("queued", "running"):
         raise ValueError(f"run {run_id} is still {run['status']}")
-    if run["status"] == "completed":
-        raise ValueError(f"run {run_id} is already completed")
-    return _spawn(store, run_id, ["--resume", run_id])
+    planned = int(run["config"].get("epochs") or 0)
+    if epochs is not None and epochs < planned:
+        raise ValueError(f"run {run_id} is planned for {planned} epochs; an extension needs more, not {epochs}")
+    if run["status"] == "completed" and (epochs is None or epochs == planned):
+        raise ValueError(f"run {run_id} is already completed; give more epochs to extend it")
+    return _spawn(store, run_id, ["--resume", run_id] + (["--epochs", str(int(epochs))] if epochs else []))
 
 
 def cancel(run_id: str, store: RunStore) -> bool:

@@ -7,6 +7,7 @@ stop request (SIGTERM/SIGINT or the dashboard's Cancel) into a checkpoint and a 
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -36,13 +37,20 @@ class StopFlag:
         self.signal_name: str | None = None
 
     def install(self) -> None:
+        """SIGTERM/SIGINT set the flag (main thread only); `uninstall` gives the previous handlers back."""
         def handler(signum, _frame):
             self.signal_name = signal.Signals(signum).name
             self.event.set()
 
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, handler)
-            signal.signal(signal.SIGINT, handler)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, handler)
+
+    def uninstall(self) -> None:
+        for sig, old in getattr(self, "previous", {}).items():
+            signal.signal(sig, old)
+        self.previous = {}
 
     def __bool__(self) -> bool:
         return self.event.is_set()
@@ -61,24 +69,69 @@ def _atomic_json(data, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _store_callback(store: RunStore, run_id: str, run_dir: Path, stop: StopFlag, steps: int, state: dict):
+def _atomic_link(src: Path, dst: Path) -> None:
+    """`dst` becomes another name of the complete file `src` (a hard link, a copy where links are refused)."""
+    import shutil
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+# The callbacks whose counters a resumed run must continue, and the attributes that hold them.
+_CALLBACK_STATE = {"ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
+                   "EarlyStopping": ("wait", "best", "stopped_epoch")}
+
+
+def _json_number(v):
+    return None if v is None else float(v) if isinstance(v, (float, np.floating)) else int(v)
+
+
+def _checkpointer(store: RunStore, run_id: str, run_dir: Path, stop: StopFlag, steps: int, epochs: int,
+                  state: dict, callbacks: list, keep_best: bool):
+    """The run's memory, as a Keras callback.
+
+    A checkpoint is `checkpoints/eEEE-sSSSSS.keras` (weights, optimizer) plus `state.json` (epoch, step, the
+    callbacks' counters, the epoch's running metric sums, the best validation accuracy, a ledger of the batches
+    trained), written in that order, each atomically: `state.json` only ever names a complete checkpoint, so a
+    kill at any instant leaves the previous checkpoint valid. One is written at every epoch end and when a stop
+    is requested (after the current batch); `last.keras` is another name for the newest. Epoch rows go to the
+    store before the checkpoint, so a kill between the two repeats the epoch rather than leaving a gap.
+    """
     import keras
 
-    class StoreCallback(keras.callbacks.Callback):
-        """Epoch rows, throttled batch progress and heartbeats into the store; last checkpoint each epoch."""
+    class Checkpointer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.skip = 0  # batches of the first epoch already trained before a resume
+            self.restore_metrics: list | None = None
+
+        def on_train_begin(self, logs=None):  # after the other callbacks reset themselves: give back their state
+            for cb in callbacks:
+                for attr, value in state.get("callbacks", {}).get(type(cb).__name__, {}).items():
+                    setattr(cb, attr, value)
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.t0 = time.perf_counter()
-            self.last = 0.0
-            self.epoch = epoch
-            store.set_progress(run_id, epoch, 0, steps)
+            self.t0 = time.perf_counter() - (state.get("epoch_seconds", 0.0) if self.skip else 0.0)
+            self.last, self.epoch, self.first = 0.0, epoch, self.skip
+            store.set_progress(run_id, epoch, self.skip, steps)
 
         def on_train_batch_end(self, batch, logs=None):
-            if stop:
-                raise Cancelled(stop.signal_name or "stop requested")
+            if self.restore_metrics is not None:  # add the interrupted epoch's running sums (metrics are
+                self._add_metric_sums(self.restore_metrics)  # built by the first step, so only now)
+                self.restore_metrics = None
+            done = self.skip + batch + 1
+            if stop and done < steps:  # at the last batch the epoch is finished instead, then stopped
+                self.checkpoint(self.epoch, done)
+                raise Cancelled(f"{stop.signal_name or 'stop requested'} at epoch {self.epoch + 1}, "
+                                f"step {done}/{steps}")
             now = time.perf_counter()
-            if now - self.last > 0.5 or batch + 1 == steps:
-                store.set_progress(run_id, self.epoch, batch + 1, steps)
+            if now - self.last > 0.5 or done == steps:
+                store.set_progress(run_id, self.epoch, done, steps)
                 self.last = now
 
         def on_test_begin(self, logs=None):
@@ -89,42 +142,129 @@ def _store_callback(store: RunStore, run_id: str, run_dir: Path, stop: StopFlag,
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             logs["learning_rate"] = lr
             seconds = time.perf_counter() - self.t0
-            state.update(epoch=epoch + 1, best_val_accuracy=max(state.get("best_val_accuracy") or 0.0,
-                                                                  float(logs.get("val_accuracy", 0.0))))
-            _atomic_save(self.model, run_dir / "last.keras")
-            _atomic_json(state, run_dir / "state.json")
             store.log_epoch(run_id, epoch, logs, seconds)
+            val = logs.get("val_accuracy")
+            if keep_best and val is not None and val > (state.get("best_val_accuracy") or -1.0):
+                _atomic_save(self.model, run_dir / "best.keras")
+                state["best_val_accuracy"] = float(val)
+            state["stopped_early"] = bool(self.model.stop_training)
+            self.skip = 0
+            self.checkpoint(epoch + 1, 0)
             log.info("epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f lr %.2e (%.1f s)", epoch + 1,
                      logs.get("loss", np.nan), logs.get("accuracy", np.nan), logs.get("val_loss", np.nan),
                      logs.get("val_accuracy", np.nan), lr, seconds)
+            if stop and epoch + 1 < epochs:
+                raise Cancelled(f"{stop.signal_name or 'stop requested'} at the end of epoch {epoch + 1}")
 
-    return StoreCallback()
+        def _add_metric_sums(self, saved: list) -> None:
+            variables = [v for m in self.model.metrics for v in m.variables]
+            if len(variables) != len(saved):
+                log.warning("the epoch's running metrics could not be restored (%d saved, %d now): its "
+                            "loss/accuracy cover the batches after the resume only", len(saved), len(variables))
+                return
+            for v, s in zip(variables, saved):
+                v.assign(keras.ops.convert_to_numpy(v) + np.asarray(s, dtype=v.dtype))
+
+        def checkpoint(self, epoch: int, step: int) -> None:
+            """Write the state after `step` batches of epoch `epoch` (0-based; step 0 = at its start)."""
+            trained_in = self.epoch if step else epoch - 1
+            end = step if step else steps
+            if end > self.first:
+                state.setdefault("ledger", []).append([trained_in, self.first, end])
+            self.first = step
+            state.update(epoch=epoch, step=step, steps_per_epoch=steps,
+                         epoch_seconds=time.perf_counter() - self.t0 if step else 0.0,
+                         callbacks={type(cb).__name__: {a: _json_number(getattr(cb, a)) for a in attrs}
+                                    for cb in callbacks for name, attrs in _CALLBACK_STATE.items()
+                                    if type(cb).__name__ == name},
+                         metrics=[keras.ops.convert_to_numpy(v).tolist()
+                                  for m in self.model.metrics for v in m.variables] if step else None)
+            folder = run_dir / "checkpoints"
+            folder.mkdir(exist_ok=True)
+            name = f"e{epoch:03d}-s{step:05d}.keras"
+            _atomic_save(self.model, folder / name)
+            state["checkpoint"] = f"checkpoints/{name}"
+            _atomic_json(state, run_dir / "state.json")
+            _atomic_link(folder / name, run_dir / "last.keras")
+            for old in folder.glob("*.keras"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+
+    return Checkpointer()
+
+
+class Heartbeat:
+    """Beats into the store from a background thread for the worker's whole life, whatever phase it is in
+    (indexing, cache build, training, validation, prediction), so a live worker is never declared lost."""
+
+    def __init__(self, store: RunStore, run_id: str, every: float | None = None):
+        from training.store import heartbeat_interval
+
+        self.store, self.run_id, self.every = store, run_id, every or heartbeat_interval()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id}", daemon=True)
+
+    def _loop(self) -> None:
+        while not self.done.wait(self.every):
+            try:
+                self.store.heartbeat(self.run_id)
+            except Exception as exc:  # noqa: BLE001 - a busy database must not kill the worker; said in its log
+                log.warning("heartbeat not written (%s); retrying in %.0f s", exc, self.every)
+
+    def __enter__(self):
+        self.store.heartbeat(self.run_id)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
+def lock_dir() -> Path:
+    """Where device locks live: one folder per machine and user (not per run store)."""
+    base = os.environ.get("CNMC_LOCK_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cnmc", "locks")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def device_key(acc) -> str:
+    """The device a job occupies: the CPU, or the visible GPUs (by CUDA_VISIBLE_DEVICES when set)."""
+    if not acc.gpus:
+        return "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+    return "gpu-" + "".join(c if c.isalnum() else "_" for c in visible)
 
 
 class DeviceQueue:
-    """One job at a time per run store (one GPU): an exclusive flock, released by the kernel if we die."""
+    """One job at a time per device per machine, whatever the run store: an exclusive flock on a file in the
+    user's cache folder (`lock_dir()`), released by the kernel when the worker dies."""
 
-    def __init__(self, store: RunStore, run_id: str, stop: StopFlag):
-        self.path, self.store, self.run_id, self.stop = store.root / "device.lock", store, run_id, stop
+    def __init__(self, key: str, stop: StopFlag, run_id: str = ""):
+        self.path, self.stop, self.run_id = lock_dir() / f"device-{key}.lock", stop, run_id
         self.fh = None
 
     def __enter__(self):
         self.fh = open(self.path, "a+")
-        waited, beat = 0.0, 0.0
+        announced = False
         while True:
             try:
                 fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if self.stop:
+                    self.fh.close()
                     raise Cancelled("cancelled while queued")
-                if waited - beat >= 10:
-                    self.store.heartbeat(self.run_id)
-                    beat = waited
-                if waited == 0:
-                    log.info("device busy with another run: queued")
+                if not announced:
+                    log.info("device busy with another run (%s): queued", self.path)
+                    announced = True
                 time.sleep(0.5)
-                waited += 0.5
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"{os.getpid()} {self.run_id}\n")
+        self.fh.flush()
         return self
 
     def __exit__(self, *exc):
@@ -159,12 +299,18 @@ def prepare_data(cfg: RunConfig, run_dir: Path, reuse_split: bool):
     if reuse_split and split_path.exists():
         split = load_split(split_path)
     else:
+        if cfg.label_overrides:
+            from core.labels import apply_overrides, load_overrides
+
+            manifest, changed = apply_overrides(manifest, load_overrides(cfg.label_overrides))
+            log.info("label overrides from %s: %d labels changed (marked in split.csv, column label_overridden)",
+                     cfg.label_overrides, changed)
         split = make_split(manifest, cfg.split, seed=cfg.seed, val_fold=cfg.val_fold)
-        save_split(split, split_path)
+        save_split(split, split_path, root=cfg.data_dir)
     if split.attrs.get("leaks_subjects"):
         log.warning("split %s: %s", cfg.split, split.attrs["note"])
     files = manifest.set_index("path").loc[split["path"], ["size", "mtime_ns"]].reset_index()
-    cache = CropCache.build(files, cfg.cache_dir, size=cfg.image_size, progress=False)
+    cache = CropCache.build(files, cfg.cache_dir, size=cfg.image_size, margin=cfg.crop_margin, progress=False)
     if cache.failures:
         cache.problems().to_csv(run_dir / "cache_problems.csv", index=False)
         log.warning("%d cells could not be decoded and are left out", len(cache.failures))
@@ -175,13 +321,23 @@ def prepare_data(cfg: RunConfig, run_dir: Path, reuse_split: bool):
 
 
 def train(config: RunConfig, store: RunStore | None = None, run_id: str | None = None,
-          resume: bool = False, stop: StopFlag | None = None) -> str:
-    """Run one job to its end and return the run id; the run's final status says how it ended."""
+          resume: bool = False, stop: StopFlag | None = None, epochs: int | None = None) -> str:
+    """Run one job to its end and return the run id; the run's final status says how it ended.
+
+    `resume=True` continues `run_id` from its checkpoint; `epochs` there extends (or restates) its schedule,
+    the only setting a resume may change.
+    """
     store = store or RunStore(config.runs_dir)
     if resume:
         if run_id is None:
             raise ValueError("resume needs a run id")
         cfg = RunConfig.from_dict(store.get_run(run_id)["config"])
+        if epochs is not None and epochs != cfg.epochs:
+            done = _read_state(store.run_dir(run_id)).get("epoch", 0)
+            if epochs < done:
+                raise ValueError(f"run {run_id} has already trained {done} epochs; --epochs {epochs} would undo them")
+            cfg = dataclasses.replace(cfg, epochs=int(epochs))
+            store.update_config(run_id, cfg.to_dict())
     else:
         cfg = config.resolved()
         run_id = run_id or store.create_run(cfg.to_dict())
@@ -190,12 +346,16 @@ def train(config: RunConfig, store: RunStore | None = None, run_id: str | None =
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
     handler = _setup_logging(run_dir)
-    stop = stop or StopFlag()
+    stop = StopFlag() if stop is None else stop
     stop.install()
     store.claim(run_id)
     try:
-        with DeviceQueue(store, run_id, stop):
-            _train(cfg, store, run_id, run_dir, resume, stop)
+        with Heartbeat(store, run_id):
+            from training import hardware
+
+            acc = hardware.detect()
+            with DeviceQueue(device_key(acc), stop, run_id):
+                _train(cfg, store, run_id, run_dir, resume, stop, acc)
     except Cancelled as exc:
         log.info("run %s cancelled (%s)", run_id, exc)
         store.finish(run_id, "cancelled", f"cancelled: {exc}")
@@ -206,12 +366,31 @@ def train(config: RunConfig, store: RunStore | None = None, run_id: str | None =
         if not isinstance(exc, Exception):
             raise
     finally:
+        stop.uninstall()
         logging.getLogger("cnmc").removeHandler(handler)
         handler.close()
     return run_id
 
 
-def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: bool, stop: StopFlag) -> None:
+def _read_state(run_dir: Path) -> dict:
+    """The newest complete checkpoint's state (`{}` before the first one)."""
+    path = run_dir / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _trim_history(run_dir: Path, epochs_done: int) -> None:
+    """history.csv keeps exactly the checkpointed epochs (a kill after its row was written repeats the epoch)."""
+    import pandas as pd
+
+    path = run_dir / "history.csv"
+    if path.exists() and path.stat().st_size:
+        table = pd.read_csv(path)
+        table[table["epoch"] < epochs_done].to_csv(path.with_name("history.csv.tmp"), index=False)
+        os.replace(path.with_name("history.csv.tmp"), path)
+
+
+def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: bool, stop: StopFlag,
+           acc) -> None:
     import keras
 
     from core.models import load_model
@@ -219,7 +398,6 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     from training.data import BalancedBatches, CacheBatches
 
     keras.utils.set_random_seed(cfg.seed)
-    acc = hardware.detect()
     policy = hardware.precision_policy(cfg.mixed_precision, acc)
     keras.mixed_precision.set_dtype_policy(policy)
     device = acc.describe(policy)
@@ -228,6 +406,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
 
     store.set_progress(run_id, 0, 0, 0, phase="preparing data")
     split, cache, rows = prepare_data(cfg, run_dir, reuse_split=resume)
+    if stop:
+        raise Cancelled(f"{stop.signal_name or 'stop requested'} while preparing data")
     labels = (split["label"] == "all").to_numpy().astype(int)
     part = split["split"].to_numpy()
     train_rows = rows[part == "train"]
@@ -239,20 +419,39 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     log.info("cells: train %d, val %d, test %d (split %s)", len(train_rows), len(val_rows),
              int((part == "test").sum()), cfg.split)
 
-    state_path = run_dir / "state.json"
-    state = json.loads(state_path.read_text()) if resume and state_path.exists() else {}
-    initial_epoch = int(state.get("epoch", 0))
+    state = _read_state(run_dir) if resume else {}
+    checkpoint = run_dir / state["checkpoint"] if "checkpoint" in state else run_dir / "last.keras"
+    if resume and not checkpoint.exists():
+        state = {}  # killed before its first checkpoint: start again
+    initial_epoch, skip = int(state.get("epoch", 0)), int(state.get("step", 0))
+    if resume:
+        store.truncate_epochs(run_id, initial_epoch)
+        _trim_history(run_dir, initial_epoch)
+        if state.get("stopped_early") and cfg.epochs > initial_epoch:
+            log.info("early stopping had ended this run at epoch %d; the extension starts its patience afresh",
+                     initial_epoch)
+            state["stopped_early"] = False
+            state.get("callbacks", {}).get("EarlyStopping", {})["wait"] = 0
     with hardware.strategy_scope(cfg.devices, acc):
-        if resume and (run_dir / "last.keras").exists():
-            model = load_model(str(run_dir / "last.keras"), compile=True)
-            log.info("resuming from epoch %d", initial_epoch)
+        if state:
+            model = load_model(str(checkpoint), compile=True)
+            log.info("resuming at epoch %d, step %d of its %s", initial_epoch + 1, skip + 1,
+                     state.get("steps_per_epoch"))
         else:
             mean = input_mean(cfg, cache.array, train_rows)
             state["train_mean"] = mean.tolist()
             model = build_model(cfg, mean)
-    train_data = BalancedBatches(cache.array, [train_rows[train_labels == c] for c in (0, 1)],
-                                 cfg.samples_per_class, cfg.batch_size, seed=cfg.seed, first_epoch=initial_epoch,
-                                 workers=cfg.loader_workers, use_multiprocessing=False, max_queue_size=8)
+    pools = [train_rows[train_labels == c] for c in (0, 1)]
+    loader = dict(workers=cfg.loader_workers, use_multiprocessing=False, max_queue_size=8)
+
+    def batches(first_epoch: int, epochs: int, skip: int = 0) -> BalancedBatches:
+        return BalancedBatches(cache.array, pools, cfg.samples_per_class, cfg.batch_size, seed=cfg.seed,
+                               first_epoch=first_epoch, epochs=epochs, skip=skip, **loader)
+
+    steps = batches(0, 1).steps
+    if skip and state.get("steps_per_epoch") != steps:
+        raise ValueError(f"the checkpoint was taken with {state.get('steps_per_epoch')} steps per epoch, "
+                         f"this configuration makes {steps}")
     if no_val:
         val_data = None
         log.info("split all: no validation; %d fixed epochs, the last one is kept", cfg.epochs)
@@ -260,23 +459,27 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
         log.warning("validation set is augmented and class-balanced (the report's protocol): optimistic")
         val_data = _augmented_validation(model, cache.array, val_rows, val_labels, cfg)
     else:
-        val_data = CacheBatches(cache.array, val_rows, val_labels, cfg.batch_size, workers=cfg.loader_workers,
-                                use_multiprocessing=False, max_queue_size=8)
+        val_data = CacheBatches(cache.array, val_rows, val_labels, cfg.batch_size, **loader)
     callbacks = [] if no_val else [
         keras.callbacks.ReduceLROnPlateau(monitor="val_accuracy", mode="max", factor=cfg.lr_factor,
-                                          patience=cfg.lr_patience, min_lr=cfg.min_lr),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor="val_accuracy", mode="max",
-                                        save_best_only=True,
-                                        initial_value_threshold=state.get("best_val_accuracy")),
-    ]
+                                          patience=cfg.lr_patience, min_lr=cfg.min_lr)]
     callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume))
     if cfg.early_stopping and not no_val:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
                                                        patience=cfg.es_patience))
-    callbacks.append(_store_callback(store, run_id, run_dir, stop, len(train_data), state))
-    if initial_epoch < cfg.epochs:
-        model.fit(train_data, validation_data=val_data, epochs=cfg.epochs, initial_epoch=initial_epoch,
-                  callbacks=callbacks, verbose=0)
+    keeper = _checkpointer(store, run_id, run_dir, stop, steps, cfg.epochs, state, list(callbacks),
+                           keep_best=not no_val)
+    callbacks.append(keeper)  # last: it restores the others' counters after they reset themselves
+    if skip and initial_epoch < cfg.epochs:  # finish the interrupted epoch from the batch after the stop
+        keeper.skip, keeper.restore_metrics = skip, state.get("metrics")
+        model.fit(batches(initial_epoch, 1, skip), validation_data=val_data, epochs=initial_epoch + 1,
+                  initial_epoch=initial_epoch, steps_per_epoch=steps - skip, callbacks=callbacks, verbose=0)
+        initial_epoch += 1
+    if initial_epoch < cfg.epochs and not state.get("stopped_early"):
+        model.fit(batches(initial_epoch, cfg.epochs - initial_epoch), validation_data=val_data, epochs=cfg.epochs,
+                  initial_epoch=initial_epoch, steps_per_epoch=steps, callbacks=callbacks, verbose=0)
+    if stop:
+        raise Cancelled(f"{stop.signal_name or 'stop requested'} after training")
     store.set_progress(run_id, cfg.epochs, 0, 0, phase="predicting")
     best = run_dir / "best.keras"
     if no_val:
@@ -285,17 +488,26 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     held_out = np.isin(part, ["val", "test"])
     out = split[["path", "subject", "label", "split"]][held_out].copy()
     out["prob_all"] = predict_rows(final, cache.array, rows[held_out], cfg.batch_size) if held_out.any() else []
-    out.to_csv(run_dir / "predictions.csv", index=False)
+    _atomic_csv(out, run_dir / "predictions.csv")
     store.set_progress(run_id, cfg.epochs, 0, 0, phase="calibrating")
     fit_rule_and_gate(cfg, final, split, cache.array, rows, out, run_dir)
     test = out[out["split"] == "test"]
     summary = {"test_cells": int(len(test)), "best_val_accuracy": state.get("best_val_accuracy"),
-               "split": cfg.split, "data_dir": str(cfg.data_dir), "device": store.get_run(run_id)["device"]}
+               "split": cfg.split, "data_dir": str(cfg.data_dir), "device": store.get_run(run_id)["device"],
+               "epochs_trained": int(state.get("epoch", 0)),
+               "labels_overridden": int(split["label_overridden"].sum()) if "label_overridden" in split else 0,
+               "batches_trained": int(sum(end - first for _, first, end in state.get("ledger", [])))}
     if len(test):
         summary["test_accuracy"] = float(((test["prob_all"] >= 0.5) == (test["label"] == "all")).mean())
     _atomic_json(summary, run_dir / "summary.json")
     log.info("finished: %s", json.dumps(summary))
     store.finish(run_id, "completed")
+
+
+def _atomic_csv(table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 def fit_rule_and_gate(cfg: RunConfig, model, split, images: np.ndarray, rows: np.ndarray, preds,
