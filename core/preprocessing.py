@@ -8,10 +8,12 @@ exact crop with no resampling.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -211,8 +213,9 @@ class CropCache:
         bar = _progress(len(paths), progress, f"crop cache {size}px")
         ctx = _pool_context()
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(str(tmp),)) as pool:
-            futures = {pool.submit(_fill, s, paths[s:s + chunk], size, margin): min(chunk, len(paths) - s)
-                       for s in range(0, len(paths), chunk)}
+            with _plain_main():  # worker processes are started by these submits
+                futures = {pool.submit(_fill, s, paths[s:s + chunk], size, margin): min(chunk, len(paths) - s)
+                           for s in range(0, len(paths), chunk)}
             for fut in as_completed(futures):
                 failures.update(dict(fut.result()))
                 bar.update(futures[fut])
@@ -224,6 +227,27 @@ class CropCache:
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_meta, meta_path)
         return cls(np.load(array_path, mmap_mode="r"), paths, size, margin, key, failures)
+
+
+_MAIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _plain_main():
+    """While worker processes start, `__main__` is a bare module: a forkserver worker (and the forkserver itself)
+    would otherwise re-run the parent's main script, and under Streamlit that script is a dashboard page
+    (`runpy` as `__mp_main__`: the page's main() ran in every worker and the pool broke). Our workers need
+    nothing from `__main__`: they run `core.preprocessing` functions."""
+    import sys
+    import types
+
+    with _MAIN_LOCK:
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            sys.modules["__main__"] = main
 
 
 def _pool_context():

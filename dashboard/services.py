@@ -264,8 +264,23 @@ def evaluation(runs_dir: str | Path, run_ids: list[str], refresh: bool = False, 
     return evaluate(store, run_ids, n_boot=n_boot)
 
 
+def run_report(runs_dir: str | Path, run_id: str) -> str:
+    """The run's self-contained HTML report (see `training.report`)."""
+    from training.report import report_html
+
+    return report_html(RunStore(runs_dir), run_id)
+
+
 # --- label review -------------------------------------------------------------------------------------------------
 REVIEW_DECISIONS = ("label is wrong", "label is right", "unsure")  # as core.labels.DECISIONS (tested equal)
+
+
+def label_in_name(name: str) -> str | None:
+    """The dataset label a C-NMC file name carries (`UID_…_all.bmp` / `_hem`), None for other names."""
+    from core.dataset import parse_uid
+
+    parsed = parse_uid(name)
+    return parsed.label if parsed else None
 
 
 def record_review(runs_dir: str | Path, name: str, original_label: str, decision: str, reviewer: str,

@@ -1,7 +1,7 @@
 """Classify: upload cells, pick a model, get classes, blast probabilities, review flags and Grad-CAM."""
 import streamlit as st
 
-from dashboard import services
+from dashboard import services, widgets
 from dashboard.settings import MAX_UPLOAD_FILES, Settings
 
 IMAGE_TYPES = ["bmp", "png", "jpg", "jpeg", "tif", "tiff"]
@@ -65,7 +65,7 @@ def upload_ui():
     return files or [], gradcam
 
 
-def results_ui(result, gradcam: bool, threshold: float) -> None:
+def results_ui(result, gradcam: bool, threshold: float, runs_dir) -> None:
     for row in result.table[result.table["error"].notna()].itertuples():
         st.error(f"{row.file}: {row.error}")
     read = result.table[result.table["error"].isna()]
@@ -100,6 +100,9 @@ def results_ui(result, gradcam: bool, threshold: float) -> None:
                 flag = " · review manually" if row.review_manually else ""
                 caption = f"{row.file}: {row.prediction} (P(blast) {row.calibrated_prob_blast:.2f}){flag}"
             st.image(image, caption=caption, width="stretch")
+            label = services.label_in_name(row.file)
+            if label:  # a named C-NMC training cell: its dataset label can be reviewed
+                widgets.review_label_ui(runs_dir, row.file, label, f"classify-{i}")
     if len(read) > MAX_CARDS:
         st.caption(f"Cards shown for the first {MAX_CARDS} images; the table and CSV hold all {len(read)}.")
 
@@ -114,6 +117,7 @@ def audit_ui(settings: Settings) -> None:
 def main() -> None:
     settings = Settings.from_env()
     st.title("Classify cells")
+    widgets.reviewer_ui()
     bundle = model_ui(settings)
     files, gradcam = upload_ui()
     if bundle is None or not files:
@@ -131,7 +135,7 @@ def main() -> None:
                + ("Images unlike the training cells are not assessed (out-of-distribution gate)."
                   if bundle.gate is not None else "This model has no out-of-distribution gate: it judges every "
                   "image, even ones unlike its training cells."))
-    results_ui(result, gradcam, rule.threshold)
+    results_ui(result, gradcam, rule.threshold, settings.runs_dir)
     audit_ui(settings)
 
 

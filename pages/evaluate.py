@@ -94,6 +94,9 @@ def main() -> None:
     metrics_ui(result)
     if len(run_ids) == 1:
         threshold_ui(settings, run_ids[0], result)
+        if st.button("Build the run report (HTML)"):
+            st.download_button("Download the run report", services.run_report(settings.runs_dir, run_ids[0]),
+                               f"report_{run_ids[0]}.html", "text/html")
 
 
 main()

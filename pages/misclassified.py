@@ -3,7 +3,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard import services
+from dashboard import services, widgets
 from dashboard.settings import Settings
 
 PAGE = 24
@@ -34,25 +34,10 @@ def filters_ui(table):
     return view.sort_values("confidence", ascending=order.startswith("least"))
 
 
-def review_ui(settings: Settings, run_id: str, row, i: int) -> None:
-    """A reviewer's decision on this cell's dataset label, stored with name and time in the run store."""
-    with st.popover("Review label"):
-        decision = st.radio(f"Dataset label `{row.label}` is…", services.REVIEW_DECISIONS, key=f"decision-{i}")
-        note = st.text_input("Note", key=f"note-{i}")
-        if st.button("Save review", key=f"save-{i}"):
-            reviewer = st.session_state.get("reviewer", "")
-            if not reviewer.strip():
-                st.error("Enter your name as reviewer (sidebar) first.")
-            else:
-                services.record_review(settings.runs_dir, Path(row.path).name, row.label, decision, reviewer, note,
-                                       run_id, row.path)
-                st.toast(f"Saved: {Path(row.path).name}: {decision}")
-
-
 def main() -> None:
     settings = Settings.from_env()
     st.title("Misclassified cells")
-    st.sidebar.text_input("Reviewer", key="reviewer", help="your name, stored with each label review")
+    widgets.reviewer_ui()
     runs = services.completed_runs(settings.runs_dir)
     if runs.empty:
         st.info("No completed run yet.")
@@ -90,7 +75,7 @@ def main() -> None:
             st.image(over if gradcam else crop, width="stretch", caption=caption)
             if st.button("Enlarge", key=f"big-{i}"):
                 enlarge(row.path, str(settings.runs_dir), run_id)
-            review_ui(settings, run_id, row, i)
+            widgets.review_label_ui(settings.runs_dir, Path(row.path).name, row.label, str(i), run_id, row.path)
     if len(view) > PAGE:
         st.caption(f"Showing {PAGE} of {len(view)}; narrow the filters or export the list.")
 

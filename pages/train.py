@@ -109,6 +109,7 @@ def live_ui(runs_dir: str, run_id: str) -> None:
         if c3.button("Extend", key=f"extend-{run_id}"):
             services.resume_run(runs_dir, run_id, epochs=int(more))
             st.toast(f"Continuing to {int(more)} epochs from the last checkpoint.")
+    st.caption(f"TensorBoard: `tensorboard --logdir {runs_dir}/{run_id}/tensorboard`")
     if info["status"] == "failed" and info["error"]:
         st.error("The run failed:")
         st.code(info["error"][-3000:])

@@ -74,3 +74,31 @@ def test_upload_a_cell_and_see_the_prediction(server, cell_dir):
         page.screenshot(path=str(ARTIFACTS / "browser_classify.png"), full_page=True)
         browser.close()
     assert (ARTIFACTS / "browser_classify.png").stat().st_size > 10_000
+
+
+def test_run_report_opens_offline_with_every_section(demo_run, tmp_path):
+    """`python -m training report RUN`: one HTML file that Chromium renders with the network cut off."""
+    from playwright.sync_api import sync_playwright
+
+    from training.cli import main
+    from training.report import SECTIONS
+
+    store, rid, _ = demo_run
+    out = tmp_path / "report.html"
+    assert main(["report", rid, "--runs-dir", str(store.root), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert 'src="http' not in text and "src='http" not in text  # nothing fetched from the network
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        context = browser.new_context(offline=True)
+        page = context.new_page()
+        fetched = []
+        page.on("request", lambda r: fetched.append(r.url))
+        page.goto(out.as_uri())
+        page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
+        assert [h.inner_text() for h in page.locator("h2").all()] == list(SECTIONS)
+        assert page.locator(".js-plotly-plot").count() >= 5  # curves, confusion, ROC, PR, reliability
+        assert page.get_by_text("Research use only").is_visible()
+        browser.close()
+    assert all(u.startswith(("file:", "data:")) for u in fetched), fetched
+    assert main(["report", "no-such-run", "--runs-dir", str(store.root)]) == 2

@@ -130,3 +130,23 @@ def test_crop_cache_records_decode_failures(synth_small, tmp_path):
     cache = CropCache.build(m, tmp_path / "c", size=32, workers=2, progress=False)
     assert list(cache.failures) == [4] and not cache.valid[4] and cache.valid.sum() == 9
     assert "bad.bmp" in cache.problems()["path"].iloc[0]
+
+
+def test_cache_workers_never_rerun_the_main_script(synth_small, tmp_path, monkeypatch):
+    """Under Streamlit the `__main__` module is a dashboard page; cache workers (forkserver, once TensorFlow is
+    loaded) must not execute it: they used to, and the pool broke for the rest of the process."""
+    import sys
+    import types
+
+    pytest.importorskip("tensorflow")
+    import tensorflow  # noqa: F401 - the forkserver path is taken once TensorFlow is loaded
+
+    page = tmp_path / "page.py"
+    page.write_text("raise SystemExit('a dashboard page ran inside a cache worker')\n")
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(page)
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    manifest = index(synth_small)[0].head(40)
+    cache = CropCache.build(manifest, tmp_path / "cache", size=16, workers=2, progress=False)
+    assert cache.valid.all() and not cache.failures
+    assert sys.modules["__main__"] is fake  # given back

@@ -153,3 +153,20 @@ def test_crop_margin_zero_keeps_whole_images(synth_small, tmp_path):
     whole = crop_cell(img, size=32, margin=0)
     assert not np.array_equal(whole, crop_cell(img, size=32))  # the default crop would have cut it
     np.testing.assert_array_equal(cache.array[cache.rows(split["path"].iloc[:1])][0], whole)
+
+
+def test_every_run_writes_tensorboard_logs(synth_small, tmp_path):
+    import tensorflow as tf
+
+    store = RunStore(tmp_path)
+    rid = train(tiny(synth_small, tmp_path, epochs=2), store)
+    assert store.get_run(rid)["status"] == "completed", store.get_run(rid)["error"]
+    logs = store.run_dir(rid) / "tensorboard"
+    tags: dict[str, list] = {}
+    for event_file in logs.rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                tags.setdefault(f"{event_file.parent.name}/{value.tag}", []).append(event.step)
+    assert tags["train/epoch_loss"] == [0, 1] and tags["validation/epoch_accuracy"] == [0, 1]
+    assert tags["train/epoch_learning_rate"] == [0, 1]
+    assert "samples/augmented training cells" in tags

@@ -76,6 +76,8 @@ class RunConfig:
                       choices=("one", "local", "multiworker"))
     loader_workers: int = _f(2, "threads slicing batches from the crop cache")
     # --- bookkeeping
+    tensorboard: bool = _f(True, "write TensorBoard logs (scalars, learning rate, augmented sample cells) to the "
+                                 "run folder's tensorboard/; view with `tensorboard --logdir RUN/tensorboard`")
     seed: int = _f(0, "seed for splits, sampling, augmentation and initialisation")
     runs_dir: str = _f("runs", "run store: SQLite database + one folder per run")
 

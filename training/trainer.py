@@ -467,6 +467,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     if cfg.early_stopping and not no_val:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
                                                        patience=cfg.es_patience))
+    if cfg.tensorboard:
+        callbacks.append(_tensorboard(cfg, model, cache.array, train_rows, run_dir))
     keeper = _checkpointer(store, run_id, run_dir, stop, steps, cfg.epochs, state, list(callbacks),
                            keep_best=not no_val)
     callbacks.append(keeper)  # last: it restores the others' counters after they reset themselves
@@ -502,6 +504,32 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     _atomic_json(summary, run_dir / "summary.json")
     log.info("finished: %s", json.dumps(summary))
     store.finish(run_id, "completed")
+
+
+def _tensorboard(cfg: RunConfig, model, images: np.ndarray, rows: np.ndarray, run_dir: Path, n: int = 8):
+    """Keras' TensorBoard callback on `<run>/tensorboard` (epoch scalars, learning rate), plus, once, a few
+    training cells as the augmentation layers show them to the model."""
+    import keras
+
+    log_dir = run_dir / "tensorboard"
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        pick = np.sort(np.random.default_rng(cfg.seed).choice(rows, min(n, len(rows)), replace=False))
+        cells = np.asarray(images[pick], dtype="float32")
+        aug = model.get_layer("augmentation") if cfg.augment and "augmentation" in [l.name for l in model.layers] \
+            else None
+        seen = keras.ops.convert_to_numpy(aug(cells, training=True)) if aug is not None else cells
+        with tf.summary.create_file_writer(str(log_dir / "samples")).as_default():
+            tf.summary.image("augmented training cells", np.clip(seen, 0, 255).astype("uint8"), step=0,
+                             max_outputs=len(pick))
+    class TensorBoard(keras.callbacks.TensorBoard):
+        def on_epoch_end(self, epoch, logs=None):  # the learning rate too, with or without ReduceLROnPlateau
+            logs = dict(logs or {})
+            logs.setdefault("learning_rate", float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+            super().on_epoch_end(epoch, logs)
+
+    return TensorBoard(log_dir=str(log_dir), write_graph=False, update_freq="epoch", profile_batch=0)
 
 
 def _atomic_csv(table, path: Path) -> None:
