@@ -107,7 +107,7 @@ def demo_config(data: str | Path, runs_dir: str | Path, epochs: int | None = Non
     from training.config import preset
 
     return preset("cross_patient_texture", name="demo", architecture="solution_a", data_dir=str(data), image_size=64, batch_size=32,
-                     epochs=epochs or 8, samples_per_class=320, learning_rate=1e-3, early_stopping=False,
+                     epochs=epochs or 6, samples_per_class=256, learning_rate=1e-3, early_stopping=False,
                      runs_dir=str(runs_dir), cache_dir=str(Path(data) / ".cache"))
 
 
