@@ -61,7 +61,7 @@ def cmd_run(args) -> int:
         except KeyError as exc:
             print(f"error: {exc.args[0]}", file=sys.stderr)
             return 2
-        wanted = config_from_args(args, RunConfig.from_file(args.config) if args.config else stored)
+        wanted = config_from_args(args, base if args.config else stored)
         changed = sorted(f for f, v in wanted.to_dict().items()
                          if f not in ("epochs", "runs_dir") and v != stored.to_dict().get(f))
         if changed:

@@ -385,8 +385,7 @@ def _trim_history(run_dir: Path, epochs_done: int) -> None:
     path = run_dir / "history.csv"
     if path.exists() and path.stat().st_size:
         table = pd.read_csv(path)
-        table[table["epoch"] < epochs_done].to_csv(path.with_name("history.csv.tmp"), index=False)
-        os.replace(path.with_name("history.csv.tmp"), path)
+        _atomic_csv(table[table["epoch"] < epochs_done], path)
 
 
 def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: bool, stop: StopFlag,
