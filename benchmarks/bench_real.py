@@ -94,6 +94,22 @@ def baseline_predictions(folds: pd.DataFrame, images, rows: np.ndarray, seed: in
     return p
 
 
+def earlier_baseline(csv: str, oof: pd.DataFrame) -> np.ndarray:
+    """The baseline's out-of-fold probabilities from an earlier run on the same cells and folds (matched by file
+    stem, so crops packed for another machine match their tiles); refuses anything that does not cover them."""
+    old = pd.read_csv(csv)
+    if "baseline" not in old.columns:
+        raise ValueError(f"{csv} has no baseline column")
+    old = old.assign(stem=[Path(p).stem for p in old["path"]]).drop_duplicates("stem").set_index("stem")
+    stems = pd.Index([Path(p).stem for p in oof["path"]])
+    missing = stems.difference(old.index)
+    if len(missing):
+        raise ValueError(f"{csv} lacks {len(missing)} of these cells (e.g. {missing[0]})")
+    if "fold" in old.columns and not (old.loc[stems, "fold"].to_numpy() == oof["fold"].to_numpy()).all():
+        raise ValueError(f"{csv} was made with other folds: its baseline would have seen test patients")
+    return old.loc[stems, "baseline"].to_numpy(float)
+
+
 def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, args) -> np.ndarray:
     import keras
 
@@ -103,7 +119,8 @@ def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, 
     from training.trainer import build_model, input_mean
 
     cfg = preset(recipe, architecture=args.architecture, image_size=args.size, samples_per_class=args.per_class,
-                 epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr, seed=args.seed).resolved()
+                 epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr, seed=args.seed,
+                 crop_margin=args.crop_margin).resolved()
     y = (folds["label"] == "all").to_numpy().astype(int)
     p = np.zeros(len(folds))
     for k in map(int, sorted(folds["fold"].unique())):
@@ -153,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default="cache")
+    ap.add_argument("--crop-margin", type=int, default=100,
+                    help="crop rule margin of a 450 px tile; 0 for crops made beforehand (benchmarks/pack_crops.py)")
     ap.add_argument("--out", default=None, help="folder for results.json and out-of-fold predictions")
     ap.add_argument("--save-models", action="store_true", help="keep each fold's model in --out")
+    ap.add_argument("--baseline-oof", default=None,
+                    help="reuse the baseline column of an earlier run's oof_predictions.csv (same cells, matched by "
+                         "file stem; same folds) instead of recomputing the features: one baseline for many budgets")
     args = ap.parse_args(argv)
 
     from core.dataset import index
@@ -190,16 +212,26 @@ def main(argv: list[str] | None = None) -> int:
     files = manifest.set_index("path").loc[folds["path"], ["size", "mtime_ns"]].reset_index()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     budget = {k2: getattr(args, k2) for k2 in ("architecture", "size", "per_class", "epochs", "batch", "lr", "tta",
-                                               "feature_size", "seed")}
+                                               "feature_size", "seed", "crop_margin")}
     print(f"machine: {machine}; budget: {json.dumps(budget)}", flush=True)
 
     oof = folds[["path", "subject", "label", "fold"]].copy()
     t0 = time.perf_counter()
-    fcache = CropCache.build(files, args.cache_dir, size=args.feature_size, progress=False)
-    print("baseline (features + logistic regression):", flush=True)
-    oof["baseline"] = baseline_predictions(folds, fcache.array, fcache.rows(folds["path"]), args.seed)
+    if args.baseline_oof:
+        try:
+            oof["baseline"] = earlier_baseline(args.baseline_oof, oof)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"baseline: reused from {args.baseline_oof}", flush=True)
+        budget["baseline_from"] = str(args.baseline_oof)
+    else:
+        fcache = CropCache.build(files, args.cache_dir, size=args.feature_size, margin=args.crop_margin,
+                                 progress=False)
+        print("baseline (features + logistic regression):", flush=True)
+        oof["baseline"] = baseline_predictions(folds, fcache.array, fcache.rows(folds["path"]), args.seed)
     seconds = {"baseline": time.perf_counter() - t0}
-    cache = CropCache.build(files, args.cache_dir, size=args.size, progress=False)
+    cache = CropCache.build(files, args.cache_dir, size=args.size, margin=args.crop_margin, progress=False)
     rows = cache.rows(folds["path"])
     for r in recipes:
         print(f"CNN recipe {r}:", flush=True)

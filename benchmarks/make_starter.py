@@ -178,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--band", type=float, default=0.1)
     ap.add_argument("--run", default=None, help="package this completed run (trained with the same recipe and "
                                                 "budget, split all) instead of training a new one")
+    ap.add_argument("--model", default=None, help="package this model file, trained elsewhere with the recipe "
+                                                  "and the benchmark's budget on every cell (see --train-only)")
+    ap.add_argument("--trained-on", default="", help="with --model: where and how it was trained, for the card")
+    ap.add_argument("--train-only", default=None, metavar="FILE",
+                    help="train, write the inference-only model to FILE and stop (e.g. on a GPU machine; package "
+                         "it later where the full tiles are, with --model FILE)")
+    ap.add_argument("--crop-margin", type=int, default=100,
+                    help="crop rule margin; 0 for crops packed by benchmarks/pack_crops.py (with --train-only)")
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--cache-dir", default="cache")
     args = ap.parse_args(argv)
@@ -199,10 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = preset(args.recipe, name=args.name, data_dir=args.data, split="all", architecture=b["architecture"],
                  image_size=b["size"], samples_per_class=b["per_class"], epochs=b["epochs"], batch_size=b["batch"],
                  learning_rate=b["lr"], seed=b["seed"], early_stopping=False, runs_dir=args.runs_dir,
-                 cache_dir=args.cache_dir)
+                 cache_dir=args.cache_dir, crop_margin=args.crop_margin)
     t0 = time.perf_counter()
     store = RunStore(args.runs_dir)
-    if args.run:
+    if args.model:
+        run_id = f"{Path(args.model).name}" + (f" ({args.trained_on})" if args.trained_on else "")
+        model = load_model(args.model)
+    elif args.run:
         run_id = args.run
         have, want = store.get_run(run_id)["config"], cfg.resolved().to_dict()
         differ = sorted(k for k in want if k not in ("name", "runs_dir", "cache_dir") and have.get(k) != want[k])
@@ -212,12 +223,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         run_id = train(cfg, store)
-    run = store.get_run(run_id)
-    if run["status"] != "completed":
-        print(f"error: training run {run_id} {run['status']}: {run['error']}", file=sys.stderr)
-        return 1
-    print(f"trained run {run_id} in {time.perf_counter() - t0:.0f} s", flush=True)
-    model = load_model(str(store.run_dir(run_id) / "best.keras"))
+    if not args.model:
+        run = store.get_run(run_id)
+        if run["status"] != "completed":
+            print(f"error: training run {run_id} {run['status']}: {run['error']}", file=sys.stderr)
+            return 1
+        print(f"trained run {run_id} in {time.perf_counter() - t0:.0f} s", flush=True)
+        model = load_model(str(store.run_dir(run_id) / "best.keras"))
+    if args.train_only:
+        from core.models import inference_model
+
+        inference_model(model).save(args.train_only)
+        print(f"wrote {args.train_only} (inference-only; package it with --model)")
+        return 0
 
     oof = pd.read_csv(bench / "oof_predictions.csv", dtype={"subject": "str"})
     y, p = (oof["label"] == "all").to_numpy().astype(int), oof[args.recipe].to_numpy()

@@ -216,6 +216,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import shutil
+
+    from core.export import export_model
+    from core.model_folder import is_model_folder, load_model_folder
+    from training.evaluate import crop_margin_of, resolve_model
+    from training.store import RunStore
+
+    store = RunStore(args.runs_dir)
+    try:
+        model, rule, size, what, _gate, _path = resolve_model(args.model, store)
+        path = export_model(model, args.format, args.out, rule, crop_margin_of(args.model, store), what)
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    if is_model_folder(args.model):  # the card (data, citation, limits) travels with the model
+        card = load_model_folder(args.model).folder / "card.md"
+        if card.exists():
+            shutil.copyfile(card, Path(args.out) / "card.md")
+    print(f"exported {what} as {args.format}: {path} (input: raw RGB 0-255 crops of {size} px; output: P(hem), "
+          f"P(all)); crop rule and decision rule in {Path(args.out) / 'contract.json'}")
+    return 0
+
+
 def cmd_audit(args) -> int:
     from training.store import RunStore
 
@@ -302,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="default: RUN/report.html")
     s.add_argument("--runs-dir", default="runs")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("export", help="an inference-only model for use outside this project (plain Keras, "
+                                      "TensorFlow SavedModel or ONNX) with its crop and decision rules")
+    s.add_argument("model", help="starter, a model folder, RUN_ID or MODEL.keras")
+    s.add_argument("--format", choices=("keras", "savedmodel", "onnx"), default="keras")
+    s.add_argument("--out", required=True, help="folder to write (model file, contract.json)")
+    s.add_argument("--runs-dir", default="runs")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("audit", help="the audit trail of classifications (dashboard and CLI) as CSV")
     s.add_argument("--out", help="CSV to write (default: print)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import importlib.util
 import json
 import logging
 import os
@@ -466,7 +467,10 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     if cfg.early_stopping and not no_val:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
                                                        patience=cfg.es_patience))
-    if cfg.tensorboard:
+    if cfg.tensorboard and importlib.util.find_spec("tensorflow") is None:
+        log.warning("run %s: no TensorBoard logs: Keras writes them with TensorFlow's summary ops, and TensorFlow "
+                    "is not installed here (backend %s)", run_id, keras.backend.backend())
+    elif cfg.tensorboard:
         callbacks.append(_tensorboard(cfg, model, cache.array, train_rows, run_dir))
     keeper = _checkpointer(store, run_id, run_dir, stop, steps, cfg.epochs, state, list(callbacks),
                            keep_best=not no_val)
