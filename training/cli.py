@@ -74,6 +74,9 @@ def cmd_run(args) -> int:
             base = RunConfig.from_dict(store.get_run(args.run_id)["config"])
         cfg = config_from_args(args, base)
         run_id = train(cfg, store, run_id=args.run_id)
+        if run_id == "":  # a non-chief worker of a multiworker run: the chief records the run
+            print("multiworker: this worker's share of the run completed; the chief's run store records the run")
+            return 0
     run = store.get_run(run_id)
     print(f"run {run_id}: {run['status']}" + (f"\n{run['error']}" if run["error"] else ""))
     return {"completed": 0, "cancelled": 130}.get(run["status"], 1)

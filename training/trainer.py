@@ -13,7 +13,9 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -326,9 +328,39 @@ def train(config: RunConfig, store: RunStore | None = None, run_id: str | None =
     """Run one job to its end and return the run id; the run's final status says how it ended.
 
     `resume=True` continues `run_id` from its checkpoint; `epochs` there extends (or restates) its schedule,
-    the only setting a resume may change.
+    the only setting a resume may change. With `devices="multiworker"` (TF_CONFIG set), only the chief records
+    a run; another worker returns "" when its share ends well and raises RuntimeError otherwise.
     """
     store = store or RunStore(config.runs_dir)
+    scratch = None
+    if config.devices == "multiworker":
+        from training import hardware
+
+        index, workers, chief = hardware.worker_role()
+        hardware.multiworker_strategy()  # before any other TensorFlow op (TensorFlow's rule)
+        if not chief:
+            # Every worker runs the same steps, saves and evaluations (they hold collective ops), but only the
+            # chief's run is recorded: a worker trains in a private scratch store and crop cache, removed after.
+            if resume:
+                raise ValueError("resume a multiworker run on the chief only after restarting every worker")
+            scratch = Path(tempfile.mkdtemp(prefix=f"cnmc-worker{index}-"))
+            config = dataclasses.replace(config.resolved(), runs_dir=str(scratch / "runs"),
+                                         cache_dir=str(scratch / "cache"))
+            store, run_id = RunStore(config.runs_dir), None
+        log.info("multiworker: worker %d of %d%s", index, workers, " (chief)" if chief else "")
+    if scratch is None:
+        return _run(config, store, run_id, resume, stop, epochs)
+    try:
+        run = store.get_run(_run(config, store, run_id, resume, stop, epochs, worker=True))
+        if run["status"] != "completed":
+            raise RuntimeError(f"multiworker worker {index}: {run['status']}: {run['error']}")
+        return ""
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(config: RunConfig, store: RunStore, run_id: str | None, resume: bool, stop: StopFlag | None,
+         epochs: int | None, worker: bool = False) -> str:
     if resume:
         if run_id is None:
             raise ValueError("resume needs a run id")
@@ -355,7 +387,9 @@ def train(config: RunConfig, store: RunStore | None = None, run_id: str | None =
             from training import hardware
 
             acc = hardware.detect()
-            with DeviceQueue(device_key(acc), stop, run_id):
+            # a non-chief worker queues on its own key: the chief may share its machine (one lock per host)
+            key = device_key(acc) + (f"-worker{hardware.worker_role()[0]}" if worker else "")
+            with DeviceQueue(key, stop, run_id):
                 _train(cfg, store, run_id, run_dir, resume, stop, acc)
     except Cancelled as exc:
         log.info("run %s cancelled (%s)", run_id, exc)
@@ -401,6 +435,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     policy = hardware.precision_policy(cfg.mixed_precision, acc)
     keras.mixed_precision.set_dtype_policy(policy)
     device = acc.describe(policy)
+    if cfg.devices == "multiworker":
+        device += f", {hardware.worker_role()[1]} workers (MultiWorkerMirroredStrategy)"
     store.start(run_id, device)
     log.info("run %s on %s; config: %s", run_id, device, json.dumps(cfg.to_dict()))
 
@@ -441,6 +477,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
             mean = input_mean(cfg, cache.array, train_rows)
             state["train_mean"] = mean.tolist()
             model = build_model(cfg, mean)
+    if cfg.devices == "multiworker" and acc.backend == "tensorflow":
+        hardware.fix_multiworker_build(model)
     pools = [train_rows[train_labels == c] for c in (0, 1)]
     loader = dict(workers=cfg.loader_workers, use_multiprocessing=False, max_queue_size=8)
 
