@@ -1,0 +1,93 @@
+"""Smear-field segmentation: white cells found and split on generated fields with known cells, C-NMC-like crops,
+a C-NMC tile stays one cell, bad input gets a clear message."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.segmentation import FRAME, segment_field  # noqa: E402
+from core.synthetic_fields import BACKGROUND, match, synth_field  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_white_cells_found_split_and_border_cells_dropped(seed):
+    img, truth = synth_field(seed=seed, wbc=5, touching_pairs=1, border_cells=2, platelets=12)
+    result = segment_field(img)
+    m = match([c.box for c in result.cells], truth)
+    assert m["recall"] >= 0.9, m
+    assert m["false_fraction"] <= 0.1, m
+    assert result.dropped_at_border >= 1
+    # the labels drawn on the field are the kept cells, numbered 1..n
+    assert set(np.unique(result.labels)) == {0, *range(1, len(result.cells) + 1)}
+
+
+def test_touching_white_cells_are_split():
+    img, truth = synth_field(seed=11, wbc=0, rbc=10, touching_pairs=1, border_cells=0, platelets=0)
+    assert len(truth) == 2
+    result = segment_field(img)
+    assert len(result.cells) == 2
+    assert match([c.box for c in result.cells], truth)["hits"] == 2
+
+
+def test_red_cells_are_the_ruler():
+    small, _ = synth_field(seed=3, rbc_px=30.0)
+    large, _ = synth_field(seed=3, rbc_px=50.0, height=900, width=1200)
+    a, b = segment_field(small), segment_field(large)
+    assert a.rbc_diameter_px == pytest.approx(30.0, rel=0.12)
+    assert b.rbc_diameter_px == pytest.approx(50.0, rel=0.12)
+    # the same cells come out the same size whatever the magnification
+    size = [np.median([(c.crop.max(-1) > 10).sum() for c in r.cells]) for r in (a, b)]
+    assert size[0] == pytest.approx(size[1], rel=0.15)
+
+
+def test_crops_look_like_cnmc_cells(cell_dir):
+    """Cell-area fraction of the 450 frame within the band of C-NMC cells (the real samples where present),
+    background black, cell centred."""
+    real = [np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(p).convert("RGB"))
+            for p in sorted(cell_dir.glob("*.bmp"))]
+    fractions = [(x.max(-1) > 10).mean() for x in real]
+    lo, hi = 0.75 * min(fractions), 1.25 * max(fractions)
+    img, _ = synth_field(seed=2, wbc=6, touching_pairs=0, border_cells=0)
+    result = segment_field(img)
+    assert result.cells
+    for c in result.cells:
+        assert c.crop.shape == (FRAME, FRAME, 3) and c.crop.dtype == np.uint8
+        fg = c.crop.max(-1) > 10
+        assert lo <= fg.mean() <= hi, (fg.mean(), lo, hi)
+        assert not c.crop[:20].any() and not c.crop[-20:].any()  # black border: the cell on black
+        ys, xs = np.nonzero(fg)
+        assert abs(ys.mean() - FRAME / 2) < 30 and abs(xs.mean() - FRAME / 2) < 30
+
+
+def test_a_segmented_cnmc_cell_is_one_cell(cell_dir):
+    from PIL import Image
+
+    for path in sorted(cell_dir.glob("*.bmp"))[:3]:
+        x = np.asarray(Image.open(path).convert("RGB"))
+        if min(x.shape[:2]) < 300:
+            continue
+        result = segment_field(x, path.name)
+        assert len(result.cells) == 1 and result.kind == "single cell"
+        assert np.array_equal(result.cells[0].crop, x) or result.cells[0].crop.shape == (FRAME, FRAME, 3)
+
+
+def test_field_without_white_cells_says_so():
+    img, _ = synth_field(seed=4, wbc=0, touching_pairs=0, border_cells=0)
+    result = segment_field(img, "reds.png")
+    assert result.cells == [] and "no white cells found" in result.message and "reds.png" in result.message
+    blank = np.full((400, 500, 3), BACKGROUND, np.uint8)
+    assert "no white cells" in segment_field(blank, "blank.png").message
+
+
+def test_bad_input_gets_a_clear_message():
+    with pytest.raises(ValueError, match="too small"):
+        segment_field(np.zeros((120, 200, 3), np.uint8), "tiny.png")
+    with pytest.raises(ValueError, match="colour"):
+        segment_field(np.zeros((400, 400), np.uint8), "grey.png")
+    with pytest.raises(ValueError, match="8-bit"):
+        segment_field(np.zeros((400, 400, 3), np.float64), "float.tif")
