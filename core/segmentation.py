@@ -21,6 +21,7 @@ as one cell, unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -77,23 +78,42 @@ def segment_field(img: np.ndarray, name: str = "image") -> FieldResult:
     objects = grey < filters.threshold_otsu(grey)
     objects = morphology.remove_small_objects(objects, max_size=15)
     blue_excess = x[..., 2] - x[..., 0]
-    wbc = ndi.binary_fill_holes(objects & (blue_excess > 15))
+    # white cells are bluer than red by well more than the background is (nuclei purple-blue, cytoplasm pale
+    # blue; red cells are pink); the cut sits above the background's own tint (camera white balance)
+    cut = max(15.0, float(np.median(blue_excess[~objects])) + 25.0) if (~objects).any() else 15.0
+    wbc = ndi.binary_fill_holes(ndi.binary_closing(blue_excess > cut, morphology.disk(2)))
     wbc = ndi.binary_opening(wbc, morphology.disk(2))
 
-    # the ruler: red cells are objects that are not (near) white cells, single and round
+    # the ruler: red cells are objects that are not (near) white cells; single round ones if there are enough,
+    # else the typical inscribed radius of the red-cell mask (clumped, overlapping red cells)
     rbc = objects & ~ndi.binary_dilation(wbc, morphology.disk(3))
     rbc = ndi.binary_fill_holes(ndi.binary_opening(rbc, morphology.disk(2)))
     props = [p for p in measure.regionprops(measure.label(rbc)) if p.area >= 30 and p.solidity > 0.9
              and p.eccentricity < 0.75]
     rbc_d = float(np.median([p.equivalent_diameter_area for p in props])) if len(props) >= 3 else None
+    ruler_is_round = rbc_d is not None
+    if rbc_d is None:  # clumped red cells: pink pixels (red above blue beyond the background's tint)
+        red_excess = -blue_excess
+        pink = red_excess > (float(np.median(red_excess[~objects])) + 8.0 if (~objects).any() else 8.0)
+        pink = ndi.binary_fill_holes(ndi.binary_opening(pink, morphology.disk(2)))
+        if pink.sum() > 0.02 * pink.size:
+            dist_rbc = ndi.distance_transform_edt(pink)
+            tops = peak_local_max(dist_rbc, min_distance=15, threshold_abs=6, exclude_border=True)
+            if len(tops) >= 5:  # the upper quartile: overlaps make many inscribed circles too small
+                rbc_d = 2.0 * float(np.percentile(dist_rbc[tuple(tops.T)], 75)) + 1.0
+    r_close = max(1, int(0.1 * rbc_d)) if rbc_d is not None else 0
+    if r_close:  # a white cell's nucleus may come in lobes: join what lies within a fifth of a red cell
+        wbc = ndi.binary_fill_holes(ndi.binary_closing(wbc, morphology.disk(r_close)))
 
     wbc_labels = measure.label(wbc)
     comp = measure.regionprops(wbc_labels)
     ref_area = np.pi * (rbc_d / 2) ** 2 if rbc_d else None
     min_area = 0.35 * ref_area if ref_area else 0.0005 * small.shape[0] * small.shape[1]
+    # white cells come in one size class: fragments, platelets and debris are far smaller than the largest
+    largest = max((p.area for p in comp), default=0)
     keep = np.zeros(wbc_labels.max() + 1, bool)
     for p in comp:
-        keep[p.label] = p.area >= min_area
+        keep[p.label] = p.area >= max(min_area, 0.25 * largest)
     wbc = keep[wbc_labels]
     if not wbc.any():
         return _empty(img, f"{name}: no white cells found", rbc_d / f if rbc_d else None)
@@ -107,14 +127,26 @@ def segment_field(img: np.ndarray, name: str = "image") -> FieldResult:
     markers = np.zeros(wbc.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     labels = segmentation.watershed(-dist, markers, mask=wbc)
-    # components without a marker (thin shapes) keep their own label
-    rest = measure.label(wbc & (labels == 0))
+    # Split only what is too big for one white cell: with single round red cells measured, more than 1.5 times
+    # a 1.25-red-cell white cell; otherwise more than 1.6 times the field's median white-cell blob (a lobed
+    # nucleus is one cell). Components left whole, or without a marker, keep one label.
+    blobs = measure.label(wbc)
+    areas = np.bincount(blobs.ravel())[1:]
+    single = 1.5 * np.pi / 4 * (1.25 * rbc_d) ** 2 if ruler_is_round else (
+        1.6 * float(np.median(areas)) if len(areas) >= 3 else np.inf)
+    whole = np.isin(blobs, 1 + np.nonzero(areas <= single)[0]) | (wbc & (labels == 0))
+    labels[whole] = 0
+    rest = measure.label(whole)
     labels[rest > 0] = rest[rest > 0] + labels.max()
+    labels = segmentation.relabel_sequential(labels)[0]
 
     # back to field resolution, drop cells cut by the border
     full = labels if f == 1.0 else resize(labels, (h, w), order=0, preserve_range=True,
                                           anti_aliasing=False).astype(np.int32)
-    border = np.unique(np.concatenate([full[0], full[-1], full[:, 0], full[:, -1]]))
+    # cut by the border: within reach of it (the morphology above erodes a mask's last pixels at the edge)
+    m = int(np.ceil((3 + r_close) / f))
+    border = np.unique(np.concatenate([full[:m].ravel(), full[-m:].ravel(), full[:, :m].ravel(),
+                                       full[:, -m:].ravel()]))
     rbc_full = rbc_d / f if rbc_d else None
     scale = RBC_TARGET_PX / rbc_full if rbc_full else _scale_by_size(full)
     cells, kept = [], np.zeros_like(full)
@@ -198,3 +230,38 @@ def _frame(cell: np.ndarray, scale: float) -> np.ndarray:
     top, left = (FRAME - nh) // 2, (FRAME - nw) // 2
     out[top:top + nh, left:left + nw] = np.asarray(im)
     return out
+
+
+CSV_COLUMNS = ["field", "cell", "crop", "x0", "y0", "x1", "y1", "mask_area_px", "rbc_diameter_px", "scale",
+               "kind", "error"]
+
+
+def segment_files(paths, out_dir) -> "pd.DataFrame":
+    """Segment each field file and write its crops as `<field stem>_cell<NN>.png` under `out_dir`; one row per
+    cell (box in field pixels, mask area), or one row with `error` (bad file, no white cells) per field that
+    gave none: a bad field fails alone."""
+    import pandas as pd
+    from PIL import Image
+
+    from core.imageio import read_image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in map(Path, paths):
+        try:
+            result = segment_field(read_image(path), path.name)
+        except (ValueError, OSError) as exc:
+            rows.append({"field": str(path), "error": str(exc)})
+            continue
+        if not result.cells:
+            rows.append({"field": str(path), "error": result.message or f"{path.name}: no white cells found",
+                         "rbc_diameter_px": result.rbc_diameter_px})
+        for c in result.cells:
+            target = out / f"{path.stem}_cell{c.number:02d}.png"
+            Image.fromarray(c.crop).save(target)
+            x0, y0, x1, y1 = c.box
+            rows.append({"field": str(path), "cell": c.number, "crop": str(target), "x0": x0, "y0": y0, "x1": x1,
+                         "y1": y1, "mask_area_px": c.mask_area, "rbc_diameter_px": result.rbc_diameter_px,
+                         "scale": result.scale, "kind": result.kind})
+    return pd.DataFrame(rows, columns=CSV_COLUMNS)

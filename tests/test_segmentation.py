@@ -91,3 +91,32 @@ def test_bad_input_gets_a_clear_message():
         segment_field(np.zeros((400, 400), np.uint8), "grey.png")
     with pytest.raises(ValueError, match="8-bit"):
         segment_field(np.zeros((400, 400, 3), np.float64), "float.tif")
+
+
+def test_segment_and_predict_fields_from_the_cli(tmp_path):
+    from PIL import Image
+
+    from training.cli import main
+
+    fields = tmp_path / "fields"
+    fields.mkdir()
+    img, truth = synth_field(seed=5, wbc=3, touching_pairs=0, border_cells=0)
+    Image.fromarray(img).save(fields / "smear_a.png")
+    (fields / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "cells"
+    assert main(["segment", str(fields), "--out", str(out)]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(out / "cells.csv")
+    good = table[table["error"].isna()]
+    assert len(good) == len(truth) and (good["field"].str.endswith("smear_a.png")).all()
+    assert sorted(p.name for p in out.glob("*.png")) == [f"smear_a_cell{i:02d}.png" for i in range(1, 4)]
+    assert table.loc[table["error"].notna(), "field"].str.endswith("broken.jpg").all()
+    assert (good["x1"] > good["x0"]).all() and (good["mask_area_px"] > 0).all()
+
+    calls = tmp_path / "calls.csv"
+    assert main(["predict", "starter", str(fields / "smear_a.png"), "--fields", str(tmp_path / "crops"),
+                 "--out", str(calls), "--runs-dir", str(tmp_path / "runs")]) == 0
+    got = pd.read_csv(calls)
+    assert len(got) == 3 and {"field", "cell", "x0", "y0", "prediction"} <= set(got.columns)
+    assert got["cell"].tolist() == [1, 2, 3]

@@ -180,11 +180,26 @@ def cmd_predict(args) -> int:
     if not paths:
         print("error: no image files found", file=sys.stderr)
         return 2
+    cells = None
+    if args.fields:  # smear fields: segment first, then classify each white cell's crop
+        from core.segmentation import segment_files
+
+        crops_dir = Path(args.fields)
+        cells = segment_files(paths, crops_dir)
+        for row in cells[cells["error"].notna()].itertuples():
+            print(f"error: {row.error}", file=sys.stderr)
+        paths = [Path(p) for p in cells["crop"].dropna()]
+        if not paths:
+            print("error: no white cells found in the fields", file=sys.stderr)
+            return 1
     cam = GradCAM(model) if args.gradcam else None
     from training.evaluate import crop_margin_of
 
     table = classify_files([model], paths, size, rule=rule, tta=args.tta, gradcam_dir=args.gradcam, cam=cam,
                            gate=gate, margin=crop_margin_of(args.model, store))
+    if cells is not None:  # field, cell number and box first
+        boxes = cells.dropna(subset=["crop"]).drop(columns=["error"]).rename(columns={"crop": "path"})
+        table = boxes.merge(table.assign(path=table["path"].astype(str)), on="path", how="right")
     if args.review_queue:
         from core.inference import review_queue
 
@@ -204,6 +219,25 @@ def cmd_predict(args) -> int:
     for row in table[table["error"].notna()].itertuples():
         print(f"error: {row.path}: {row.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_segment(args) -> int:
+    from core.inference import collect_images
+    from core.segmentation import segment_files
+
+    paths = collect_images(args.fields)
+    if not paths:
+        print("error: no image files found", file=sys.stderr)
+        return 2
+    table = segment_files(paths, args.out)
+    table.to_csv(Path(args.out) / "cells.csv", index=False)
+    bad = table[table["error"].notna()]
+    cells = int(table["cell"].notna().sum())
+    print(f"{cells} white cells from {len(paths) - bad['field'].nunique()} of {len(paths)} fields: crops and "
+          f"cells.csv (boxes in field pixels) in {args.out}")
+    for row in bad.itertuples():
+        print(f"error: {row.error}", file=sys.stderr)
+    return 0 if cells or bad.empty else 1
 
 
 def cmd_report(args) -> int:
@@ -319,10 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gradcam", metavar="DIR", help="write Grad-CAM overlays here")
     s.add_argument("--tta", action="store_true")
     s.add_argument("--runs-dir", default="runs", help="run store (runs, and the audit trail of classifications)")
+    s.add_argument("--fields", metavar="CROPS_DIR", default=None,
+                   help="the images are smear fields: find their white cells (writing the crops to CROPS_DIR), then "
+                        "classify each; the table gains field, cell and box columns")
     s.add_argument("--review-queue", action="store_true",
                    help="order the table for an expert: cells the model cannot judge (out of distribution) first, "
                         "then by closeness of calibrated P(blast) to the threshold; adds review_rank")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("segment", help="find the white cells of smear fields: C-NMC-like crops and a CSV of "
+                                       "their boxes")
+    s.add_argument("fields", nargs="+", help="field images (JPEG/PNG/BMP/TIFF) and/or folders")
+    s.add_argument("--out", required=True, help="folder for the crops (<field>_cellNN.png) and cells.csv")
+    s.set_defaults(func=cmd_segment)
 
     s = sub.add_parser("report", help="one self-contained HTML report of a completed run (figures inline)")
     s.add_argument("run_id", metavar="RUN_ID")
