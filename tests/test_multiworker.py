@@ -36,7 +36,7 @@ def test_two_workers_train_one_run(synth_small, tmp_path):
     scratch_before = set(Path(tempfile.gettempdir()).glob("cnmc-worker*"))
     procs = []
     for index in range(2):
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": "",
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
                "TF_CONFIG": json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})}
         cmd = [sys.executable, "-m", "training", "run", "--devices", "multiworker", "--data-dir", str(synth_small),
                "--runs-dir", str(runs), "--cache-dir", str(runs / "cache"), "--image-size", "32",
@@ -59,8 +59,9 @@ def test_two_workers_train_one_run(synth_small, tmp_path):
         log.seek(0)
         outs.append(log.read())
         log.close()
-    for index, ((p, _), out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"worker {index} exited {p.returncode}:\n{out[-3000:]}"
+    codes = [p.returncode for p, _ in procs]
+    assert codes == [0, 0], "\n".join(f"worker {i} exited {c}:\n{out[-3000:]}" for i, (c, out) in
+                                       enumerate(zip(codes, outs)))
     assert "this worker's share of the run completed" in outs[1]
 
     store = RunStore(runs)

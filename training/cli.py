@@ -54,6 +54,17 @@ def cmd_run(args) -> int:
     from training.trainer import train
 
     base = RunConfig.from_file(args.config) if args.config else RunConfig()
+    if not args.resume and not args.run_id and config_from_args(args, base).devices == "multiworker":
+        from training import hardware
+
+        if not hardware.worker_role()[2]:  # not the chief: never opens the shared run store
+            try:
+                train(config_from_args(args, base))
+            except RuntimeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print("multiworker: this worker's share of the run completed; the chief's run store records the run")
+            return 0
     store = RunStore(args.runs_dir or base.runs_dir)  # a config file's runs_dir counts unless a flag overrides it
     if args.resume:
         try:
@@ -74,9 +85,6 @@ def cmd_run(args) -> int:
             base = RunConfig.from_dict(store.get_run(args.run_id)["config"])
         cfg = config_from_args(args, base)
         run_id = train(cfg, store, run_id=args.run_id)
-        if run_id == "":  # a non-chief worker of a multiworker run: the chief records the run
-            print("multiworker: this worker's share of the run completed; the chief's run store records the run")
-            return 0
     run = store.get_run(run_id)
     print(f"run {run_id}: {run['status']}" + (f"\n{run['error']}" if run["error"] else ""))
     return {"completed": 0, "cancelled": 130}.get(run["status"], 1)

@@ -331,7 +331,6 @@ def train(config: RunConfig, store: RunStore | None = None, run_id: str | None =
     the only setting a resume may change. With `devices="multiworker"` (TF_CONFIG set), only the chief records
     a run; another worker returns "" when its share ends well and raises RuntimeError otherwise.
     """
-    store = store or RunStore(config.runs_dir)
     scratch = None
     if config.devices == "multiworker":
         from training import hardware
@@ -348,6 +347,7 @@ def train(config: RunConfig, store: RunStore | None = None, run_id: str | None =
                                          cache_dir=str(scratch / "cache"))
             store, run_id = RunStore(config.runs_dir), None
         log.info("multiworker: worker %d of %d%s", index, workers, " (chief)" if chief else "")
+    store = store or RunStore(config.runs_dir)  # a non-chief worker never opens the shared store
     if scratch is None:
         return _run(config, store, run_id, resume, stop, epochs)
     try:
