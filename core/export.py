@@ -147,11 +147,3 @@ def _require(module: str, message: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ValueError(message)
 
-
-def onnx_predict(path: str | os.PathLike, crops: np.ndarray) -> np.ndarray:
-    """Probabilities from an exported ONNX file through onnxruntime (what a user outside the project runs)."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return sess.run(None, {name: np.asarray(crops, dtype="float32")})[0]

@@ -120,17 +120,17 @@ def segment_field(img: np.ndarray, name: str = "image") -> FieldResult:
 
     # split touching white cells: markers a white-cell radius apart (a white cell is ~1.2-2 red cells across)
     dist = ndi.distance_transform_edt(wbc)
-    sizes = [p.equivalent_diameter_area for p in measure.regionprops(measure.label(wbc))]
+    blobs = measure.label(wbc)
+    sizes = [p.equivalent_diameter_area for p in measure.regionprops(blobs)]
     radius = 0.65 * (rbc_d if rbc_d else float(np.median(sizes)) / 1.5)
     peaks = peak_local_max(dist, min_distance=max(3, int(radius)), threshold_abs=0.3 * radius,
-                           labels=measure.label(wbc), exclude_border=False)
+                           labels=blobs, exclude_border=False)
     markers = np.zeros(wbc.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     labels = segmentation.watershed(-dist, markers, mask=wbc)
     # Split only what is too big for one white cell: with single round red cells measured, more than 1.5 times
     # a 1.25-red-cell white cell; otherwise more than 1.6 times the field's median white-cell blob (a lobed
     # nucleus is one cell). Components left whole, or without a marker, keep one label.
-    blobs = measure.label(wbc)
     areas = np.bincount(blobs.ravel())[1:]
     single = 1.5 * np.pi / 4 * (1.25 * rbc_d) ** 2 if ruler_is_round else (
         1.6 * float(np.median(areas)) if len(areas) >= 3 else np.inf)

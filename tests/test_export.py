@@ -76,39 +76,40 @@ def starter_exports(tmp_path_factory, cell_dir):
     return out, paths, mf
 
 
+def _max_diff_outside(out: Path, imports: str, load: str, predict: str) -> float:
+    """Largest |P - project's P| over the sample crops, computed in a fresh interpreter that cannot import the
+    project: `load` makes the model `m` from the exported file, `predict` is an expression of `m` and crops `c`."""
+    r = _plain_python(
+        f"import sys, numpy as np, {imports}\n{load}\n"
+        f"c, ref = np.load({str(out / 'crops.npy')!r}), np.load({str(out / 'ref.npy')!r})\n"
+        f"p = {predict}\n"
+        "print('diff', float(np.abs(p - ref).max()))\n", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return float(r.stdout.split("diff")[-1])
+
+
 def test_exported_keras_loads_with_plain_keras(starter_exports):
     out, paths, _ = starter_exports
-    r = _plain_python(
-        "import numpy as np, keras\n"
-        f"m = keras.saving.load_model({str(paths['keras'])!r})\n"
-        f"c, ref = np.load({str(out / 'crops.npy')!r}), np.load({str(out / 'ref.npy')!r})\n"
-        "print('diff', float(np.abs(m.predict(c, verbose=0) - ref).max()))\n", out)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert float(r.stdout.split("diff")[-1]) <= 1e-4
+    diff = _max_diff_outside(out, "keras", f"m = keras.saving.load_model({str(paths['keras'])!r})",
+                             "m.predict(c, verbose=0)")
+    assert diff <= 1e-4
 
 
 def test_exported_onnx_runs_in_onnxruntime_alone(starter_exports):
     out, paths, _ = starter_exports
-    r = _plain_python(
-        "import sys, numpy as np, onnxruntime as ort\n"
-        f"s = ort.InferenceSession({str(paths['onnx'])!r}, providers=['CPUExecutionProvider'])\n"
-        f"c, ref = np.load({str(out / 'crops.npy')!r}), np.load({str(out / 'ref.npy')!r})\n"
-        "p = s.run(None, {s.get_inputs()[0].name: c})[0]\n"
-        "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules\n"
-        "print('diff', float(np.abs(p - ref).max()))\n", out)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert float(r.stdout.split("diff")[-1]) <= 1e-4
+    diff = _max_diff_outside(
+        out, "onnxruntime as ort",
+        f"m = ort.InferenceSession({str(paths['onnx'])!r}, providers=['CPUExecutionProvider'])",
+        "m.run(None, {m.get_inputs()[0].name: c})[0]\n"
+        "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules")
+    assert diff <= 1e-4
 
 
 def test_exported_savedmodel_serves_the_same_probabilities(starter_exports):
     out, paths, _ = starter_exports
-    r = _plain_python(
-        "import numpy as np, tensorflow as tf\n"
-        f"s = tf.saved_model.load({str(paths['savedmodel'])!r})\n"
-        f"c, ref = np.load({str(out / 'crops.npy')!r}), np.load({str(out / 'ref.npy')!r})\n"
-        "print('diff', float(np.abs(s.serve(c).numpy() - ref).max()))\n", out)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert float(r.stdout.split("diff")[-1]) <= 1e-4
+    diff = _max_diff_outside(out, "tensorflow as tf", f"m = tf.saved_model.load({str(paths['savedmodel'])!r})",
+                             "m.serve(c).numpy()")
+    assert diff <= 1e-4
 
 
 def test_contract_states_crop_size_and_the_rule_in_force(starter_exports):

@@ -54,12 +54,13 @@ def cmd_run(args) -> int:
     from training.trainer import train
 
     base = RunConfig.from_file(args.config) if args.config else RunConfig()
-    if not args.resume and not args.run_id and config_from_args(args, base).devices == "multiworker":
+    wanted = None if args.resume or args.run_id else config_from_args(args, base)
+    if wanted is not None and wanted.devices == "multiworker":
         from training import hardware
 
         if not hardware.worker_role()[2]:  # not the chief: never opens the shared run store
             try:
-                train(config_from_args(args, base))
+                train(wanted)
             except RuntimeError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
