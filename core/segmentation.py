@@ -90,7 +90,12 @@ def segment_field(img: np.ndarray, name: str = "image") -> FieldResult:
     rbc = ndi.binary_fill_holes(ndi.binary_opening(rbc, morphology.disk(2)))
     props = [p for p in measure.regionprops(measure.label(rbc)) if p.area >= 30 and p.solidity > 0.9
              and p.eccentricity < 0.75]
-    rbc_d = float(np.median([p.equivalent_diameter_area for p in props])) if len(props) >= 3 else None
+    # the area-weighted median: platelets, specks and pallor fragments are round too, and may outnumber the
+    # few red cells a clumped field leaves single, but they weigh little next to the red cells' area
+    # ... and the single round ones must be a fair share of all red-cell area, or they are debris, not a ruler
+    enough = len(props) >= 3 and sum(p.area for p in props) >= 0.05 * rbc.sum()
+    rbc_d = _weighted_median([p.equivalent_diameter_area for p in props], [p.area for p in props]) \
+        if enough else None
     ruler_is_round = rbc_d is not None
     if rbc_d is None:  # clumped red cells: pink pixels (red above blue beyond the background's tint)
         red_excess = -blue_excess
@@ -167,6 +172,12 @@ def segment_field(img: np.ndarray, name: str = "image") -> FieldResult:
     msg = "" if cells else f"{name}: no white cells found" + (
         f" ({dropped} cut by the image border)" if dropped else "")
     return FieldResult(cells, kept, rbc_full, float(scale), dropped, "field", msg, notes)
+
+
+def _weighted_median(values, weights) -> float:
+    order = np.argsort(values)
+    v, w = np.asarray(values, float)[order], np.asarray(weights, float)[order]
+    return float(v[np.searchsorted(np.cumsum(w), 0.5 * w.sum())])
 
 
 def _check(img: np.ndarray, name: str) -> np.ndarray:

@@ -120,3 +120,12 @@ def test_segment_and_predict_fields_from_the_cli(tmp_path):
     got = pd.read_csv(calls)
     assert len(got) == 3 and {"field", "cell", "x0", "y0", "prediction"} <= set(got.columns)
     assert got["cell"].tolist() == [1, 2, 3]
+
+
+def test_the_ruler_is_the_red_cells_not_the_platelets_that_outnumber_them():
+    """Round platelets outnumbering the few single red cells (as in clumped real smears, BCCD) must not become
+    the ruler: an unweighted median of the round objects here is ~6 px, the red cells are 40 px."""
+    img, truth = synth_field(seed=5, rbc=8, platelets=150, rbc_px=40.0)
+    result = segment_field(img)
+    assert abs(result.rbc_diameter_px - 40.0) < 6.0, result.rbc_diameter_px
+    assert match([c.box for c in result.cells], truth)["recall"] >= 0.9
