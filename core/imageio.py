@@ -113,11 +113,16 @@ def to_rgb_uint8(im) -> np.ndarray:
     return np.asarray(im)
 
 
-def read_image(source: str | os.PathLike | bytes | BinaryIO, name: str | None = None) -> np.ndarray:
-    """Read a cell image (path, bytes or file object) as an RGB uint8 array of shape (H, W, 3)."""
+def read_image(source: str | os.PathLike | bytes | BinaryIO | np.ndarray, name: str | None = None) -> np.ndarray:
+    """Read a cell image (path, bytes, file object, or an RGB uint8 array already in memory, such as a crop cut
+    from a smear field) as an RGB uint8 array of shape (H, W, 3)."""
     from PIL import Image, UnidentifiedImageError
 
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<upload>")
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
+            raise ImageReadError(label, f"expected an RGB uint8 array, got {source.dtype} of shape {source.shape}")
+        return source
     try:
         if isinstance(source, (str, os.PathLike)):
             data = Path(source).read_bytes()

@@ -112,17 +112,24 @@ def run_label(row) -> str:
 # --- classification -----------------------------------------------------------------------------------------------
 @dataclass
 class Classified:
-    table: pd.DataFrame  # one row per file, errors included
+    table: pd.DataFrame  # one row per file, errors included (smear fields are in `fields` instead)
     crops: dict[str, np.ndarray]
-    overlays: dict[str, np.ndarray]  # Grad-CAM blended onto the crop (when asked for)
+    overlays: dict[str, np.ndarray]  # Grad-CAM blended onto the crop (when asked for); field cells too
     subjects: pd.DataFrame
+    fields: list = field(default_factory=list)  # core.fields.FieldCalls, one per uploaded smear field
 
 
 def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False,
-                     runs_dir: str | Path | None = None) -> Classified:
+                     runs_dir: str | Path | None = None, as_fields: bool = False) -> Classified:
     """Classify uploaded cells; a file that cannot be read gets its own error row and the others go on.
-    Each file gets an audit record in the run store at `runs_dir` (name and SHA-256 only; pixels are not kept)."""
+
+    A smear field (an upload the gate recognises as a field of many cells, or every readable upload with
+    `as_fields`) is segmented and each white cell it holds classified (`core.fields`). Each cell gets an audit
+    record in the run store at `runs_dir` (name and SHA-256 of the uploaded file only; pixels are not kept)."""
     from core.explain import overlay
+    from core.fields import classify_field
+    from core.gate import REASONS
+    from core.imageio import read_image
     from core.inference import classify
     from core.metrics import subject_readout
 
@@ -138,16 +145,26 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
                      margin=bundle.margin).rename(columns={
         "name": "file", "prob_all": "prob_blast", "prob_all_calibrated": "calibrated_prob_blast",
         "uncertain": "review_manually"})
+    is_field = table["error"].isna() & (as_fields | (table["ood_reason"] == REASONS["field"]))
+    data = dict(files)
+    field_calls = [classify_field([bundle.model], read_image(data[name], name), name, bundle.size, bundle.rule,
+                             bundle.gate, bundle.margin, on_chunk=keep if gradcam else None)
+              for name in table.loc[is_field, "file"]]
+    table = table[~is_field].reset_index(drop=True)
     if runs_dir is not None:
         from training.audit import record
 
-        record(RunStore(runs_dir), table, dict(files), bundle.description, bundle.model_sha256, bundle.rule,
-               source="dashboard")
+        store = RunStore(runs_dir)
+        record(store, table, data, bundle.description, bundle.model_sha256, bundle.rule, source="dashboard")
+        for fc in field_calls:
+            if len(fc.table):  # each cell under its own name, with the SHA-256 of the field it came from
+                record(store, fc.table.rename(columns={"cell_name": "name"}), dict.fromkeys(fc.table["cell_name"],
+                       data[fc.name]), bundle.description, bundle.model_sha256, bundle.rule, source="dashboard field")
     overlays = {name: overlay(crops[name], h) for name, h in heat.items()}
     known = table[table["subject"].notna() & table["prediction"].notna()]  # refused and failed images have no call
     subjects = subject_readout(known.assign(path=known["file"], prob_all=known["calibrated_prob_blast"]),
                                bundle.rule.threshold) if len(known) else pd.DataFrame()
-    return Classified(table, crops, overlays, subjects)
+    return Classified(table, crops, overlays, subjects, field_calls)
 
 
 # --- training ---------------------------------------------------------------------------------------------------

@@ -253,3 +253,40 @@ def test_classify_defaults_to_the_starter_with_its_card(monkeypatch, tmp_path, s
     table = at.dataframe[0].value
     assert len(table) == 7 and table["out_of_distribution"].notna().all()
     assert "starter" in " ".join(c.value for c in at.caption)
+
+
+def test_classify_recognises_a_smear_field_and_calls_each_white_cell(monkeypatch, demo_run):
+    """A field upload is recognised by the gate and segmented: summary, outlined field, the cells' table with
+    boxes (CSV too), and an audit record per cell carrying the field's SHA-256; a plain cell beside it is
+    classified as before."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from core.segmentation import segment_field
+    from core.synthetic_fields import synth_field
+
+    store, rid, data = demo_run
+    img, _ = synth_field(seed=1, wbc=4, touching_pairs=1, border_cells=1)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    field_bytes = buf.getvalue()
+    cells = len(segment_field(img).cells)
+    at = app(monkeypatch, store.root, data)
+    files = [("smear.png", field_bytes, "image/png")] + demo_cells(data, 1)
+    at.file_uploader(key="cells").set_value(files).run()
+    assert not at.exception, at.exception
+    assert at.subheader[0].value.startswith("1 cell classified")
+    assert "smear.png" not in set(at.dataframe[0].value["file"])  # the field is not judged as one cell
+    assert any(s.value == "Smear fields (1)" for s in at.subheader)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["White cells found"] == str(cells)
+    table = next(d.value for d in at.dataframe if "mask_area_px" in d.value.columns)
+    assert len(table) == cells and {"x0", "y0", "x1", "y1", "mask_area_px", "call"} <= set(table.columns)
+    assert set(table["call"]) <= {"blast", "normal", "review", "not assessed"}
+    assert any(b.label == "Download this field's cells (CSV)" for b in at.get("download_button"))
+    trail = store.classifications()
+    mine = trail[trail["file_name"].str.startswith("smear_cell")]
+    assert len(mine) == cells and (mine["file_sha256"] == hashlib.sha256(field_bytes).hexdigest()).all()
+    assert (mine["source"] == "dashboard field").all()
