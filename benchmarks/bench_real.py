@@ -110,7 +110,9 @@ def earlier_baseline(csv: str, oof: pd.DataFrame) -> np.ndarray:
     return old.loc[stems, "baseline"].to_numpy(float)
 
 
-def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, args) -> np.ndarray:
+def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, args) -> dict[str, np.ndarray]:
+    """Out-of-fold P(all) of `recipe`: one column per seed (`recipe#sK`, and `recipe#sK+tta` with --tta) and
+    the recipe's own column, their mean (an ensemble of --seeds models per fold; TTA views if --tta)."""
     import keras
 
     from core.inference import predict_proba
@@ -118,32 +120,45 @@ def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, 
     from training.data import BalancedBatches
     from training.trainer import build_model, input_mean
 
-    cfg = preset(recipe, architecture=args.architecture, image_size=args.size, samples_per_class=args.per_class,
-                 epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr, seed=args.seed,
-                 crop_margin=args.crop_margin).resolved()
     y = (folds["label"] == "all").to_numpy().astype(int)
-    p = np.zeros(len(folds))
-    for k in map(int, sorted(folds["fold"].unique())):
-        keras.utils.clear_session()
-        keras.utils.set_random_seed(cfg.seed + k)
-        test = folds["fold"].to_numpy() == k
-        tr_rows, tr_y = rows[~test], y[~test]
-        model = build_model(cfg, input_mean(cfg, images, tr_rows))
-        t0 = time.perf_counter()
-        for e in range(cfg.epochs):
-            data = BalancedBatches(images, [tr_rows[tr_y == c] for c in (0, 1)], cfg.samples_per_class,
-                                   cfg.batch_size, seed=cfg.seed + 100 * k, first_epoch=e)
-            h = model.fit(data, epochs=e + 1, initial_epoch=e, verbose=0)
-            print(f"  {recipe} fold {k} epoch {e + 1}/{cfg.epochs}: loss {h.history['loss'][-1]:.4f} "
-                  f"acc {h.history['accuracy'][-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        crops = np.asarray(images[rows[test]])
-        p[test] = predict_proba([model], crops, tta=args.tta)
-        m = _metrics(folds[test].assign(prob_all=p[test]), 0)
-        print(f"  {recipe} fold {k}: weighted F1 {m['weighted_f1']:.3f}, AUC {m['roc_auc']:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        if args.save_models:
-            model.save(Path(args.out) / f"{recipe}_fold{k}.keras")
-    return p
+    cols: dict[str, np.ndarray] = {}
+    for j in range(args.seeds):
+        seed = args.seed + j
+        cfg = preset(recipe, architecture=args.architecture, image_size=args.size,
+                     samples_per_class=args.per_class, epochs=args.epochs, batch_size=args.batch,
+                     learning_rate=args.lr, seed=seed, crop_margin=args.crop_margin).resolved()
+        name = f"{recipe}#s{seed}"
+        cols[name] = np.zeros(len(folds))
+        if args.tta:
+            cols[name + "+tta"] = np.zeros(len(folds))
+        for k in map(int, sorted(folds["fold"].unique())):
+            keras.utils.clear_session()
+            keras.utils.set_random_seed(cfg.seed + k)
+            test = folds["fold"].to_numpy() == k
+            tr_rows, tr_y = rows[~test], y[~test]
+            model = build_model(cfg, input_mean(cfg, images, tr_rows))
+            t0 = time.perf_counter()
+            for e in range(cfg.epochs):
+                data = BalancedBatches(images, [tr_rows[tr_y == c] for c in (0, 1)], cfg.samples_per_class,
+                                       cfg.batch_size, seed=cfg.seed + 100 * k, first_epoch=e)
+                h = model.fit(data, epochs=e + 1, initial_epoch=e, verbose=0)
+                print(f"  {name} fold {k} epoch {e + 1}/{cfg.epochs}: loss {h.history['loss'][-1]:.4f} "
+                      f"acc {h.history['accuracy'][-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            crops = np.asarray(images[rows[test]])
+            cols[name][test] = predict_proba([model], crops)
+            if args.tta:
+                cols[name + "+tta"][test] = predict_proba([model], crops, tta=True)
+            m = _metrics(folds[test].assign(prob_all=cols[name][test]), 0)
+            print(f"  {name} fold {k}: weighted F1 {m['weighted_f1']:.3f}, AUC {m['roc_auc']:.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            if args.save_models:
+                model.save(Path(args.out) / (f"{recipe}_fold{k}" + (f"_s{seed}" if args.seeds > 1 else "") + ".keras"))
+        # what is done so far, readable while later seeds train
+        folds[["path", "subject", "label", "fold"]].assign(**cols).to_csv(
+            Path(args.out) / f"oof_partial_{recipe}.csv", index=False)
+    suffix = "+tta" if args.tta else ""
+    cols[recipe] = np.mean([cols[f"{recipe}#s{args.seed + j}{suffix}"] for j in range(args.seeds)], axis=0)
+    return cols
 
 
 def _fmt(m: dict) -> str:
@@ -167,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--feature-size", type=int, default=128, help="crop size the baseline's features use")
     ap.add_argument("--tta", action="store_true", help="CNN predictions averaged over the 8 dihedral views")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="models per fold with seeds seed, seed+1, ...: the recipe's figure is their ensemble "
+                         "(mean P(all)); each seed alone is printed beside it")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default="cache")
@@ -212,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     files = manifest.set_index("path").loc[folds["path"], ["size", "mtime_ns"]].reset_index()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     budget = {k2: getattr(args, k2) for k2 in ("architecture", "size", "per_class", "epochs", "batch", "lr", "tta",
-                                               "feature_size", "seed", "crop_margin")}
+                                               "feature_size", "seed", "seeds", "crop_margin")}
     print(f"machine: {machine}; budget: {json.dumps(budget)}", flush=True)
 
     oof = folds[["path", "subject", "label", "fold"]].copy()
@@ -236,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in recipes:
         print(f"CNN recipe {r}:", flush=True)
         t0 = time.perf_counter()
-        oof[r] = cnn_predictions(r, folds, cache.array, rows, args)
+        for col, p in cnn_predictions(r, folds, cache.array, rows, args).items():
+            oof[col] = p
         seconds[r] = time.perf_counter() - t0
         oof.to_csv(Path(args.out) / "oof_predictions.csv", index=False)
 
@@ -256,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':>14} fold {f}: {_fmt(entry['per_fold'][f])}")
         print(f"{'':>14} subject-corrected (needs subject ids): weighted_f1 "
               f"{entry['subject_corrected_pooled']['weighted_f1']:.3f}")
+    members = [c for c in oof.columns if "#" in c]
+    if members:
+        print("members (each seed alone, the same folds; pooled, no CI):")
+        for c in members:
+            m = _metrics(oof.rename(columns={c: "prob_all"}), 0)
+            results["methods"].setdefault("members", {})[c] = m
+            print(f"{c:>30}: {_fmt(m)}")
     for r in recipes:
         a, b = oof.rename(columns={r: "prob_all"}), oof.rename(columns={"baseline": "prob_all"})
         diff = paired_difference(a, b, args.n_boot, args.seed)
