@@ -50,14 +50,16 @@ def call_of(row) -> str:
 
 
 def classify_field(models: Sequence, image: np.ndarray, name: str, size: int, rule=None, gate=None,
-                   margin: int = 100, on_chunk: Callable[[list[str], np.ndarray], None] | None = None) -> FieldCalls:
+                   margin: int = 100, on_chunk: Callable[[list[str], np.ndarray], None] | None = None,
+                   normalize_stain: bool = False) -> FieldCalls:
     """Segment `image` (an RGB smear field) and classify each white cell it holds; a field that cannot be
-    segmented (too small, not colour) or holds no white cell comes back with `error` saying so."""
+    segmented (too small, not colour) or holds no white cell comes back with `error` saying so.
+    `normalize_stain` brings each crop toward C-NMC's stain first (`core.segmentation.segment_field`)."""
     from core.inference import classify
     from core.segmentation import segment_field
 
     try:
-        seg = segment_field(image, name)
+        seg = segment_field(image, name, normalize_stain)
     except ValueError as exc:
         return FieldCalls(name, pd.DataFrame(), {}, None, {}, error=str(exc))
     if not seg.cells:

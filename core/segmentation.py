@@ -10,7 +10,9 @@ module finds white blood cells (WBCs) in an RGB field of a May-Grünwald-Giemsa 
    cell's radius apart;
 4. red cells are the field's own ruler (7-8 µm in every smear): their median diameter sets the scale;
 5. cells cut by the image border are dropped; each kept cell becomes a C-NMC-like crop: its mask on black,
-   centred in a 450×450 frame, scaled so that a red cell would span `RBC_TARGET_PX` pixels.
+   centred in a 450×450 frame, scaled so that a red cell would span `RBC_TARGET_PX` pixels;
+6. optionally each crop's stain is brought toward C-NMC's (Reinhard colour transfer in LAB on the cell's pixels,
+   `core.stain.reinhard`, targets measured on C-NMC fold 1).
 
 The scale rule: C-NMC's cells (normal lymphoid cells about 9 µm across) measure a median 228 px equivalent
 diameter in its 450-px tiles (the real samples), about 25 px/µm; a 7.5 µm red cell is therefore 190 px at C-NMC
@@ -57,11 +59,24 @@ class FieldResult:
     notes: list[str] = field(default_factory=list)
 
 
-def segment_field(img: np.ndarray, name: str = "image") -> FieldResult:
-    """White cells of an RGB smear field as C-NMC-like crops; see the module docstring for the method."""
+def segment_field(img: np.ndarray, name: str = "image", normalize_stain: bool = False) -> FieldResult:
+    """White cells of an RGB smear field as C-NMC-like crops; see the module docstring for the method.
+    `normalize_stain` brings each crop's colours toward C-NMC's stain (`core.stain.reinhard`); a C-NMC-style
+    tile is left as it is."""
     img = _check(img, name)
     if _black_background(img):
         return _single_cell(img)
+    result = _segment(img, name)
+    if normalize_stain:
+        from core.stain import reinhard
+
+        for c in result.cells:
+            c.crop = np.rint(reinhard(c.crop)).astype(np.uint8)
+        result.notes.append("each crop's stain normalised toward C-NMC's (Reinhard colour transfer in LAB)")
+    return result
+
+
+def _segment(img: np.ndarray, name: str) -> FieldResult:
     from scipy import ndimage as ndi
     from skimage import filters, measure, morphology, segmentation
     from skimage.feature import peak_local_max
@@ -247,7 +262,7 @@ CSV_COLUMNS = ["field", "cell", "crop", "x0", "y0", "x1", "y1", "mask_area_px", 
                "kind", "error"]
 
 
-def segment_files(paths, out_dir) -> "pd.DataFrame":
+def segment_files(paths, out_dir, normalize_stain: bool = False) -> "pd.DataFrame":
     """Segment each field file and write its crops as `<field stem>_cell<NN>.png` under `out_dir`; one row per
     cell (box in field pixels, mask area), or one row with `error` (bad file, no white cells) per field that
     gave none: a bad field fails alone."""
@@ -261,7 +276,7 @@ def segment_files(paths, out_dir) -> "pd.DataFrame":
     rows = []
     for path in map(Path, paths):
         try:
-            result = segment_field(read_image(path), path.name)
+            result = segment_field(read_image(path), path.name, normalize_stain)
         except (ValueError, OSError) as exc:
             rows.append({"field": str(path), "error": str(exc)})
             continue

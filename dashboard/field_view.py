@@ -11,6 +11,15 @@ TABLE_COLUMNS = ["cell", "call", "prediction", "calibrated_prob_blast", "ood_rea
                  "mask_area_px"]
 
 
+def field_options_ui() -> tuple[bool, bool]:
+    """(treat every upload as a field, normalise the crops' stain toward C-NMC's)."""
+    as_fields = st.toggle("Uploads are smear fields: find and classify every white cell", value=False,
+                          help="fields the out-of-distribution gate recognises are segmented in any case")
+    normalize = st.toggle("Bring the field cells' stain toward C-NMC's (Reinhard colour transfer)", value=False,
+                          help="other labs' stains differ from C-NMC's; the gate still judges every cell")
+    return as_fields, normalize
+
+
 def _legend() -> str:
     return " · ".join(f"<span style='color:rgb{rgb}'>■</span> {call}" for call, rgb in CALL_COLOURS.items())
 

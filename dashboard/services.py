@@ -120,11 +120,13 @@ class Classified:
 
 
 def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False,
-                     runs_dir: str | Path | None = None, as_fields: bool = False) -> Classified:
+                     runs_dir: str | Path | None = None, as_fields: bool = False,
+                     normalize_stain: bool = False) -> Classified:
     """Classify uploaded cells; a file that cannot be read gets its own error row and the others go on.
 
     A smear field (an upload the gate recognises as a field of many cells, or every readable upload with
-    `as_fields`) is segmented and each white cell it holds classified (`core.fields`). Each cell gets an audit
+    `as_fields`) is segmented and each white cell it holds classified (`core.fields`; `normalize_stain` brings
+    the cells' crops toward C-NMC's stain first). Each cell gets an audit
     record in the run store at `runs_dir` (name and SHA-256 of the uploaded file only; pixels are not kept)."""
     from core.explain import overlay
     from core.fields import classify_field
@@ -148,7 +150,8 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     is_field = table["error"].isna() & (as_fields | (table["ood_reason"] == REASONS["field"]))
     data = dict(files)
     field_calls = [classify_field([bundle.model], read_image(data[name], name), name, bundle.size, bundle.rule,
-                             bundle.gate, bundle.margin, on_chunk=keep if gradcam else None)
+                             bundle.gate, bundle.margin, on_chunk=keep if gradcam else None,
+                             normalize_stain=normalize_stain)
               for name in table.loc[is_field, "file"]]
     table = table[~is_field].reset_index(drop=True)
     if runs_dir is not None:

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from dashboard import services, widgets
-from dashboard.field_view import fields_ui
+from dashboard.field_view import field_options_ui, fields_ui
 from dashboard.settings import MAX_UPLOAD_FILES, Settings
 
 IMAGE_TYPES = ["bmp", "png", "jpg", "jpeg", "tif", "tiff"]
@@ -63,9 +63,7 @@ def upload_ui():
     files = st.file_uploader("Cell images (BMP, PNG, JPEG, TIFF)", type=IMAGE_TYPES, accept_multiple_files=True,
                              key="cells")
     gradcam = st.toggle("Show Grad-CAM overlays (where the model sees blast evidence)", value=False)
-    as_fields = st.toggle("Uploads are smear fields: find and classify every white cell", value=False,
-                          help="fields the out-of-distribution gate recognises are segmented in any case")
-    return files or [], gradcam, as_fields
+    return files or [], gradcam, field_options_ui()
 
 
 def results_ui(result, gradcam: bool, threshold: float, runs_dir) -> None:
@@ -122,7 +120,7 @@ def main() -> None:
     st.title("Classify cells")
     widgets.reviewer_ui()
     bundle = model_ui(settings)
-    files, gradcam, as_fields = upload_ui()
+    files, gradcam, (as_fields, normalize) = upload_ui()
     if bundle is None or not files:
         return
     if len(files) > MAX_UPLOAD_FILES:
@@ -130,7 +128,8 @@ def main() -> None:
         files = files[:MAX_UPLOAD_FILES]
     with st.spinner(f"Classifying {len(files)} cells…"):
         result = services.classify_uploads(bundle, [(f.name, f.getvalue()) for f in files], gradcam,
-                                           runs_dir=settings.runs_dir, as_fields=as_fields)
+                                           runs_dir=settings.runs_dir, as_fields=as_fields,
+                                           normalize_stain=normalize)
     rule = bundle.rule
     st.caption(f"Model: {bundle.description}. Decision rule: threshold {rule.threshold:.2f} on calibrated "
                f"P(blast) (temperature {rule.temperature:.2f}, fitted on {rule.fitted_on}); cells within "

@@ -129,3 +129,41 @@ def test_the_ruler_is_the_red_cells_not_the_platelets_that_outnumber_them():
     result = segment_field(img)
     assert abs(result.rbc_diameter_px - 40.0) < 6.0, result.rbc_diameter_px
     assert match([c.box for c in result.cells], truth)["recall"] >= 0.9
+
+
+def test_normalised_field_crops_carry_cnmc_stain():
+    """With normalize_stain each crop's cell pixels take C-NMC's LAB statistics (within uint8 rounding); the
+    crop's shape and black background are those of the plain crop."""
+    from skimage.color import rgb2lab
+
+    from core.stain import CNMC_LAB_MEAN, CNMC_LAB_STD
+
+    img, _ = synth_field(seed=2, wbc=3, touching_pairs=0, border_cells=0)
+    plain, norm = segment_field(img), segment_field(img, normalize_stain=True)
+    assert len(plain.cells) == len(norm.cells) >= 3
+    for a, b in zip(plain.cells, norm.cells):
+        fg = a.crop.max(-1) > 10
+        assert ((b.crop.max(-1) > 10) == fg).all()
+        lab = rgb2lab(b.crop[fg] / 255.0)
+        np.testing.assert_allclose(lab.mean(0), CNMC_LAB_MEAN, atol=0.6)
+        np.testing.assert_allclose(lab.std(0), CNMC_LAB_STD, atol=0.6)
+    assert any("stain normalised" in n for n in norm.notes)
+
+
+def test_cli_normalises_field_crops_only_for_fields(tmp_path, capsys):
+    from PIL import Image
+
+    from core.stain import CNMC_LAB_MEAN
+    from training.cli import main
+
+    img, _ = synth_field(seed=5, wbc=3, touching_pairs=0, border_cells=0)
+    Image.fromarray(img).save(tmp_path / "smear.png")
+    assert main(["segment", str(tmp_path / "smear.png"), "--out", str(tmp_path / "n"), "--normalize-stain"]) == 0
+    from skimage.color import rgb2lab
+
+    crop = np.asarray(Image.open(tmp_path / "n" / "smear_cell01.png"))
+    lab = rgb2lab(crop[crop.max(-1) > 10] / 255.0)
+    np.testing.assert_allclose(lab.mean(0), CNMC_LAB_MEAN, atol=0.6)
+    assert main(["predict", "starter", str(tmp_path / "smear.png"), "--normalize-stain",
+                 "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "--normalize-stain applies to smear fields" in capsys.readouterr().err

@@ -133,3 +133,26 @@ def test_texture_hand_computed_and_layer_matches():
     want = np.stack([texture(xb[i], amount[i], nz[i]) for i in range(3)])
     np.testing.assert_allclose(got, want, atol=0.05)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(RandomTexture(1.0, 8.0)(xb, training=False)), xb)
+
+
+def test_reinhard_moves_a_cells_lab_mean_and_std_to_the_target_by_hand():
+    """Two colours in equal numbers sit at mean -/+ one std in each LAB channel, so after the transfer each must
+    land exactly on target mean -/+ target std (the sign: which side of the mean it was on); black stays black."""
+    skc = pytest.importorskip("skimage.color")
+    from core.stain import CNMC_LAB_MEAN, CNMC_LAB_STD, reinhard
+
+    a, b = np.array([200.0, 150.0, 220.0]), np.array([120.0, 60.0, 180.0])
+    x = np.zeros((4, 4, 3))
+    x[1:3, 0:2], x[1:3, 2:4] = a, b
+    y = reinhard(x)
+    lab_a, lab_b = skc.rgb2lab(a / 255.0), skc.rgb2lab(b / 255.0)
+    sign = np.sign(lab_a - lab_b)  # a is above the mean where it exceeds b
+    np.testing.assert_allclose(skc.rgb2lab(y[1, 0] / 255.0), np.add(CNMC_LAB_MEAN, sign * CNMC_LAB_STD), atol=1e-4)
+    np.testing.assert_allclose(skc.rgb2lab(y[1, 3] / 255.0), np.subtract(CNMC_LAB_MEAN, sign * CNMC_LAB_STD),
+                               atol=1e-4)
+    assert (y[0] == 0).all() and (y[3] == 0).all()
+    # a target darker than the background threshold: cell pixels are lifted just above it, never lost
+    dark = reinhard(x, mean=(1.0, 0.0, 0.0), std=(0.1, 0.1, 0.1))
+    assert (foreground(dark) == foreground(x)).all()
+    # an all-black image is returned unchanged
+    assert (reinhard(np.zeros((3, 3, 3))) == 0).all()

@@ -190,11 +190,14 @@ def cmd_predict(args) -> int:
         print("error: no image files found", file=sys.stderr)
         return 2
     cells = None
+    if args.normalize_stain and not args.fields:
+        print("error: --normalize-stain applies to smear fields (--fields CROPS_DIR)", file=sys.stderr)
+        return 2
     if args.fields:  # smear fields: segment first, then classify each white cell's crop
         from core.segmentation import segment_files
 
         crops_dir = Path(args.fields)
-        cells = segment_files(paths, crops_dir)
+        cells = segment_files(paths, crops_dir, args.normalize_stain)
         for row in cells[cells["error"].notna()].itertuples():
             print(f"error: {row.error}", file=sys.stderr)
         paths = [Path(p) for p in cells["crop"].dropna()]
@@ -238,7 +241,7 @@ def cmd_segment(args) -> int:
     if not paths:
         print("error: no image files found", file=sys.stderr)
         return 2
-    table = segment_files(paths, args.out)
+    table = segment_files(paths, args.out, args.normalize_stain)
     table.to_csv(Path(args.out) / "cells.csv", index=False)
     bad = table[table["error"].notna()]
     cells = int(table["cell"].notna().sum())
@@ -365,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fields", metavar="CROPS_DIR", default=None,
                    help="the images are smear fields: find their white cells (writing the crops to CROPS_DIR), then "
                         "classify each; the table gains field, cell and box columns")
+    s.add_argument("--normalize-stain", action="store_true",
+                   help="bring each field cell's crop toward C-NMC's stain (Reinhard colour transfer in LAB)")
     s.add_argument("--review-queue", action="store_true",
                    help="order the table for an expert: cells the model cannot judge (out of distribution) first, "
                         "then by closeness of calibrated P(blast) to the threshold; adds review_rank")
@@ -374,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "their boxes")
     s.add_argument("fields", nargs="+", help="field images (JPEG/PNG/BMP/TIFF) and/or folders")
     s.add_argument("--out", required=True, help="folder for the crops (<field>_cellNN.png) and cells.csv")
+    s.add_argument("--normalize-stain", action="store_true",
+                   help="bring each field cell's crop toward C-NMC's stain (Reinhard colour transfer in LAB)")
     s.set_defaults(func=cmd_segment)
 
     s = sub.add_parser("report", help="one self-contained HTML report of a completed run (figures inline)")
