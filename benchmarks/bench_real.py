@@ -156,9 +156,18 @@ def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, 
         # what is done so far, readable while later seeds train
         folds[["path", "subject", "label", "fold"]].assign(**cols).to_csv(
             Path(args.out) / f"oof_partial_{recipe}.csv", index=False)
-    suffix = "+tta" if args.tta else ""
-    cols[recipe] = np.mean([cols[f"{recipe}#s{args.seed + j}{suffix}"] for j in range(args.seeds)], axis=0)
-    return cols
+    return cols | ensembles(cols, recipe)
+
+
+def ensembles(cols, recipe: str) -> dict[str, np.ndarray]:
+    """The recipe's own columns from its members': `recipe`, the mean P(all) of its seeds, and with TTA views
+    `recipe+tta`, the mean of their TTA predictions."""
+    out = {}
+    for suffix in ("", "+tta"):
+        members = [c for c in cols if c.startswith(f"{recipe}#s") and c.endswith("+tta") == (suffix == "+tta")]
+        if members:
+            out[recipe + suffix] = np.mean([np.asarray(cols[c]) for c in members], axis=0)
+    return out
 
 
 def _fmt(m: dict) -> str:
@@ -192,10 +201,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="crop rule margin of a 450 px tile; 0 for crops made beforehand (benchmarks/pack_crops.py)")
     ap.add_argument("--out", default=None, help="folder for results.json and out-of-fold predictions")
     ap.add_argument("--save-models", action="store_true", help="keep each fold's model in --out")
+    ap.add_argument("--rescore", action="store_true",
+                    help="no training: recompute results.json in --out from its oof_predictions.csv (e.g. after "
+                         "this script's scoring changed); DATA is not read")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="with --rescore: add the CNN columns of these earlier runs (same cells, folds and budget)")
+    ap.add_argument("--ensemble", nargs="+", default=None, metavar="A+B",
+                    help="with --rescore: also score the mean of these recipes' members, e.g. "
+                         "cross_patient_texture+report")
     ap.add_argument("--baseline-oof", default=None,
                     help="reuse the baseline column of an earlier run's oof_predictions.csv (same cells, matched by "
                          "file stem; same folds) instead of recomputing the features: one baseline for many budgets")
     args = ap.parse_args(argv)
+    if args.rescore:
+        return rescore(args)
 
     from core.dataset import index
     from core.preprocessing import CropCache
@@ -262,8 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     results = {"data": str(args.data), "cells": int(len(folds)), "subjects": int(folds["subject"].nunique()),
                "folds": {int(f): sorted(folds.loc[folds["fold"] == f, "subject"].unique()) for f in range(k)},
                "machine": machine, "budget": budget, "seconds": seconds, "methods": {}}
+    score(oof, recipes, results, args)
+    return 0
+
+
+def score(oof: pd.DataFrame, recipes: list[str], results: dict, args) -> dict:
+    """Print and write (results.json in --out) every method's figures from the out-of-fold predictions."""
+    k = int(oof["fold"].nunique())
+    methods = ["baseline"] + [m for r in recipes for m in (r, r + "+tta") if m in oof]
     print("\nResults (threshold 0.5; 95% CIs resample subjects):")
-    for method in ["baseline", *recipes]:
+    for method in methods:
         df = oof.rename(columns={method: "prob_all"})
         entry = {"pooled": _metrics(df, args.n_boot, args.seed),
                  "per_fold": {int(f): _metrics(df[df["fold"] == f], 0) for f in range(k)}}
@@ -282,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             m = _metrics(oof.rename(columns={c: "prob_all"}), 0)
             results["methods"].setdefault("members", {})[c] = m
             print(f"{c:>30}: {_fmt(m)}")
-    for r in recipes:
+    for r in methods[1:]:
         a, b = oof.rename(columns={r: "prob_all"}), oof.rename(columns={"baseline": "prob_all"})
         diff = paired_difference(a, b, args.n_boot, args.seed)
         results["methods"][r]["minus_baseline"] = diff
@@ -292,7 +319,60 @@ def main(argv: list[str] | None = None) -> int:
               f"{diff['roc_auc']['ci95'][1]:+.3f}]")
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2, default=float))
     print(f"\nwritten: {args.out}/results.json, {args.out}/oof_predictions.csv")
+    return results
+
+
+BUDGET_KEYS = ("architecture", "size", "per_class", "epochs", "batch", "lr", "crop_margin")
+
+
+def rescore(args) -> int:
+    """Recompute results.json of an earlier run (--out DIR) from its oof_predictions.csv, no training; with
+    --merge, first take in the CNN columns of other runs on the same cells, folds and budget; with --ensemble,
+    also score the mean of several recipes' members (`a+b`)."""
+    out = Path(args.out)
+    try:
+        oof = pd.read_csv(out / "oof_predictions.csv", dtype={"subject": "str"})
+        old = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+        for other in args.merge or []:
+            more = pd.read_csv(Path(other) / "oof_predictions.csv", dtype={"subject": "str"})
+            theirs = json.loads((Path(other) / "results.json").read_text()).get("budget", {})
+            mine = old.get("budget", {})
+            if list(more["path"]) != list(oof["path"]) or list(more["fold"]) != list(oof["fold"]):
+                raise ValueError(f"{other} was run on other cells or folds")
+            differ = [k for k in BUDGET_KEYS if mine.get(k) != theirs.get(k)]
+            if differ:
+                raise ValueError(f"{other} has another budget ({', '.join(differ)})")
+            for c in more.columns:
+                if "#" in c and c not in oof:
+                    oof[c] = more[c]
+            old.setdefault("merged_from", []).append(str(other))
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot rescore {out}: {exc}", file=sys.stderr)
+        return 2
+    recipes = sorted({c.split("#")[0] for c in oof.columns if "#" in c}
+                     | {r for r in args.recipes.split(",") if r in oof})
+    for r in recipes:
+        for col, p in ensembles({c: oof[c] for c in oof.columns if c.startswith(r + "#s")}, r).items():
+            oof[col] = p
+    for spec in args.ensemble or []:
+        parts = spec.split("+")
+        missing = [r for r in parts if r not in recipes]
+        if missing:
+            print(f"error: --ensemble {spec}: no members of {', '.join(missing)} in {out}", file=sys.stderr)
+            return 2
+        oof[spec] = oof[member_columns(oof.columns, spec)].mean(axis=1)
+        recipes.append(spec)
+    oof.to_csv(out / "oof_predictions.csv", index=False)
+    results = {key: old[key] for key in ("data", "cells", "subjects", "folds", "machine", "budget", "seconds",
+                                         "merged_from") if key in old}
+    results |= {"methods": {}, "rescored_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    score(oof, recipes, results, args)
     return 0
+
+
+def member_columns(columns, spec: str) -> list[str]:
+    """The out-of-fold columns of every member (one per recipe and seed, no TTA) of `a` or of a mixture `a+b`."""
+    return [c for r in spec.split("+") for c in columns if c.startswith(f"{r}#s") and not c.endswith("+tta")]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ with the data).
     python benchmarks/make_starter.py data/real --bench runs/bench_real/main --recipe cross_patient_texture
 
 1. Trains the recipe on every cell of DATA (split `all`: fixed epochs, the last kept) with the very budget the
-   benchmark measured (read from its results.json), as an ordinary run in the run store.
+   benchmark measured (read from its results.json), as an ordinary run in the run store; one run per seed the
+   benchmark ensembled (`bench_real.py --seeds N`), shipped together as the members of one model folder.
 2. Fits the decision rule (temperature, threshold 0.5 or --target-sensitivity, review band) on the benchmark's
    out-of-fold predictions of that recipe: probabilities for patients the fold models never saw.
 3. Writes `models/starter/` (or --out): inference-only model.keras, decision_rule.json, card.json and card.md
@@ -14,6 +15,7 @@ with the data).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -57,7 +59,14 @@ def card_markdown(card: dict) -> str:
         f"Adam {r['learning_rate']}, batch {r['batch_size']}, {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''} of {r['samples_per_class']} "
         "class-balanced cells per class; every cell trains (no validation split; the quality below was measured by "
         "cross-validation with the same recipe and budget).",
-        f"- Training run `{card['training_run']}`; input: raw RGB crops 0-255 of {r['image_size']} px; output: "
+        (f"- An ensemble of {len(card['members'])} networks: "
+         + ", ".join(f"`{m['recipe']}` seed {m['seed']}" for m in card["members"])
+         + " (`report`: the report's recipe, raw colours and geometric augmentation only, the budget below); P(all) "
+         "is the mean of theirs (model.keras, member-N.keras). The recipe described here is the first member's."
+         if len(card.get("members", [])) > 1 else ""),
+        f"- Training run{'s' if isinstance(card['training_run'], list) else ''} "
+        f"{', '.join(f'`{t}`' for t in (card['training_run'] if isinstance(card['training_run'], list) else [card['training_run']]))}"
+        f"; input: raw RGB crops 0-255 of {r['image_size']} px; output: "
         "P(hem), P(all). Inference-only file: no optimizer state, no augmentation layers; loads with "
         "`keras.saving.load_model(..., safe_mode=True)` once `core` is importable.",
         "",
@@ -120,6 +129,20 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+def reproduce(spec: str, specs: list[tuple[str, int]], b: dict) -> list[str]:
+    """The commands that remake the benchmark and this model folder (a mixture `a+b`: one benchmark per recipe,
+    merged and scored as one ensemble)."""
+    parts = spec.split("+")
+    cmds = [f"python benchmarks/bench_real.py DATA --recipes {r} --size {b['size']} --per-class {b['per_class']} "
+            f"--epochs {b['epochs']} --lr {b['lr']} --seed {min(sd for rc, sd in specs if rc == r)} "
+            f"--seeds {sum(rc == r for rc, _ in specs)} --out BENCH_{r}" for r in parts]
+    if len(parts) > 1:
+        cmds.append(f"python benchmarks/bench_real.py DATA --rescore --out BENCH_{parts[0]} --merge "
+                    + " ".join(f"BENCH_{r}" for r in parts[1:]) + f" --ensemble {spec}")
+    cmds.append(f"python benchmarks/make_starter.py DATA --bench BENCH_{parts[0]} --recipe {spec}")
+    return cmds
+
+
 def starter_gate(model, cells, cfg, cache_dir: str, fit_cells: int = 600, seed: int = 0):
     """The starter's out-of-distribution gate, fitted on its training cells, with its false-rejection rates:
     image checks leave-subjects-out (fitted on two folds' patients, applied to the third's: unseen patients),
@@ -176,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="starter-cnmc-fold1")
     ap.add_argument("--target-sensitivity", type=float, default=None)
     ap.add_argument("--band", type=float, default=0.1)
-    ap.add_argument("--run", default=None, help="package this completed run (trained with the same recipe and "
-                                                "budget, split all) instead of training a new one")
-    ap.add_argument("--model", default=None, help="package this model file, trained elsewhere with the recipe "
-                                                  "and the benchmark's budget on every cell (see --train-only)")
+    ap.add_argument("--run", nargs="+", default=None,
+                    help="package these completed runs (one per benchmark seed, in seed order; trained with the same "
+                         "recipe, budget and seed, split all) instead of training new ones; an entry may also be an "
+                         "inference-only .keras file of such a member")
+    ap.add_argument("--model", nargs="+", default=None,
+                    help="package these model files (one per benchmark seed), trained elsewhere with the recipe and "
+                         "the benchmark's budget on every cell (see --train-only)")
     ap.add_argument("--trained-on", default="", help="with --model: where and how it was trained, for the card")
     ap.add_argument("--train-only", default=None, metavar="FILE",
                     help="train, write the inference-only model to FILE and stop (e.g. on a GPU machine; package "
@@ -204,41 +230,69 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {bench} has no results for recipe {args.recipe}", file=sys.stderr)
         return 2
     b = results["budget"]
-    cfg = preset(args.recipe, name=args.name, data_dir=args.data, split="all", architecture=b["architecture"],
-                 image_size=b["size"], samples_per_class=b["per_class"], epochs=b["epochs"], batch_size=b["batch"],
-                 learning_rate=b["lr"], seed=b["seed"], early_stopping=False, runs_dir=args.runs_dir,
-                 cache_dir=args.cache_dir, crop_margin=args.crop_margin)
+    oof = pd.read_csv(bench / "oof_predictions.csv", dtype={"subject": "str"})
+    # the members: one per recipe and seed the benchmark trained (`recipe#sN` columns); `a+b` mixes recipes
+    member_cols = [c for r in args.recipe.split("+") for c in oof.columns
+                   if c.startswith(f"{r}#s") and not c.endswith("+tta")] or [args.recipe]
+    specs = [(c.split("#s")[0], int(c.split("#s")[1])) if "#s" in c else (args.recipe, b["seed"]) for c in member_cols]
+
+    def member_config(recipe: str, seed: int):
+        return preset(recipe, name=args.name, data_dir=args.data, split="all", architecture=b["architecture"],
+                      image_size=b["size"], samples_per_class=b["per_class"], epochs=b["epochs"],
+                      batch_size=b["batch"], learning_rate=b["lr"], seed=seed, early_stopping=False,
+                      runs_dir=args.runs_dir, cache_dir=args.cache_dir, crop_margin=args.crop_margin)
+
+    cfg = member_config(*specs[0])
     t0 = time.perf_counter()
     store = RunStore(args.runs_dir)
-    if args.model:
-        run_id = f"{Path(args.model).name}" + (f" ({args.trained_on})" if args.trained_on else "")
-        model = load_model(args.model)
-    elif args.run:
-        run_id = args.run
-        have, want = store.get_run(run_id)["config"], cfg.resolved().to_dict()
-        differ = sorted(k for k in want if k not in ("name", "runs_dir", "cache_dir") and have.get(k) != want[k])
-        if differ:
-            print(f"error: run {run_id} differs from recipe {args.recipe} with the benchmark's budget in: "
-                  + ", ".join(f"{k} ({have.get(k)!r} != {want[k]!r})" for k in differ), file=sys.stderr)
-            return 2
-    else:
-        run_id = train(cfg, store)
-    if not args.model:
+    seeds = [sd for _, sd in specs]
+    given = args.model or args.run
+    if given and len(given) != len(specs):
+        print(f"error: the benchmark's ensemble has {len(specs)} member(s) ({', '.join(member_cols)}); give one run "
+              f"or model per member, in that order, got {len(given)}", file=sys.stderr)
+        return 2
+    models, run_ids = [], []
+    for j, (recipe, seed) in enumerate(specs):
+        member_cfg = member_config(recipe, seed)
+        if args.model:
+            run_ids.append(f"{Path(args.model[j]).name}" + (f" ({args.trained_on})" if args.trained_on else ""))
+            models.append(load_model(args.model[j]))
+            continue
+        if args.run and args.run[j].endswith(".keras") and Path(args.run[j]).is_file():
+            # a member trained earlier with this very recipe, budget and seed (e.g. the previous starter's)
+            run_ids.append(Path(args.run[j]).name)
+            models.append(load_model(args.run[j]))
+            continue
+        if args.run:
+            run_id = args.run[j]
+            have, want = store.get_run(run_id)["config"], member_cfg.resolved().to_dict()
+            differ = sorted(k for k in want if k not in ("name", "runs_dir", "cache_dir") and have.get(k) != want[k])
+            if differ:
+                print(f"error: run {run_id} differs from recipe {recipe} with the benchmark's budget (seed "
+                      f"{seed}) in: " + ", ".join(f"{k} ({have.get(k)!r} != {want[k]!r})" for k in differ),
+                      file=sys.stderr)
+                return 2
+        else:
+            run_id = train(member_cfg, store)
         run = store.get_run(run_id)
         if run["status"] != "completed":
             print(f"error: training run {run_id} {run['status']}: {run['error']}", file=sys.stderr)
             return 1
-        print(f"trained run {run_id} in {time.perf_counter() - t0:.0f} s", flush=True)
-        model = load_model(str(store.run_dir(run_id) / "best.keras"))
+        print(f"trained run {run_id} ({recipe}, seed {seed}) in {time.perf_counter() - t0:.0f} s", flush=True)
+        run_ids.append(run_id)
+        models.append(load_model(str(store.run_dir(run_id) / "best.keras")))
+    model = models[0]
     if args.train_only:
         from core.models import inference_model
 
-        inference_model(model).save(args.train_only)
-        print(f"wrote {args.train_only} (inference-only; package it with --model)")
+        for j, m in enumerate(models):
+            target = args.train_only if j == 0 else str(Path(args.train_only).with_suffix(f".s{seeds[j]}.keras"))
+            inference_model(m).save(target)
+            print(f"wrote {target} (inference-only; package with --model, one file per seed in seed order)")
         return 0
 
-    oof = pd.read_csv(bench / "oof_predictions.csv", dtype={"subject": "str"})
-    y, p = (oof["label"] == "all").to_numpy().astype(int), oof[args.recipe].to_numpy()
+    # the shipped members' own ensemble, without test-time augmentation (inference does not augment)
+    y, p = (oof["label"] == "all").to_numpy().astype(int), oof[member_cols].to_numpy().mean(axis=1)
     rule = DecisionRule.fit(y, p, args.target_sensitivity, args.band,
                             fitted_on=f"out-of-fold predictions for unseen patients ({len(oof)} cells, "
                                       f"{oof['subject'].nunique()} subjects, leave-subjects-out CV)")
@@ -259,29 +313,29 @@ def main(argv: list[str] | None = None) -> int:
                  "subjects": int(lab["subject"].nunique()),
                  "subjects_by_class": {k: sorted(g["subject"].unique()) for k, g in lab.groupby("label")},
                  "excluded": int(len(problems))},
-        "recipe": {"preset": args.recipe, **{k: getattr(resolved, k) for k in (
+        "recipe": {"preset": specs[0][0], **{k: getattr(resolved, k) for k in (
             "architecture", "image_size", "cell_standardize", "hed_sigma", "brightness", "contrast", "saturation",
             "hue", "sharpness", "noise_std", "learning_rate", "batch_size", "epochs", "samples_per_class", "seed")}},
-        "training_run": run_id,
+        "training_run": run_ids[0] if len(run_ids) == 1 else run_ids,
+        "members": [{"recipe": rc, "seed": sd, "run": r} for (rc, sd), r in zip(specs, run_ids)],
         "input": {"size": resolved.image_size, "crop": "100/450 margin per side, then resize", "dtype": "uint8 RGB"},
         "leave_subjects_out": {
             "folds": len(results["folds"]), "fold_subjects": results["folds"], "machine": results["machine"],
             "budget": b, "methods": {k: {"pooled": v["pooled"], "per_fold": v["per_fold"]}
-                                     for k, v in results["methods"].items()},
+                                     for k, v in results["methods"].items() if "pooled" in v},
+            "members_alone": results["methods"].get("members", {}),
             "minus_baseline": results["methods"][args.recipe].get("minus_baseline")},
         "gate": {"image": gate.image.__dict__, "novelty_threshold": gate.novelty.threshold,
                  "false_rejection": gate.false_rejection},
         "calibration": {**rule.__dict__, "ece_raw": expected_calibration_error(y, p),
                         "ece_calibrated": expected_calibration_error(y, decided["prob_all_calibrated"]),
                         "review_fraction": float(decided["uncertain"].mean())},
-        "reproduce": [f"python benchmarks/bench_real.py DATA --recipes {args.recipe} --size {b['size']} --per-class {b['per_class']} "
-                      f"--epochs {b['epochs']} --lr {b['lr']} --out BENCH",
-                      f"python benchmarks/make_starter.py DATA --bench BENCH --recipe {args.recipe}"],
+        "reproduce": reproduce(args.recipe, specs, b),
     }
     out = Path(args.out) if args.out else STARTER_DIR
-    save_model_folder(out, model, rule, card, card_markdown(card), gate=gate)
-    size_mb = (out / "model.keras").stat().st_size / 1e6
-    print(f"wrote {out} (model.keras {size_mb:.1f} MB); decision rule: temperature {rule.temperature:.3f}, "
+    save_model_folder(out, model, rule, card, card_markdown(card), gate=gate, members=models[1:])
+    size_mb = sum(f.stat().st_size for f in out.glob("*.keras")) / 1e6
+    print(f"wrote {out} ({len(models)} model file(s), {size_mb:.1f} MB); decision rule: temperature {rule.temperature:.3f}, "
           f"threshold {rule.threshold:.3f}, band {rule.band}")
     return 0
 

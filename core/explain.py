@@ -140,6 +140,25 @@ class GradCAM:
         return probs, np.stack([resize_map(c, out_size) for c in cam])
 
 
+class EnsembleCAM:
+    """Grad-CAM of an ensemble: the members' probabilities and (each normalised) heatmaps averaged, so the map
+    shows the evidence the ensemble's averaged call rests on."""
+
+    def __init__(self, models):
+        self.cams = [GradCAM(m) for m in models]
+
+    def __call__(self, crops: np.ndarray, class_index: int | np.ndarray | None = BLAST,
+                 size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        outs = [cam(crops, class_index, size) for cam in self.cams]
+        return np.mean([o[0] for o in outs], axis=0), np.mean([o[1] for o in outs], axis=0)
+
+
+def gradcam_for(models) -> "GradCAM | EnsembleCAM":
+    """Grad-CAM of one model, or of an ensemble's members averaged."""
+    models = list(models)
+    return GradCAM(models[0]) if len(models) == 1 else EnsembleCAM(models)
+
+
 def resize_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 

@@ -86,6 +86,20 @@ def portable_model(model: keras.Model) -> keras.Model:
     return port
 
 
+def portable_ensemble(models) -> keras.Model:
+    """One portable model for one model or an ensemble: the members' portable networks side by side on one
+    input, their outputs averaged (`Average`, built in), as `core.inference.predict_proba` averages them."""
+    models = list(models)
+    if len(models) == 1:
+        return portable_model(models[0])
+    ports = [portable_model(m) for m in models]
+    size = int(ports[0].inputs[0].shape[1])
+    x = keras.Input((size, size, 3), name="crop")
+    # each member keeps its own name inside the ensemble (their weights are saved under it)
+    outs = [keras.Model(p.inputs[0], p.outputs[0], name=f"member_{i}")(x) for i, p in enumerate(ports)]
+    return keras.Model(x, layers.Average(name="ensemble_mean")(outs), name="ensemble")
+
+
 def _as_rescaling(norm: layers.Normalization) -> layers.Rescaling:
     """A fixed `Normalization` as the equal `Rescaling` with constants in its config: tf2onnx takes the
     Normalization's mean/variance tensors (made at build time) for extra graph inputs."""
@@ -116,13 +130,14 @@ def contract(size: int, margin: int, rule, source: str, fmt: str) -> dict:
     }
 
 
-def export_model(model: keras.Model, fmt: str, out: str | os.PathLike, rule, margin: int, source: str) -> Path:
-    """Write `model` in `fmt` under `out` with `contract.json`; returns the model file's path."""
+def export_model(models, fmt: str, out: str | os.PathLike, rule, margin: int, source: str) -> Path:
+    """Write `models` (one model, or a list: an ensemble, exported as one averaged model) in `fmt` under `out`
+    with `contract.json`; returns the model file's path."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    port = portable_model(model)
+    port = portable_ensemble(models if isinstance(models, (list, tuple)) else [models])
     size = int(port.inputs[0].shape[1])
     target = out / FILES[fmt]
     if fmt == "keras":

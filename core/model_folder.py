@@ -1,6 +1,7 @@
 """A model travels as one folder: inference-only weights, the decision rule, and a model card.
 
     <folder>/model.keras          inference-only Keras model (no optimizer, no augmentation), safe-mode loadable
+    <folder>/member-N.keras       further members of an ensemble (N = 1, 2, ...): P(all) is the members' mean
     <folder>/decision_rule.json   `core.calibration.DecisionRule`: temperature, threshold, review band, fitted on
     <folder>/gate.json            `core.gate.Gate`: what images it may judge (image bands, feature novelty)
     <folder>/card.json, card.md   what it was trained on, how it was measured, its limits
@@ -18,17 +19,22 @@ from typing import Any
 
 MODEL_FILE, RULE_FILE, CARD_JSON, CARD_MD = "model.keras", "decision_rule.json", "card.json", "card.md"
 GATE_FILE = "gate.json"
+MEMBER_GLOB = "member-*.keras"
 STARTER_DIR = Path(__file__).resolve().parent.parent / "models" / "starter"
 STARTER = "starter"
 
 
 @dataclass
 class ModelFolder:
-    model: Any
+    models: list  # one model, or an ensemble's members (model.keras first); the gate uses the first's features
     rule: Any
     card: dict
     folder: Path
     gate: Any = None
+
+    @property
+    def model(self):
+        return self.models[0]
 
     @property
     def size(self) -> int:
@@ -62,20 +68,30 @@ def load_model_folder(ref: str | os.PathLike) -> ModelFolder:
     rule = DecisionRule.load(folder / RULE_FILE) if (folder / RULE_FILE).exists() else DecisionRule()
     card = json.loads((folder / CARD_JSON).read_text()) if (folder / CARD_JSON).exists() else {}
     gate = Gate.load(folder / GATE_FILE) if (folder / GATE_FILE).exists() else None
-    return ModelFolder(load_model(str(folder / MODEL_FILE)), rule, card, folder, gate)
+    members = sorted(folder.glob(MEMBER_GLOB), key=lambda p: int(p.stem.split("-")[1]))
+    models = [load_model(str(p)) for p in [folder / MODEL_FILE, *members]]
+    sizes = {tuple(m.inputs[0].shape[1:]) for m in models}
+    if len(sizes) > 1:
+        raise ValueError(f"model folder {folder}: its ensemble members take different inputs {sorted(sizes)}")
+    return ModelFolder(models, rule, card, folder, gate)
 
 
-def save_model_folder(folder: str | os.PathLike, model, rule, card: dict, card_md: str, gate=None) -> Path:
-    """Write an inference-only copy of `model` with its rule and card (the model is stripped of training
-    layers and saved without optimizer state)."""
+def save_model_folder(folder: str | os.PathLike, model, rule, card: dict, card_md: str, gate=None,
+                      members=()) -> Path:
+    """Write an inference-only copy of `model` (and of an ensemble's further `members`) with its rule and card
+    (each model is stripped of training layers and saved without optimizer state)."""
     from core.models import inference_model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    clean = inference_model(model)
-    tmp = folder / ("tmp-" + MODEL_FILE)
-    clean.save(tmp, include_optimizer=False) if _accepts_include_optimizer(clean) else clean.save(tmp)
-    os.replace(tmp, folder / MODEL_FILE)
+    for old in folder.glob(MEMBER_GLOB):  # a folder re-written with fewer members keeps no stale one
+        old.unlink()
+    for i, m in enumerate([model, *members]):
+        clean = inference_model(m)
+        name = MODEL_FILE if i == 0 else f"member-{i}.keras"
+        tmp = folder / ("tmp-" + name)
+        clean.save(tmp, include_optimizer=False) if _accepts_include_optimizer(clean) else clean.save(tmp)
+        os.replace(tmp, folder / name)
     rule.save(folder / RULE_FILE)
     if gate is not None:
         gate.save(folder / GATE_FILE)

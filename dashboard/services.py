@@ -22,7 +22,7 @@ from training.store import RunStore
 # --- models -----------------------------------------------------------------------------------------------------
 @dataclass
 class ModelBundle:
-    model: Any
+    models: list  # one model, or an ensemble's members (P(all) is their mean)
     rule: Any
     size: int
     description: str
@@ -39,11 +39,15 @@ class ModelBundle:
             self.model_sha256 = sha256_of(self.model_path)
 
     @property
+    def model(self):
+        return self.models[0]
+
+    @property
     def cam(self):
         if self._cam is None:
-            from core.explain import GradCAM
+            from core.explain import gradcam_for
 
-            self._cam = GradCAM(self.model)
+            self._cam = gradcam_for(self.models)
         return self._cam
 
 
@@ -59,7 +63,8 @@ def load_starter_bundle() -> tuple[ModelBundle, str]:
 
     mf = load_model_folder(STARTER)
     name = mf.card.get("name", "starter")
-    return ModelBundle(mf.model, mf.rule, mf.size, f"shipped starter model {name}", mf.gate,
+    what = f"shipped starter model {name}" + (f" (an ensemble of {len(mf.models)})" if len(mf.models) > 1 else "")
+    return ModelBundle(mf.models, mf.rule, mf.size, what, mf.gate,
                        str(mf.folder / "model.keras")), mf.card_markdown
 
 
@@ -92,7 +97,7 @@ def load_uploaded_bundle(name: str, data: bytes) -> ModelBundle:
         raise ValueError(f"{name}: expects input {tuple(shape)}, not square RGB crops")
     from training.audit import sha256_of
 
-    return ModelBundle(model, DecisionRule(), int(shape[1]), f"uploaded model {name}", model_sha256=sha256_of(data))
+    return ModelBundle([model], DecisionRule(), int(shape[1]), f"uploaded model {name}", model_sha256=sha256_of(data))
 
 
 def audit_trail(runs_dir: str | Path) -> pd.DataFrame:
@@ -143,13 +148,13 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
         if gradcam:
             heat.update(zip(names, bundle.cam(batch)[1]))
 
-    table = classify([bundle.model], files, bundle.size, bundle.rule, on_chunk=keep, gate=bundle.gate,
+    table = classify(bundle.models, files, bundle.size, bundle.rule, on_chunk=keep, gate=bundle.gate,
                      margin=bundle.margin).rename(columns={
         "name": "file", "prob_all": "prob_blast", "prob_all_calibrated": "calibrated_prob_blast",
         "uncertain": "review_manually"})
     is_field = table["error"].isna() & (as_fields | (table["ood_reason"] == REASONS["field"]))
     data = dict(files)
-    field_calls = [classify_field([bundle.model], read_image(data[name], name), name, bundle.size, bundle.rule,
+    field_calls = [classify_field(bundle.models, read_image(data[name], name), name, bundle.size, bundle.rule,
                              bundle.gate, bundle.margin, on_chunk=keep if gradcam else None,
                              normalize_stain=normalize_stain)
               for name in table.loc[is_field, "file"]]

@@ -69,10 +69,11 @@ def starter_exports(tmp_path_factory, cell_dir):
     mf = load_model_folder("starter")
     crops = np.stack([load_crop(p, size=mf.size) for p in sorted(cell_dir.glob("*.bmp"))]).astype("float32")
     out = tmp_path_factory.mktemp("exports")
-    paths = {fmt: export_model(mf.model, fmt, out / fmt, mf.rule, 100, "starter")
+    paths = {fmt: export_model(mf.models, fmt, out / fmt, mf.rule, 100, "starter")
              for fmt in ("keras", "savedmodel", "onnx")}
     np.save(out / "crops.npy", crops)
-    np.save(out / "ref.npy", mf.model.predict(crops, verbose=0))
+    # the project's P(hem), P(all): the mean over the folder's members (one, or an ensemble's)
+    np.save(out / "ref.npy", np.mean([m.predict(crops, verbose=0) for m in mf.models], axis=0))
     return out, paths, mf
 
 

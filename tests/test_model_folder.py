@@ -43,6 +43,48 @@ def test_model_folder_is_inference_only_and_keeps_rule_and_card(tmp_path):
         load_model_folder(tmp_path / "nothing")
 
 
+def test_an_ensemble_folder_averages_its_members_everywhere(tmp_path, cell_dir):
+    """Members travel in one folder (model.keras + member-N.keras); predict, evaluate, Grad-CAM and export all
+    use the members' mean, and re-writing the folder with fewer members leaves no stale one."""
+    from core.explain import EnsembleCAM, gradcam_for
+    from core.export import portable_ensemble
+    from core.inference import predict_proba
+    from training.cli import main
+
+    members = []
+    for seed in range(3):
+        keras.utils.set_random_seed(seed)
+        members.append(create_model("solution_a", 32, mean=(0.3, 0.2, 0.4), augment=AugmentSpec(),
+                                    standardize=True, filters=(4, 4, 4, 4)))
+    folder = save_model_folder(tmp_path / "e", members[0], DecisionRule(fitted_on="unit test"), {"name": "e"}, "",
+                               members=members[1:])
+    assert sorted(p.name for p in folder.glob("*.keras")) == ["member-1.keras", "member-2.keras", "model.keras"]
+    mf = load_model_folder(folder)
+    assert len(mf.models) == 3 and mf.model is mf.models[0]
+    x = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3)).astype("uint8")
+    singles = np.stack([m.predict(x, verbose=0)[:, 1] for m in members])
+    assert singles.std(axis=0).max() > 1e-4  # the members differ, so the mean is not any one of them
+    np.testing.assert_allclose(predict_proba(mf.models, x), singles.mean(0), atol=1e-5)
+    np.testing.assert_allclose(portable_ensemble(mf.models).predict(x.astype("float32"), verbose=0)[:, 1],
+                               singles.mean(0), atol=1e-5)
+    cam = gradcam_for(mf.models)
+    assert isinstance(cam, EnsembleCAM)
+    probs, maps = cam(x)
+    np.testing.assert_allclose(probs[:, 1], singles.mean(0), atol=1e-5)
+    assert maps.shape == (5, 32, 32) and maps.min() >= 0 and maps.max() <= 1
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(folder), str(cell_dir), "--out", str(out), "--runs-dir", str(tmp_path / "r")]) == 0
+    import pandas as pd
+
+    from core.preprocessing import load_crop
+
+    table = pd.read_csv(out)
+    crops = np.stack([load_crop(p, size=32) for p in table["path"]])
+    np.testing.assert_allclose(table["prob_all"], predict_proba(members, crops), atol=1e-5)
+    save_model_folder(folder, members[0], DecisionRule(), {"name": "e"}, "", members=members[1:2])
+    assert len(load_model_folder(folder).models) == 2 and not (folder / "member-2.keras").exists()
+
+
 def test_cli_predicts_and_evaluates_with_a_model_folder(tmp_path, cell_dir, capsys):
     from training.cli import main
 
@@ -84,14 +126,15 @@ def test_starter_loads_in_safe_mode_and_classifies_real_sample_cells(samples_dir
     from core.inference import classify_files, collect_images
 
     assert (STARTER_DIR / "model.keras").stat().st_size <= 10e6
+    assert all(p.stat().st_size <= 10e6 for p in STARTER_DIR.glob("member-*.keras"))  # an ensemble's members
     mf = load_model_folder("starter")
-    assert not any(l.name == "augmentation" for l in mf.model.layers)
+    assert not any(l.name == "augmentation" for m in mf.models for l in m.layers)
     assert mf.card["research_use_only"] and mf.card["data"]["subjects"] >= 10
     assert "leave-subjects-out" in mf.rule.fitted_on
     for part in ("Research use only", "Known limits", "C-NMC 2019", "leave-subjects-out"):
         assert part.lower() in mf.card_markdown.lower(), part
     paths = collect_images([samples_dir / "training_like"])
-    table = classify_files([mf.model], paths, mf.size, rule=mf.rule)
+    table = classify_files(mf.models, paths, mf.size, rule=mf.rule)
     assert table["error"].isna().all() and table["prob_all_calibrated"].between(0, 1).all()
     truth = table["path"].str.contains("_all").map({True: "all", False: "hem"})
     print(f"starter on the {len(table)} real sample cells: accuracy {(table['prediction'] == truth).mean():.3f} "

@@ -178,13 +178,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from core.explain import GradCAM
+    from core.explain import gradcam_for
     from core.inference import classify_files, collect_images
     from training.evaluate import resolve_model
     from training.store import RunStore
 
     store = RunStore(args.runs_dir)
-    model, rule, size, what, gate, model_path = resolve_model(args.model, store)
+    models, rule, size, what, gate, model_path = resolve_model(args.model, store)
     paths = collect_images(args.paths)
     if not paths:
         print("error: no image files found", file=sys.stderr)
@@ -204,10 +204,10 @@ def cmd_predict(args) -> int:
         if not paths:
             print("error: no white cells found in the fields", file=sys.stderr)
             return 1
-    cam = GradCAM(model) if args.gradcam else None
+    cam = gradcam_for(models) if args.gradcam else None
     from training.evaluate import crop_margin_of
 
-    table = classify_files([model], paths, size, rule=rule, tta=args.tta, gradcam_dir=args.gradcam, cam=cam,
+    table = classify_files(models, paths, size, rule=rule, tta=args.tta, gradcam_dir=args.gradcam, cam=cam,
                            gate=gate, margin=crop_margin_of(args.model, store))
     if cells is not None:  # field, cell number and box first
         boxes = cells.dropna(subset=["crop"]).drop(columns=["error"]).rename(columns={"crop": "path"})
@@ -275,8 +275,8 @@ def cmd_export(args) -> int:
 
     store = RunStore(args.runs_dir)
     try:
-        model, rule, size, what, _gate, _path = resolve_model(args.model, store)
-        path = export_model(model, args.format, args.out, rule, crop_margin_of(args.model, store), what)
+        models, rule, size, what, _gate, _path = resolve_model(args.model, store)
+        path = export_model(models, args.format, args.out, rule, crop_margin_of(args.model, store), what)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2

@@ -31,8 +31,9 @@ def run_model_path(store: RunStore, run_id: str) -> Path:
 
 
 def resolve_model(ref: str, store: RunStore):
-    """(model, decision rule, input size, description, gate, model file) for `starter`, a model folder, a run
-    id or a `.keras` file (all loaded in safe mode). A bare `.keras` file has no gate: it judges every image."""
+    """(models, decision rule, input size, description, gate, model file) for `starter`, a model folder, a run
+    id or a `.keras` file (all loaded in safe mode). `models` is a list: one model, or an ensemble folder's
+    members (P(all) is their mean). A bare `.keras` file has no gate: it judges every image."""
     from core.gate import Gate
     from core.model_folder import is_model_folder, load_model_folder
     from core.models import load_model
@@ -40,7 +41,8 @@ def resolve_model(ref: str, store: RunStore):
     if is_model_folder(ref):
         mf = load_model_folder(ref)
         name = mf.card.get("name") or str(mf.folder)
-        return mf.model, mf.rule, mf.size, f"model {name} ({mf.folder})", mf.gate, str(mf.folder / "model.keras")
+        what = f"model {name} ({mf.folder})" + (f", an ensemble of {len(mf.models)}" if len(mf.models) > 1 else "")
+        return mf.models, mf.rule, mf.size, what, mf.gate, str(mf.folder / "model.keras")
     gate = None
     if ref.endswith(".keras") and Path(ref).is_file():
         model, rule, what, path = load_model(ref), cal.DecisionRule(), f"model file {ref}", ref
@@ -52,7 +54,7 @@ def resolve_model(ref: str, store: RunStore):
         gate_file = store.run_dir(ref) / "gate.json"
         gate = Gate.load(gate_file) if gate_file.exists() else None
         what = f"run {ref}"
-    return model, rule, int(model.inputs[0].shape[1]), what, gate, path
+    return [model], rule, int(model.inputs[0].shape[1]), what, gate, path
 
 
 def _split_rows(store: RunStore, run_id: str, data_root: str | None = None) -> tuple[RunConfig, pd.DataFrame]:
@@ -290,7 +292,7 @@ def evaluate_model_folder(ref: str, data_dir: str, out_dir: str | Path | None = 
     ok = cache.valid[cache.rows(target["path"])]
     target = target[ok].reset_index(drop=True)
     crops = np.asarray(cache.array[cache.rows(target["path"])])
-    target["prob_all"] = predict_proba([mf.model], crops, tta=tta)
+    target["prob_all"] = predict_proba(mf.models, crops, tta=tta)
     if mf.gate is not None:  # what the gate would refuse (metrics below still cover every cell)
         from core.gate import REASONS, feature_model, features_and_probs
         from core.imageio import read_image
