@@ -155,15 +155,17 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     is_field = table["error"].isna() & (as_fields | (table["ood_reason"] == REASONS["field"]))
     data = dict(files)
     field_calls = [classify_field(bundle.models, read_image(data[name], name), name, bundle.size, bundle.rule,
-                             bundle.gate, bundle.margin, on_chunk=keep if gradcam else None,
-                             normalize_stain=normalize_stain)
-              for name in table.loc[is_field, "file"]]
+                                  bundle.gate, bundle.margin, on_chunk=keep if gradcam else None,
+                                  normalize_stain=normalize_stain)
+                   for name in table.loc[is_field, "file"]]
+    empty = {fc.name for fc in field_calls if not len(fc.table)}
+    judged = table[~is_field | table["file"].isin(empty)]  # a field without cells keeps its own record
     table = table[~is_field].reset_index(drop=True)
     if runs_dir is not None:
         from training.audit import record
 
         store = RunStore(runs_dir)
-        record(store, table, data, bundle.description, bundle.model_sha256, bundle.rule, source="dashboard")
+        record(store, judged, data, bundle.description, bundle.model_sha256, bundle.rule, source="dashboard")
         for fc in field_calls:
             if len(fc.table):  # each cell under its own name, with the SHA-256 of the field it came from
                 record(store, fc.table.rename(columns={"cell_name": "name"}), dict.fromkeys(fc.table["cell_name"],
