@@ -43,8 +43,9 @@ def fields_ui(fields: list, gradcam: bool, overlays: dict) -> None:
             cols[2].metric("Blast fraction", f"{s['blast_fraction']:.0%}" if s["assessed"] else "–")
             cols[3].metric("To review", s["review"], help="calls within the review band of the threshold")
             cols[4].metric("Not assessed", s["not_assessed"])
-            for note in fc.notes + ([f"{s['cut_by_border']} cells cut by the image border were left out"]
-                                    if s["cut_by_border"] else []):
+            cut = s["cut_by_border"]
+            for note in fc.notes + ([f"{cut} cell{'s' if cut > 1 else ''} cut by the image border "
+                                     f"{'were' if cut > 1 else 'was'} left out"] if cut else []):
                 st.caption(note)
             st.image(fc.overlay, caption=f"{fc.name}: outlines coloured by call", width="stretch")
             st.markdown(_legend(), unsafe_allow_html=True)
