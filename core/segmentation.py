@@ -8,7 +8,9 @@ module finds white blood cells (WBCs) in an RGB field of a May-Grünwald-Giemsa 
    pink: red above blue); holes filled; components far smaller than a red cell (platelets, debris) dropped;
 3. touching white cells split by a distance-transform watershed (scikit-image), markers at least about a white
    cell's radius apart;
-4. red cells are the field's own ruler (7-8 µm in every smear): their median diameter sets the scale;
+4. red cells are the field's own ruler (7-8 µm in every smear): the area-weighted median diameter of the single
+   round ones sets the scale when they are at least 5% of the red-cell area (round platelets may outnumber
+   them), else the typical inscribed circle of the pink pixels of clumped red cells;
 5. cells cut by the image border are dropped; each kept cell becomes a C-NMC-like crop: its mask on black,
    centred in a 450×450 frame, scaled so that a red cell would span `RBC_TARGET_PX` pixels;
 6. optionally each crop's stain is brought toward C-NMC's (Reinhard colour transfer in LAB on the cell's pixels,
