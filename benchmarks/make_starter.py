@@ -15,7 +15,6 @@ with the data).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -232,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     b = results["budget"]
     oof = pd.read_csv(bench / "oof_predictions.csv", dtype={"subject": "str"})
     # the members: one per recipe and seed the benchmark trained (`recipe#sN` columns); `a+b` mixes recipes
-    member_cols = [c for r in args.recipe.split("+") for c in oof.columns
-                   if c.startswith(f"{r}#s") and not c.endswith("+tta")] or [args.recipe]
+    from bench_real import member_columns  # the benchmark's own rule (this script's folder is on sys.path)
+
+    member_cols = member_columns(oof.columns, args.recipe) or [args.recipe]
     specs = [(c.split("#s")[0], int(c.split("#s")[1])) if "#s" in c else (args.recipe, b["seed"]) for c in member_cols]
 
     def member_config(recipe: str, seed: int):
@@ -245,7 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = member_config(*specs[0])
     t0 = time.perf_counter()
     store = RunStore(args.runs_dir)
-    seeds = [sd for _, sd in specs]
     given = args.model or args.run
     if given and len(given) != len(specs):
         print(f"error: the benchmark's ensemble has {len(specs)} member(s) ({', '.join(member_cols)}); give one run "
@@ -286,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         from core.models import inference_model
 
         for j, m in enumerate(models):
-            target = args.train_only if j == 0 else str(Path(args.train_only).with_suffix(f".s{seeds[j]}.keras"))
+            # members of a mixture may share a seed: name them by recipe and seed
+            rc, sd = specs[j]
+            target = args.train_only if j == 0 else str(Path(args.train_only).with_suffix(f".{rc}-s{sd}.keras"))
             inference_model(m).save(target)
-            print(f"wrote {target} (inference-only; package with --model, one file per seed in seed order)")
+            print(f"wrote {target} (inference-only; package with --model, one file per member in the benchmark's order)")
         return 0
 
     # the shipped members' own ensemble, without test-time augmentation (inference does not augment)

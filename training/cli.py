@@ -183,6 +183,9 @@ def cmd_predict(args) -> int:
     from training.evaluate import resolve_model
     from training.store import RunStore
 
+    if args.normalize_stain and not args.fields:  # refused before any model is loaded
+        print("error: --normalize-stain applies to smear fields (--fields CROPS_DIR)", file=sys.stderr)
+        return 2
     store = RunStore(args.runs_dir)
     models, rule, size, what, gate, model_path = resolve_model(args.model, store)
     paths = collect_images(args.paths)
@@ -190,9 +193,6 @@ def cmd_predict(args) -> int:
         print("error: no image files found", file=sys.stderr)
         return 2
     cells = None
-    if args.normalize_stain and not args.fields:
-        print("error: --normalize-stain applies to smear fields (--fields CROPS_DIR)", file=sys.stderr)
-        return 2
     if args.fields:  # smear fields: segment first, then classify each white cell's crop
         from core.segmentation import segment_files
 
