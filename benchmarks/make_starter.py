@@ -65,7 +65,9 @@ def card_markdown(card: dict) -> str:
          if len(card.get("members", [])) > 1 else ""),
         f"- Training run{'s' if isinstance(card['training_run'], list) else ''} "
         f"{', '.join(f'`{t}`' for t in (card['training_run'] if isinstance(card['training_run'], list) else [card['training_run']]))}"
-        f"; input: raw RGB crops 0-255 of {r['image_size']} px; output: "
+        + (f" (dense kernels stored as {card['weights']['quantized']}: {card['weights']['layers']}; measured by "
+           f"{card['weights']['measured_by']})" if card.get("weights", {}).get("quantized") else "")
+        + f"; input: raw RGB crops 0-255 of {r['image_size']} px; output: "
         "P(hem), P(all). Inference-only file: no optimizer state, no augmentation layers; loads with "
         "`keras.saving.load_model(..., safe_mode=True)` once `core` is importable.",
         "",
@@ -128,7 +130,7 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
-def reproduce(spec: str, specs: list[tuple[str, int]], b: dict) -> list[str]:
+def reproduce(spec: str, specs: list[tuple[str, int]], b: dict, quantize: str | None = None) -> list[str]:
     """The commands that remake the benchmark and this model folder (a mixture `a+b`: one benchmark per recipe,
     merged and scored as one ensemble)."""
     parts = spec.split("+")
@@ -138,7 +140,10 @@ def reproduce(spec: str, specs: list[tuple[str, int]], b: dict) -> list[str]:
     if len(parts) > 1:
         cmds.append(f"python benchmarks/bench_real.py DATA --rescore --out BENCH_{parts[0]} --merge "
                     + " ".join(f"BENCH_{r}" for r in parts[1:]) + f" --ensemble {spec}")
-    cmds.append(f"python benchmarks/make_starter.py DATA --bench BENCH_{parts[0]} --recipe {spec}")
+    cmds.append(f"python benchmarks/make_starter.py DATA --bench BENCH_{parts[0]} --recipe {spec}"
+                + (f" --quantize {quantize}" if quantize else ""))
+    if quantize:
+        cmds.append(f"python benchmarks/bench_quantize.py " + " ".join(f"BENCH_{r}" for r in parts))
     return cmds
 
 
@@ -211,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                          "it later where the full tiles are, with --model FILE)")
     ap.add_argument("--crop-margin", type=int, default=100,
                     help="crop rule margin; 0 for crops packed by benchmarks/pack_crops.py (with --train-only)")
+    ap.add_argument("--quantize", default=None, choices=("int8",),
+                    help="store the members' dense kernels as int8 (benchmarks/bench_quantize.py measures the cost)")
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--cache-dir", default="cache")
     args = ap.parse_args(argv)
@@ -331,10 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": {**rule.__dict__, "ece_raw": expected_calibration_error(y, p),
                         "ece_calibrated": expected_calibration_error(y, decided["prob_all_calibrated"]),
                         "review_fraction": float(decided["uncertain"].mean())},
-        "reproduce": reproduce(args.recipe, specs, b),
+        "weights": ({"quantized": args.quantize, "layers": "dense kernels (per-unit scale); convolutions float32",
+                     "measured_by": "benchmarks/bench_quantize.py (the benchmark's fold models, float32 vs int8, "
+                                    "on their own unseen patients)"}
+                    if args.quantize else {"quantized": None}),
+        "reproduce": reproduce(args.recipe, specs, b, args.quantize),
     }
     out = Path(args.out) if args.out else STARTER_DIR
-    save_model_folder(out, model, rule, card, card_markdown(card), gate=gate, members=models[1:])
+    save_model_folder(out, model, rule, card, card_markdown(card), gate=gate, members=models[1:],
+                      quantize=args.quantize)
     size_mb = sum(f.stat().st_size for f in out.glob("*.keras")) / 1e6
     print(f"wrote {out} ({len(models)} model file(s), {size_mb:.1f} MB); decision rule: temperature {rule.temperature:.3f}, "
           f"threshold {rule.threshold:.3f}, band {rule.band}")

@@ -77,10 +77,11 @@ def load_model_folder(ref: str | os.PathLike) -> ModelFolder:
 
 
 def save_model_folder(folder: str | os.PathLike, model, rule, card: dict, card_md: str, gate=None,
-                      members=()) -> Path:
+                      members=(), quantize: str | None = None) -> Path:
     """Write an inference-only copy of `model` (and of an ensemble's further `members`) with its rule and card
-    (each model is stripped of training layers and saved without optimizer state)."""
-    from core.models import inference_model
+    (each model is stripped of training layers and saved without optimizer state; `quantize="int8"` stores the
+    dense kernels as int8, `core.models.quantize_weights`, to ship an ensemble small)."""
+    from core.models import inference_model, quantize_weights
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,8 @@ def save_model_folder(folder: str | os.PathLike, model, rule, card: dict, card_m
         old.unlink()
     for i, m in enumerate([model, *members]):
         clean = inference_model(m)
+        if quantize:
+            clean = quantize_weights(clean, quantize)
         name = MODEL_FILE if i == 0 else f"member-{i}.keras"
         tmp = folder / ("tmp-" + name)
         clean.save(tmp, include_optimizer=False) if _accepts_include_optimizer(clean) else clean.save(tmp)

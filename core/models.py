@@ -178,5 +178,44 @@ def inference_model(model: keras.Model) -> keras.Model:
                          **kwargs)
     for layer in clean.layers:
         if layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
+            layer.set_weights(_float_weights(model.get_layer(layer.name)))
     return clean
+
+
+QUANTIZE_MODES = ("int8",)
+
+
+def quantize_weights(model: keras.Model, mode: str = "int8") -> keras.Model:
+    """Store the dense layers' kernels as int8 with a per-unit scale (Keras' own `Model.quantize`), in place.
+
+    Why: the dense head holds most of a Solution A network (1.18 M of 1.57 M parameters at 64 px), so a shipped
+    ensemble of three fits the 10 MB target; convolutions stay float32. `benchmarks/bench_quantize.py` measures
+    what it costs on unseen patients. The result still loads in safe mode and still has gradients for Grad-CAM
+    (Keras passes them through the dequantised kernel).
+    """
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize mode must be one of {', '.join(QUANTIZE_MODES)}; got {mode!r}")
+    dense = [l.name for l in model.layers if isinstance(l, layers.Dense) and not _quantized(l)]
+    if dense:
+        from keras.quantizers import Int8QuantizationConfig
+
+        # weight-only: activations stay float32, so the model computes exactly what its dequantised float twin
+        # (inference_model, export) computes
+        model.quantize(config=Int8QuantizationConfig(activation_quantizer=None),
+                       filters=lambda layer: layer.name in dense)
+    return model
+
+
+def _quantized(layer) -> bool:
+    return getattr(layer, "quantization_mode", None) is not None
+
+
+def _float_weights(layer) -> list[np.ndarray]:
+    """A layer's weights as its float32 twin holds them: an int8 dense kernel is divided by its scale."""
+    if not _quantized(layer):
+        return layer.get_weights()
+    if layer.quantization_mode != "int8" or not isinstance(layer, layers.Dense):
+        raise ValueError(f"layer {layer.name}: cannot dequantise {layer.quantization_mode} "
+                         f"{type(layer).__name__} weights")
+    kernel = np.asarray(layer._kernel, dtype=np.float32) / np.asarray(layer.kernel_scale, dtype=np.float32)
+    return [kernel] + ([np.asarray(layer.bias)] if layer.bias is not None else [])

@@ -85,6 +85,31 @@ def test_an_ensemble_folder_averages_its_members_everywhere(tmp_path, cell_dir):
     assert len(load_model_folder(folder).models) == 2 and not (folder / "member-2.keras").exists()
 
 
+def test_a_quantized_folder_stores_int8_dense_kernels_and_exports_what_it_computes(tmp_path):
+    """`save_model_folder(quantize="int8")`: every member's dense kernels are int8 in the files, the folder's
+    mean stays the float members' (to the kernels' rounding), and the exported float model computes exactly
+    what the quantised folder computes (export's contract: equal to 1e-4)."""
+    from core.export import portable_ensemble
+    from core.inference import predict_proba
+
+    members = []
+    for seed in range(2):
+        keras.utils.set_random_seed(seed)
+        members.append(create_model("solution_a", 32, mean=(0.3, 0.2, 0.4), augment=AugmentSpec(),
+                                    standardize=True, filters=(4, 4, 8, 8)))
+    folder = save_model_folder(tmp_path / "q", members[0], DecisionRule(), {"name": "q"}, "", members=members[1:],
+                               quantize="int8")
+    mf = load_model_folder(folder)
+    for m in mf.models:
+        dense = [l for l in m.layers if isinstance(l, keras.layers.Dense)]
+        assert dense and all(l.quantization_mode == "int8" for l in dense)
+    x = np.random.default_rng(4).integers(0, 256, (6, 32, 32, 3)).astype("uint8")
+    p = predict_proba(mf.models, x)
+    np.testing.assert_allclose(p, predict_proba(members, x), atol=5e-3)
+    np.testing.assert_allclose(portable_ensemble(mf.models).predict(x.astype("float32"), verbose=0)[:, 1], p,
+                               atol=1e-5)
+
+
 def test_cli_predicts_and_evaluates_with_a_model_folder(tmp_path, cell_dir, capsys):
     from training.cli import main
 

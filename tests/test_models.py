@@ -96,3 +96,42 @@ def test_gradcam_for_every_architecture(name):
     ref = ref / np.maximum(ref.reshape(2, -1).max(1), 1e-12).reshape(2, 1, 1)
     _, small = cam(x, size=ref.shape[1:])
     np.testing.assert_allclose(small, ref, atol=1e-3)
+
+
+def test_int8_weights_are_the_hand_computed_ones_and_change_nothing_else(tmp_path):
+    """Dense kernels are stored as round(W * 127 / max|W| per unit) with that scale (abs-max, per unit), the
+    file shrinks, it loads in safe mode, computes exactly what its dequantised float twin computes (what
+    inference_model and export rebuild), and Grad-CAM still has its gradients."""
+    from core.explain import GradCAM
+    from core.models import inference_model, quantize_weights
+
+    model = create_model("solution_a", 48, mean=(0.5, 0.4, 0.6), seed=3)
+    dense = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
+    floats = {l.name: np.asarray(l.kernel) for l in dense}
+    x = np.random.default_rng(2).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    before = model.predict(x, verbose=0)
+    model.save(tmp_path / "f32.keras")
+    quantize_weights(model)
+    model.save(tmp_path / "int8.keras")
+    assert (tmp_path / "int8.keras").stat().st_size < 0.6 * (tmp_path / "f32.keras").stat().st_size
+    loaded = load_model(str(tmp_path / "int8.keras"))
+    for name, w in floats.items():
+        layer = loaded.get_layer(name)
+        scale = 127.0 / np.abs(w).max(axis=0)
+        np.testing.assert_allclose(np.ravel(layer.kernel_scale), scale, rtol=1e-5)
+        q = np.asarray(layer._kernel)
+        assert q.dtype == np.int8
+        assert np.abs(q.astype(float) - np.round(w * scale)).max() <= 1  # the rounding of the same product
+    assert all(np.asarray(l.kernel).dtype == np.float32 for l in loaded.layers
+               if isinstance(l, keras.layers.Conv2D))
+    after = loaded.predict(x, verbose=0)
+    np.testing.assert_allclose(after, before, atol=5e-3)  # the int8 rounding of the kernels, nothing more
+    twin = inference_model(loaded)
+    assert not any(getattr(l, "quantization_mode", None) for l in twin.layers)
+    np.testing.assert_allclose(twin.predict(x, verbose=0), after, atol=1e-5)
+    (pq, mq), (pf, mf) = GradCAM(loaded)(x), GradCAM(twin)(x)
+    np.testing.assert_allclose(pq, pf, atol=1e-5)
+    np.testing.assert_allclose(mq, mf, atol=1e-3)
+    assert mq.max() > 0
+    with pytest.raises(ValueError, match="int8"):
+        quantize_weights(model, "int4")
