@@ -1,4 +1,5 @@
-"""Multi-worker training that has run: two TensorFlow workers on 127.0.0.1 train one run together."""
+"""Multi-worker training that has run: two workers on 127.0.0.1 train one run together, on TensorFlow
+(MultiWorkerMirroredStrategy) and on JAX (jax.distributed + keras.distribution.DataParallel), from one TF_CONFIG."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,10 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def test_two_workers_train_one_run(synth_small, tmp_path):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_two_workers_train_one_run(synth_small, tmp_path, backend):
+    if backend == "jax":
+        pytest.importorskip("jax")
     from core.models import load_model
     from training.store import RunStore
 
@@ -36,7 +40,7 @@ def test_two_workers_train_one_run(synth_small, tmp_path):
     scratch_before = set(Path(tempfile.gettempdir()).glob("cnmc-worker*"))
     procs = []
     for index in range(2):
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, "KERAS_BACKEND": backend, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
                "TF_CONFIG": json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})}
         cmd = [sys.executable, "-m", "training", "run", "--devices", "multiworker", "--data-dir", str(synth_small),
                "--runs-dir", str(runs), "--cache-dir", str(runs / "cache"), "--image-size", "32",
@@ -63,6 +67,11 @@ def test_two_workers_train_one_run(synth_small, tmp_path):
     assert codes == [0, 0], "\n".join(f"worker {i} exited {c}:\n{out[-3000:]}" for i, (c, out) in
                                        enumerate(zip(codes, outs)))
     assert "this worker's share of the run completed" in outs[1]
+    if backend == "jax":
+        # each process fed half of every batch, and both report the same (global) metrics: one training
+        assert all("feeds 8 of every 16 cells" in out for out in outs)
+        epochs = [[l.split("(")[0] for l in out.splitlines() if l.startswith("epoch ")] for out in outs]
+        assert len(epochs[0]) == 2 and epochs[0] == epochs[1], epochs
 
     store = RunStore(runs)
     listed = store.list_runs()
@@ -70,7 +79,8 @@ def test_two_workers_train_one_run(synth_small, tmp_path):
     run_id = listed.iloc[0]["id"]
     run = store.get_run(run_id)
     assert run["status"] == "completed", run["error"]
-    assert "2 workers (MultiWorkerMirroredStrategy)" in run["device"]
+    assert ("2 workers (MultiWorkerMirroredStrategy)" if backend == "tensorflow" else
+            "2 processes (jax.distributed, keras.distribution.DataParallel)") in run["device"]
     run_dir = store.run_dir(run_id)
     assert [d.name for d in runs.iterdir() if d.is_dir() and d.name not in ("cache", "label_overrides")] \
         == [run_dir.name]

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pandas as pd
+import numpy as np
 import pytest
 
 pytest.importorskip("keras")
@@ -317,3 +318,28 @@ def test_moved_dataset_evaluation_and_misclassified_page(synth_small, tmp_path, 
     assert any("missing from disk" in w.value for w in at.warning)
     assert any("**missing**" in m.value for m in at.markdown)
     assert any(b.label == "Enlarge" for b in at.button)  # the other cells are still drawn
+
+
+def test_process_shards_put_together_are_the_one_process_batches():
+    """Multi-process data parallelism (JAX): each process feeds its slice of every global batch; the slices of
+    n processes together are exactly the cells and labels one process would train on, and validation splits
+    into equal slices (dropping the last n - 1 rows at most)."""
+    images = np.arange(30, dtype=np.uint8).reshape(30, 1, 1, 1).repeat(3, -1)
+    pools = [np.arange(0, 12), np.arange(12, 30)]
+    whole = BalancedBatches(images, pools, per_class=16, batch_size=8, seed=3, epochs=2)
+    parts = [BalancedBatches(images, pools, per_class=16, batch_size=8, seed=3, epochs=2, shard=(i, 2))
+             for i in range(2)]
+    assert len(parts[0]) == len(whole) == 8
+    for b in range(len(whole)):
+        x, y = whole[b]
+        xs = [p[b] for p in parts]
+        assert all(len(px) == 4 for px, _ in xs)
+        got = sorted(zip(np.concatenate([px for px, _ in xs])[:, 0, 0, 0], np.concatenate([py for _, py in xs])[:, 1]))
+        assert got == sorted(zip(x[:, 0, 0, 0], y[:, 1]))
+    val = [CacheBatches(images, np.arange(11), np.arange(11) % 2, batch_size=4, shard=(i, 2)) for i in range(2)]
+    seen = [np.concatenate([v[b][0][:, 0, 0, 0] for b in range(len(v))]) for v in val]
+    assert [len(s) for s in seen] == [5, 5] and sorted(np.concatenate(seen)) == list(range(10))
+    labels = np.concatenate([val[0][b][1][:, 1] for b in range(len(val[0]))])
+    np.testing.assert_array_equal(labels, seen[0] % 2)
+    with pytest.raises(ValueError, match="split evenly"):
+        BalancedBatches(images, pools, per_class=16, batch_size=7, shard=(0, 2))

@@ -72,7 +72,8 @@ class RunConfig:
     val_samples_per_class: int = _f(2_000, "cells per class of the augmented validation set")
     # --- hardware
     mixed_precision: str = _f("auto", "auto (on for GPUs with tensor cores), on, off", choices=("auto", "on", "off"))
-    devices: str = _f("one", "one (first GPU or CPU), local (all local GPUs), multiworker (TF_CONFIG)",
+    devices: str = _f("one", "one (first GPU or CPU), local (all local GPUs), multiworker (TF_CONFIG; "
+                                 "TensorFlow or JAX backend)",
                       choices=("one", "local", "multiworker"))
     loader_workers: int = _f(2, "threads slicing batches from the crop cache")
     # --- bookkeeping

@@ -25,11 +25,17 @@ class BalancedBatches(keras.utils.PyDataset):
     Batch g is step g % steps of epoch first_epoch + g // steps (after `skip`, the batches an interrupted epoch
     already trained), and an epoch's draw depends only on (seed, epoch): a resumed run sees exactly the data an
     uninterrupted one would, whatever order Keras' loader threads and epoch callbacks run in.
+
+    `shard=(i, n)`: this process's slice i of n of every (global) batch, for multi-process data parallelism in
+    which each process feeds its part of the global batch (JAX); the n slices together are the batch one
+    process would train on, so the schedule is a single machine's.
     """
 
     def __init__(self, images: np.ndarray, rows_by_class: list[np.ndarray], per_class: int, batch_size: int,
-                 seed: int = 0, first_epoch: int = 0, epochs: int = 1, skip: int = 0, **kwargs):
+                 seed: int = 0, first_epoch: int = 0, epochs: int = 1, skip: int = 0,
+                 shard: tuple[int, int] = (0, 1), **kwargs):
         super().__init__(**kwargs)
+        self.shard = _check_shard(shard, batch_size)
         if any(len(r) == 0 for r in rows_by_class):
             raise ValueError("every class needs at least one training cell")
         self.images, self.rows_by_class = images, [np.asarray(r) for r in rows_by_class]
@@ -69,24 +75,56 @@ class BalancedBatches(keras.utils.PyDataset):
         epoch, step = self.position(i)
         all_rows, all_labels = self.draw(epoch)
         sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
-        rows, labels = all_rows[sl], all_labels[sl]
+        rows, labels = _slice(all_rows[sl], self.shard), _slice(all_labels[sl], self.shard)
         order = np.argsort(rows, kind="stable")  # ascending rows: sequential reads from the memory map
         return np.asarray(self.images[rows[order]]), one_hot(labels[order])
 
 
 class CacheBatches(keras.utils.PyDataset):
-    """Fixed rows in order, with labels (evaluation) or without (prediction)."""
+    """Fixed rows in order, with labels (evaluation) or without (prediction).
 
-    def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray | None, batch_size: int, **kwargs):
+    `shard=(i, n)`: slice i of n of every batch (see BalancedBatches); the slices must be equal, so the last
+    n - 1 rows at most are left out when the rows do not split evenly (a warning says how many)."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray | None, batch_size: int,
+                 shard: tuple[int, int] = (0, 1), **kwargs):
         super().__init__(**kwargs)
-        self.images, self.rows, self.labels, self.batch_size = images, np.asarray(rows), labels, int(batch_size)
+        self.shard = _check_shard(shard, batch_size)
+        rows = np.asarray(rows)
+        n = self.shard[1]
+        if len(rows) % n:
+            import logging
+
+            logging.getLogger(__name__).warning("%d of %d rows left out so that %d processes get equal slices",
+                                                len(rows) % n, len(rows), n)
+            keep = len(rows) - len(rows) % n
+            rows, labels = rows[:keep], None if labels is None else np.asarray(labels)[:keep]
+        self.images, self.rows, self.labels, self.batch_size = images, rows, labels, int(batch_size)
 
     def __len__(self) -> int:
         return max(1, -(-len(self.rows) // self.batch_size))
 
     def __getitem__(self, i: int):
         sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        x = np.asarray(self.images[self.rows[sl]])
+        x = np.asarray(self.images[_slice(self.rows[sl], self.shard)])
         if self.labels is None:
             return (x,)
-        return x, one_hot(self.labels[sl])
+        return x, one_hot(_slice(np.asarray(self.labels)[sl], self.shard))
+
+
+def _check_shard(shard: tuple[int, int], batch_size: int) -> tuple[int, int]:
+    i, n = map(int, shard)
+    if not 0 <= i < n:
+        raise ValueError(f"shard index must be in [0, {n}), got {i}")
+    if batch_size % n:
+        raise ValueError(f"batch size {batch_size} does not split evenly between {n} processes")
+    return i, n
+
+
+def _slice(batch: np.ndarray, shard: tuple[int, int]) -> np.ndarray:
+    """Part i of n equal consecutive parts of a batch (a last, short batch is split evenly too)."""
+    i, n = shard
+    if n == 1:
+        return batch
+    k = len(batch) // n
+    return batch[i * k:(i + 1) * k]

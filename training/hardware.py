@@ -77,6 +77,46 @@ def worker_role() -> tuple[int, int, bool]:
 _MULTIWORKER = None
 
 
+def start_multiworker():
+    """Join the cluster TF_CONFIG describes, first thing in the process, on whichever backend is active:
+    TensorFlow's MultiWorkerMirroredStrategy, or on JAX `jax.distributed` (process ids in TF_CONFIG's order, the
+    chief's or first worker's address as coordinator). Blocks until every worker has started."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        return jax_multiworker()
+    return multiworker_strategy()
+
+
+def jax_processes() -> tuple[str, int, int]:
+    """(coordinator address, number of processes, this process's id) from TF_CONFIG: the chief (or worker 0
+    when there is none) is process 0 and coordinates; workers follow in their TF_CONFIG order."""
+    worker_role()  # the same validation and message as on TensorFlow
+    conf = json.loads(os.environ["TF_CONFIG"])
+    cluster, task = conf["cluster"], conf["task"]
+    chiefs, workers = list(cluster.get("chief", [])), list(cluster.get("worker", []))
+    addresses = chiefs + workers
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    pid = 0 if kind == "chief" else len(chiefs) + index
+    if not 0 <= pid < len(addresses):
+        raise ValueError(f"TF_CONFIG task {kind} {index} is not in its cluster ({len(addresses)} tasks)")
+    return addresses[0], len(addresses), pid
+
+
+def jax_multiworker() -> tuple[int, int]:
+    """Start `jax.distributed` once (CPU collectives through gloo; GPUs use NCCL) and return (process id,
+    processes). Must come before any JAX computation or device query in the process."""
+    global _MULTIWORKER
+    if _MULTIWORKER is None:
+        import jax
+
+        coordinator, n, pid = jax_processes()
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=n, process_id=pid)
+        _MULTIWORKER = (pid, n)
+    return _MULTIWORKER
+
+
 def multiworker_strategy():
     """The process's one MultiWorkerMirroredStrategy. TensorFlow needs it made before any other TensorFlow op,
     so the trainer makes it first thing; it blocks until every worker of TF_CONFIG has started."""
@@ -85,12 +125,31 @@ def multiworker_strategy():
         import keras
 
         if keras.backend.backend() != "tensorflow":
-            raise ValueError("multiworker training uses the TensorFlow backend (TF_CONFIG); with JAX use "
-                             "jax.distributed and devices=local")
+            raise ValueError("MultiWorkerMirroredStrategy is TensorFlow's; on JAX use jax_multiworker()")
         import tensorflow as tf
 
         _MULTIWORKER = tf.distribute.MultiWorkerMirroredStrategy()
     return _MULTIWORKER
+
+
+def data_shard(devices: str) -> tuple[int, int]:
+    """(this process's share, shares) of every batch: under JAX multi-process data parallelism each process
+    feeds its slice of the global batch (Keras assembles the global array); everywhere else one share."""
+    import keras
+
+    if devices == "multiworker" and keras.backend.backend() == "jax":
+        return jax_multiworker()
+    return 0, 1
+
+
+def describe_workers(devices: str) -> str:
+    import keras
+
+    if devices != "multiworker":
+        return ""
+    if keras.backend.backend() == "jax":
+        return f", {jax_multiworker()[1]} processes (jax.distributed, keras.distribution.DataParallel)"
+    return f", {worker_role()[1]} workers (MultiWorkerMirroredStrategy)"
 
 
 def fix_multiworker_build(model) -> None:
@@ -152,11 +211,17 @@ def strategy_scope(devices: str, acc: Accelerators):
         strategy = tf.distribute.MirroredStrategy() if devices == "local" else multiworker_strategy()
         return strategy.scope()
     if acc.backend == "jax":
-        if devices == "multiworker":
-            raise ValueError("multiworker training uses the TensorFlow backend (TF_CONFIG); with JAX use "
-                             "jax.distributed and devices=local")
+        import jax
         import keras
 
-        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        if devices == "multiworker":
+            jax_multiworker()
+            # every process's devices; each process feeds its own slice of a batch (data_shard), not a shard
+            # that Keras would cut from a tf.data pipeline
+            dist = keras.distribution.DataParallel(devices=jax.devices())
+            dist.auto_shard_dataset = False
+        else:
+            dist = keras.distribution.DataParallel()
+        keras.distribution.set_distribution(dist)
         return contextlib.nullcontext()
     raise ValueError(f"devices={devices!r} is not supported on the {acc.backend} backend")

@@ -336,7 +336,7 @@ def train(config: RunConfig, store: RunStore | None = None, run_id: str | None =
         from training import hardware
 
         index, workers, chief = hardware.worker_role()
-        hardware.multiworker_strategy()  # before any other TensorFlow op (TensorFlow's rule)
+        hardware.start_multiworker()  # before any other TensorFlow op or JAX computation (their rule)
         if not chief:
             # Every worker runs the same steps, saves and evaluations (they hold collective ops), but only the
             # chief's run is recorded: a worker trains in a private scratch store and crop cache, removed after.
@@ -435,8 +435,11 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     policy = hardware.precision_policy(cfg.mixed_precision, acc)
     keras.mixed_precision.set_dtype_policy(policy)
     device = acc.describe(policy)
-    if cfg.devices == "multiworker":
-        device += f", {hardware.worker_role()[1]} workers (MultiWorkerMirroredStrategy)"
+    device += hardware.describe_workers(cfg.devices)
+    shard = hardware.data_shard(cfg.devices)  # (0, 1) but under JAX multi-process: this process's slice
+    if shard[1] > 1:
+        log.info("process %d of %d feeds %d of every %d cells of a batch", shard[0], shard[1],
+                 cfg.batch_size // shard[1], cfg.batch_size)
     store.start(run_id, device)
     log.info("run %s on %s; config: %s", run_id, device, json.dumps(cfg.to_dict()))
 
@@ -484,7 +487,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
 
     def batches(first_epoch: int, epochs: int, skip: int = 0) -> BalancedBatches:
         return BalancedBatches(cache.array, pools, cfg.samples_per_class, cfg.batch_size, seed=cfg.seed,
-                               first_epoch=first_epoch, epochs=epochs, skip=skip, **loader)
+                               first_epoch=first_epoch, epochs=epochs, skip=skip, shard=shard, **loader)
 
     steps = batches(0, 1).steps
     if skip and state.get("steps_per_epoch") != steps:
@@ -493,11 +496,14 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     if no_val:
         val_data = None
         log.info("split all: no validation; %d fixed epochs, the last one is kept", cfg.epochs)
+    elif cfg.val_augmented and shard[1] > 1:
+        raise ValueError("val_augmented is not supported in JAX multi-process training: validate on the "
+                         "validation split's cells (the default)")
     elif cfg.val_augmented:
         log.warning("validation set is augmented and class-balanced (the report's protocol): optimistic")
         val_data = _augmented_validation(model, cache.array, val_rows, val_labels, cfg)
     else:
-        val_data = CacheBatches(cache.array, val_rows, val_labels, cfg.batch_size, **loader)
+        val_data = CacheBatches(cache.array, val_rows, val_labels, cfg.batch_size, shard=shard, **loader)
     callbacks = [] if no_val else [
         keras.callbacks.ReduceLROnPlateau(monitor="val_accuracy", mode="max", factor=cfg.lr_factor,
                                           patience=cfg.lr_patience, min_lr=cfg.min_lr)]
@@ -527,6 +533,8 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
     best = run_dir / "best.keras"
     if no_val:
         _atomic_save(model, best)
+    if shard[1] > 1:  # what follows (predictions, rule, gate) is every process's own, on its own device
+        keras.distribution.set_distribution(None)
     final = load_model(str(best)) if best.exists() else model
     held_out = np.isin(part, ["val", "test"])
     out = split[["path", "subject", "label", "split"]][held_out].copy()
