@@ -68,16 +68,10 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, n_boot: int, seed: int =
 
 
 def subject_corrected(df: pd.DataFrame, weight: float = 0.5) -> pd.DataFrame:
-    """Pan et al.'s correction: each cell's logit blended with the mean logit of its subject's other cells."""
-    from core.calibration import _logit
+    """Pan et al.'s correction (`core.calibration.subject_corrected`) of a table's `prob_all` by its `subject`."""
+    from core.calibration import subject_corrected as correct
 
-    z = pd.Series(_logit(df["prob_all"].to_numpy()), index=df.index)
-    g = df["subject"]
-    total, count = z.groupby(g).transform("sum"), z.groupby(g).transform("count")
-    others = ((total - z) / (count - 1).clip(lower=1)).where(count > 1, z)
-    out = df.copy()
-    out["prob_all"] = 1 / (1 + np.exp(-((1 - weight) * z + weight * others)))
-    return out
+    return df.assign(prob_all=correct(df["prob_all"].to_numpy(), df["subject"], weight)[0])
 
 
 def baseline_predictions(folds: pd.DataFrame, images, rows: np.ndarray, seed: int) -> np.ndarray:

@@ -75,32 +75,80 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> fl
     return float(pos[min(k, len(pos) - 1)])
 
 
+def subject_corrected(p: np.ndarray, subjects, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pan et al. 2019's correction (the C-NMC winner): each cell's logit blended, with `weight`, with the mean
+    logit of the same subject's *other* cells. Returns (corrected P(all), which cells were corrected): a cell
+    with no subject id (None/NaN) or alone of its subject keeps its own probability.
+
+    Why, and its limit: on C-NMC every subject is one class (a patient's cells are all blasts, a donor's all
+    normal), so a subject's other cells are evidence about this one. In a real patient's blood blasts and normal
+    cells mix, and the correction would pull a patient's normal cells toward blast: it is off unless asked for.
+    """
+    p = np.asarray(p, dtype=float)
+    if not 0 <= weight <= 1:
+        raise ValueError(f"subject correction weight must be in [0, 1], got {weight}")
+    subj = pd.Series(list(subjects), dtype=object)
+    if len(subj) != len(p):
+        raise ValueError(f"{len(subj)} subject ids for {len(p)} probabilities")
+    known = subj.notna().to_numpy() & ~np.isnan(p)
+    if weight == 0 or not known.any():
+        return p.copy(), np.zeros(len(p), bool)
+    z = pd.Series(_logit(p[known]))
+    g = subj[known].astype(str).reset_index(drop=True)
+    total, count = z.groupby(g).transform("sum"), z.groupby(g).transform("count")
+    others = ((total - z) / (count - 1).clip(lower=1)).to_numpy()
+    alone = (count == 1).to_numpy()
+    blended = np.where(alone, z, (1 - weight) * z + weight * others)
+    out, done = p.copy(), np.zeros(len(p), bool)
+    out[known] = 1 / (1 + np.exp(-blended))
+    done[np.flatnonzero(known)[~alone]] = True
+    return out, done
+
+
 @dataclass
 class DecisionRule:
-    """How a probability becomes a call: temperature, threshold and the review band, fitted on validation."""
+    """How a probability becomes a call: temperature, threshold and the review band, fitted on validation;
+    optionally first the per-subject correction (`subject_weight` > 0, applied where subject ids are known)."""
 
     temperature: float = 1.0
     threshold: float = 0.5
     band: float = 0.1
     fitted_on: str = "none (defaults)"
     target_sensitivity: float | None = None
+    subject_weight: float = 0.0
 
     def calibrate(self, p: np.ndarray) -> np.ndarray:
         return apply_temperature(p, self.temperature)
 
-    def decide(self, p: np.ndarray) -> pd.DataFrame:
-        """Per cell: calibrated probability, predicted class and the 'review manually' flag."""
-        q = self.calibrate(np.asarray(p, dtype=float))
-        return pd.DataFrame({"prob_all_calibrated": q, "prediction": np.where(q >= self.threshold, "all", "hem"),
-                             "uncertain": np.abs(q - self.threshold) < self.band})
+    def decide(self, p: np.ndarray, subjects=None) -> pd.DataFrame:
+        """Per cell: calibrated probability, predicted class and the 'review manually' flag; with the subject
+        correction on and `subjects` given, also whether the cell's call used its subject's other cells."""
+        p = np.asarray(p, dtype=float)
+        corrected = np.zeros(len(p), bool)
+        if self.subject_weight and subjects is not None:
+            p, corrected = subject_corrected(p, subjects, self.subject_weight)
+        q = self.calibrate(p)
+        out = pd.DataFrame({"prob_all_calibrated": q, "prediction": np.where(q >= self.threshold, "all", "hem"),
+                            "uncertain": np.abs(q - self.threshold) < self.band})
+        if self.subject_weight:
+            out["subject_corrected"] = corrected
+        return out
 
     @classmethod
     def fit(cls, y: np.ndarray, p: np.ndarray, target_sensitivity: float | None = None, band: float = 0.1,
-            fitted_on: str = "validation split") -> "DecisionRule":
+            fitted_on: str = "validation split", subject_weight: float = 0.0, subjects=None) -> "DecisionRule":
+        """Temperature (and threshold for a target sensitivity) fitted on the probabilities the rule will
+        see: with `subject_weight`, the subject-corrected ones (`subjects` needed)."""
+        p = np.asarray(p, dtype=float)
+        if subject_weight:
+            if subjects is None:
+                raise ValueError("the subject correction needs the validation cells' subject ids")
+            p, _ = subject_corrected(p, subjects, subject_weight)
+            fitted_on += f"; subject correction weight {subject_weight:g}"
         t = fit_temperature(y, p)
         q = apply_temperature(p, t)
         thr = threshold_for_sensitivity(y, q, target_sensitivity) if target_sensitivity else 0.5
-        return cls(t, thr, band, fitted_on, target_sensitivity)
+        return cls(t, thr, band, fitted_on, target_sensitivity, subject_weight)
 
     def save(self, path: str | os.PathLike) -> None:
         tmp = Path(str(path) + ".tmp")

@@ -139,7 +139,17 @@ def classify(models: Sequence, items: Sequence[tuple[str, object]], size: int, r
                          "ood_reason": None, "error": err})
     order = {name: i for i, (name, _) in enumerate(items)}
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    return df.sort_values("name", key=lambda s: s.map(order)).reset_index(drop=True)
+    df = df.sort_values("name", key=lambda s: s.map(order)).reset_index(drop=True)
+    if rule.subject_weight:
+        # the per-subject correction needs every cell of a subject at once: decided again over the whole batch
+        judged = df["prediction"].notna().to_numpy()
+        again = rule.decide(df.loc[judged, "prob_all"].to_numpy(), subjects=df.loc[judged, "subject"].tolist())
+        again.index = df.index[judged]
+        for col in ("prob_all_calibrated", "prediction", "uncertain"):
+            df.loc[judged, col] = again[col].to_numpy()
+        df["subject_corrected"] = False
+        df.loc[judged, "subject_corrected"] = again["subject_corrected"].to_numpy()
+    return df
 
 
 def classify_files(models: Sequence, paths: Sequence[Path], size: int, rule=None, tta: bool = False,

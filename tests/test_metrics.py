@@ -102,3 +102,55 @@ def test_decision_rule_roundtrip(tmp_path):
     rule = cal.DecisionRule(1.7, 0.31, 0.05, "validation split", 0.95)
     rule.save(tmp_path / "c.json")
     assert cal.DecisionRule.load(tmp_path / "c.json") == rule
+
+
+def test_subject_correction_hand_computed():
+    """Each cell's logit blended with the mean logit of its subject's *other* cells; cells without a subject id
+    or alone of theirs keep their probability; weight 1 is the others' mean alone."""
+    lg = lambda p: np.log(p / (1 - p))  # noqa: E731
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    p = np.array([0.9, 0.4, 0.7, 0.2, 0.6, 0.3])
+    subjects = ["a", "a", "a", None, "b", "c"]
+    out, done = cal.subject_corrected(p, subjects, 0.25)
+    others0 = (lg(0.4) + lg(0.7)) / 2
+    assert out[0] == pytest.approx(sig(0.75 * lg(0.9) + 0.25 * others0))
+    assert out[1] == pytest.approx(sig(0.75 * lg(0.4) + 0.25 * (lg(0.9) + lg(0.7)) / 2))
+    np.testing.assert_allclose(out[3:], p[3:])  # no id, alone, alone
+    assert done.tolist() == [True, True, True, False, False, False]
+    full, _ = cal.subject_corrected(p, subjects, 1.0)
+    assert full[2] == pytest.approx(sig((lg(0.9) + lg(0.4)) / 2))
+    same, none = cal.subject_corrected(p, subjects, 0.0)
+    np.testing.assert_allclose(same, p)
+    assert not none.any()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        cal.subject_corrected(p, subjects, 1.5)
+    with pytest.raises(ValueError, match="subject ids"):
+        cal.subject_corrected(p, subjects[:3], 0.5)
+
+
+def test_decision_rule_with_subject_correction(tmp_path):
+    """Fitted on the corrected probabilities it will see; decides with them where subjects are given and says
+    which cells were corrected; kept through save/load; a rule file from before the option loads as off."""
+    rng = np.random.default_rng(0)
+    subjects = np.repeat(["p1", "p2", "h1", "h2"], 25)
+    y = np.repeat([1, 1, 0, 0], 25)
+    p = np.clip(0.5 + 0.25 * (2 * y - 1) + rng.normal(0, 0.25, 100), 0.01, 0.99)
+    rule = cal.DecisionRule.fit(y, p, subject_weight=0.5, subjects=subjects, fitted_on="val")
+    corrected, _ = cal.subject_corrected(p, subjects, 0.5)
+    assert rule.subject_weight == 0.5 and "subject correction weight 0.5" in rule.fitted_on
+    assert rule.temperature == pytest.approx(cal.fit_temperature(y, corrected))
+    d = rule.decide(p, subjects=subjects)
+    np.testing.assert_allclose(d["prob_all_calibrated"], cal.apply_temperature(corrected, rule.temperature))
+    assert d["subject_corrected"].all()
+    plain = cal.DecisionRule(temperature=rule.temperature)
+    assert (d["prediction"] == np.where(y, "all", "hem")).mean() > \
+        (plain.decide(p)["prediction"] == np.where(y, "all", "hem")).mean()  # one class per subject: it helps
+    assert not rule.decide(p)["subject_corrected"].any()  # no subjects given: the cell's own call
+    rule.save(tmp_path / "r.json")
+    assert cal.DecisionRule.load(tmp_path / "r.json") == rule
+    (tmp_path / "old.json").write_text('{"temperature": 1.2, "threshold": 0.5, "band": 0.1, "fitted_on": "x", '
+                                       '"target_sensitivity": null}')
+    old = cal.DecisionRule.load(tmp_path / "old.json")
+    assert old.subject_weight == 0 and "subject_corrected" not in old.decide(p, subjects=subjects)
+    with pytest.raises(ValueError, match="subject ids"):
+        cal.DecisionRule.fit(y, p, subject_weight=0.5)

@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -170,3 +171,33 @@ def test_every_run_writes_tensorboard_logs(synth_small, tmp_path):
     assert tags["train/epoch_loss"] == [0, 1] and tags["validation/epoch_accuracy"] == [0, 1]
     assert tags["train/epoch_learning_rate"] == [0, 1]
     assert "samples/augmented training cells" in tags
+
+
+def test_subject_correction_travels_from_config_to_every_call(synth_small, tmp_path):
+    """RunConfig.subject_correction: the run's rule is fitted with it on its validation subjects, and predict
+    (and evaluate) decide each cell with its subject's other cells of the same batch."""
+    from core.calibration import DecisionRule
+    from core.splits import load_split
+    from training.cli import main
+    from training.evaluate import evaluate
+
+    store = RunStore(tmp_path)
+    rid = train(tiny(synth_small, tmp_path, subject_correction=0.5, epochs=1), store)
+    assert store.get_run(rid)["status"] == "completed", store.get_run(rid)["error"]
+    folder = store.run_dir(rid)
+    rule = DecisionRule.load(folder / "calibration.json")
+    assert rule.subject_weight == 0.5 and "subject correction weight 0.5" in rule.fitted_on
+    split = load_split(folder / "split.csv")
+    test = split[split["split"] == "test"]
+    paths = test.groupby("subject").head(3)["path"].tolist()
+    out = tmp_path / "pred.csv"
+    assert main(["predict", rid, *paths, "--out", str(out), "--runs-dir", str(tmp_path)]) == 0
+    table = pd.read_csv(out, dtype={"subject": "str"})
+    judged = table["prediction"].notna().to_numpy()
+    assert judged.sum() >= 4
+    expected = rule.decide(table.loc[judged, "prob_all"].to_numpy(), subjects=table.loc[judged, "subject"].tolist())
+    np.testing.assert_allclose(table.loc[judged, "prob_all_calibrated"], expected["prob_all_calibrated"], atol=1e-6)
+    assert table.loc[judged, "subject_corrected"].astype(bool).tolist() == expected["subject_corrected"].tolist()
+    assert table.loc[judged, "subject_corrected"].astype(bool).any()
+    assert evaluate(store, [rid])["calibration"] is not None
+    assert DecisionRule.load(folder / "calibration.json").subject_weight == 0.5  # evaluate kept the run's setting

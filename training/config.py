@@ -64,6 +64,11 @@ class RunConfig:
     hue: float = _f(0.02, "hue jitter: rotation ~U(-h, h) turns about the grey axis; 0 = off")
     sharpness: float = _f(1.0, "texture jitter: unsharp-mask amount ~U(-s, s) (blur or sharpen the cell); 0 = off")
     noise_std: float = _f(8.0, "texture jitter: Gaussian noise on the cell, std ~U(0, n) grey levels; 0 = off")
+    subject_correction: float = _f(0.0, "per-subject correction of calls (Pan et al. 2019, the C-NMC winner): "
+                                        "each cell's logit blended with this weight with the mean logit of the "
+                                        "same subject's other cells, where names carry subject ids (UID_...); "
+                                        "assumes a subject's cells share one class, as in C-NMC but not in a "
+                                        "real patient's blood; kept in the decision rule; 0 = off")
     # --- safe classification (fitted on the validation split at the end of every run)
     target_sensitivity: float | None = _f(None, "decision threshold reaching this sensitivity for all on "
                                                 "validation (none = 0.5 on the calibrated probability)")
@@ -104,6 +109,8 @@ class RunConfig:
             raise ValueError("image_size must be at least 16 pixels")
         if self.target_sensitivity is not None and not 0 < self.target_sensitivity <= 1:
             raise ValueError("target_sensitivity must be in (0, 1]")
+        if not 0 <= self.subject_correction <= 1:
+            raise ValueError("subject_correction must be in [0, 1]")
         if not 0 <= self.review_band < 0.5:
             raise ValueError("review_band must be in [0, 0.5)")
         if not 0 <= self.rotation_min_deg <= self.rotation_max_deg <= 360:

@@ -185,14 +185,17 @@ def evaluate(store: RunStore, run_ids: Sequence[str], split: str = "test", data_
         out_dir = out_dir / "with_overrides"
     out_dir.mkdir(parents=True, exist_ok=True)
     yv = (val["label"] == "all").to_numpy().astype(int)
+    # the run's own per-subject correction setting (RunConfig.subject_correction), as its training fitted it
+    weight = float(store.get_run(run_ids[0])["config"].get("subject_correction", 0.0))
     if len(np.unique(yv)) == 2:
         rule = cal.DecisionRule.fit(yv, val["prob_all"].to_numpy(), target_sensitivity, band,
                                     fitted_on=f"validation split of run {', '.join(run_ids)} ({len(val)} cells, "
-                                              f"{val['subject'].nunique()} subjects)")
+                                              f"{val['subject'].nunique()} subjects)",
+                                    subject_weight=weight, subjects=val["subject"])
     else:
-        rule = cal.DecisionRule(band=band, fitted_on="none: validation split lacks a class")
+        rule = cal.DecisionRule(band=band, fitted_on="none: validation split lacks a class", subject_weight=weight)
     rule.save(out_dir / "calibration.json")
-    decided = rule.decide(target["prob_all"].to_numpy())
+    decided = rule.decide(target["prob_all"].to_numpy(), subjects=target["subject"])
     target = pd.concat([target, decided], axis=1)
     scored = target.assign(prob_all=target["prob_all_calibrated"])
     result = evaluate_predictions(scored, threshold=rule.threshold, n_boot=n_boot, seed=seed, provenance=provenance)
@@ -302,7 +305,7 @@ def evaluate_model_folder(ref: str, data_dir: str, out_dir: str | Path | None = 
             novel = mf.gate.novelty.novel(features_and_probs(feature_model(mf.model), crops)[0])
             reasons = [r or ("novel" if n else None) for r, n in zip(reasons, novel)]
         target["ood_reason"] = [REASONS[r] if r else None for r in reasons]
-    decided = mf.rule.decide(target["prob_all"].to_numpy())
+    decided = mf.rule.decide(target["prob_all"].to_numpy(), subjects=target["subject"])
     target = pd.concat([target, decided], axis=1)
     name = mf.card.get("name") or mf.folder.name
     provenance = {"model": name, "model_folder": str(mf.folder), "split": "external", "split_strategy": "external",

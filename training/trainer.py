@@ -600,9 +600,11 @@ def fit_rule_and_gate(cfg: RunConfig, model, split, images: np.ndarray, rows: np
     yv = (val["label"] == "all").to_numpy().astype(int)
     if len(np.unique(yv)) == 2:
         rule = DecisionRule.fit(yv, val["prob_all"].to_numpy(), cfg.target_sensitivity, cfg.review_band,
-                                fitted_on=f"validation split ({len(val)} cells, {val['subject'].nunique()} subjects)")
+                                fitted_on=f"validation split ({len(val)} cells, {val['subject'].nunique()} subjects)",
+                                subject_weight=cfg.subject_correction, subjects=val["subject"])
     else:
-        rule = DecisionRule(band=cfg.review_band, fitted_on="none (defaults): no validation cells of both classes")
+        rule = DecisionRule(band=cfg.review_band, fitted_on="none (defaults): no validation cells of both classes",
+                            subject_weight=cfg.subject_correction)
     rule.save(run_dir / "calibration.json")
     log.info("decision rule: temperature %.3f, threshold %.3f, band %.2f, fitted on %s", rule.temperature,
              rule.threshold, rule.band, rule.fitted_on)
