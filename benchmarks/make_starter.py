@@ -65,8 +65,8 @@ def card_markdown(card: dict) -> str:
          if len(card.get("members", [])) > 1 else ""),
         f"- Training run{'s' if isinstance(card['training_run'], list) else ''} "
         f"{', '.join(f'`{t}`' for t in (card['training_run'] if isinstance(card['training_run'], list) else [card['training_run']]))}"
-        + (f" (dense kernels stored as {card['weights']['quantized']}: {card['weights']['layers']}; measured by "
-           f"{card['weights']['measured_by']})" if card.get("weights", {}).get("quantized") else "")
+        + (f" (weights stored as {card['weights']['quantized']}: {card['weights']['layers']}; what that costs is "
+           f"measured by {card['weights']['measured_by']})" if card.get("weights", {}).get("quantized") else "")
         + f"; input: raw RGB crops 0-255 of {r['image_size']} px; output: "
         "P(hem), P(all). Inference-only file: no optimizer state, no augmentation layers; loads with "
         "`keras.saving.load_model(..., safe_mode=True)` once `core` is importable.",
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": {**rule.__dict__, "ece_raw": expected_calibration_error(y, p),
                         "ece_calibrated": expected_calibration_error(y, decided["prob_all_calibrated"]),
                         "review_fraction": float(decided["uncertain"].mean())},
-        "weights": ({"quantized": args.quantize, "layers": "dense kernels (per-unit scale); convolutions float32",
+        "weights": ({"quantized": args.quantize, "layers": "the dense kernels, one scale per unit, activations float32; convolutions float32",
                      "measured_by": "benchmarks/bench_quantize.py (the benchmark's fold models, float32 vs int8, "
                                     "on their own unseen patients)"}
                     if args.quantize else {"quantized": None}),
