@@ -37,6 +37,12 @@ class ModelFolder:
         return self.models[0]
 
     @property
+    def model_files(self) -> list[Path]:
+        """model.keras, then member-1.keras, ...: the files whose mean the folder computes."""
+        members = sorted(self.folder.glob(MEMBER_GLOB), key=lambda p: int(p.stem.split("-")[1]))
+        return [self.folder / MODEL_FILE, *members]
+
+    @property
     def size(self) -> int:
         return int(self.model.inputs[0].shape[1])
 
@@ -69,7 +75,7 @@ def load_model_folder(ref: str | os.PathLike) -> ModelFolder:
     card = json.loads((folder / CARD_JSON).read_text()) if (folder / CARD_JSON).exists() else {}
     gate = Gate.load(folder / GATE_FILE) if (folder / GATE_FILE).exists() else None
     members = sorted(folder.glob(MEMBER_GLOB), key=lambda p: int(p.stem.split("-")[1]))
-    models = [load_model(str(p)) for p in [folder / MODEL_FILE, *members]]
+    models = [load_model(str(p)) for p in [folder / MODEL_FILE, *members]]  # the order of model_files
     sizes = {tuple(m.inputs[0].shape[1:]) for m in models}
     if len(sizes) > 1:
         raise ValueError(f"model folder {folder}: its ensemble members take different inputs {sorted(sizes)}")

@@ -34,9 +34,9 @@ class ModelBundle:
 
     def __post_init__(self):
         if self.model_sha256 is None and self.model_path:
-            from training.audit import sha256_of
+            from training.audit import model_sha256
 
-            self.model_sha256 = sha256_of(self.model_path)
+            self.model_sha256 = model_sha256(self.model_path)
 
     @property
     def model(self):

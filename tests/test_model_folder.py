@@ -81,6 +81,16 @@ def test_an_ensemble_folder_averages_its_members_everywhere(tmp_path, cell_dir):
     table = pd.read_csv(out)
     crops = np.stack([load_crop(p, size=32) for p in table["path"]])
     np.testing.assert_allclose(table["prob_all"], predict_proba(members, crops), atol=1e-5)
+    # the audit trail names the whole ensemble: a digest of every member file, not of model.keras alone
+    import hashlib
+
+    from training.store import RunStore
+
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    lines = "".join(f"{n} {sha((folder / n).read_bytes())}\n" for n in ("model.keras", "member-1.keras",
+                                                                          "member-2.keras"))
+    trail = RunStore(tmp_path / "r").classifications()
+    assert set(trail["model_sha256"]) == {sha(lines.encode())}
     save_model_folder(folder, members[0], DecisionRule(), {"name": "e"}, "", members=members[1:2])
     assert len(load_model_folder(folder).models) == 2 and not (folder / "member-2.keras").exists()
 

@@ -28,6 +28,26 @@ def sha256_of(source) -> str:
     return h.hexdigest()
 
 
+def files_sha256(paths) -> str:
+    """One digest naming a model made of several files (an ensemble's members): the SHA-256 of one file alone,
+    else of the lines "<file name> <its SHA-256>" in the order given, so changing any member changes it."""
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1:
+        return sha256_of(paths[0])
+    return sha256_of("".join(f"{p.name} {sha256_of(p)}\n" for p in paths).encode())
+
+
+def model_sha256(path) -> str:
+    """The digest an audit record names a model by: of its file, or for an ensemble folder's `model.keras`, of
+    every member file (`files_sha256`), so a record identifies the whole ensemble that made the call."""
+    from core.model_folder import MODEL_FILE, ModelFolder
+
+    path = Path(path)
+    if path.name == MODEL_FILE:
+        return files_sha256(ModelFolder([], None, {}, path.parent).model_files)
+    return sha256_of(path)
+
+
 def rule_text(rule) -> str:
     if rule is None:
         return "threshold 0.50 (no decision rule)"

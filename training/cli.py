@@ -218,9 +218,9 @@ def cmd_predict(args) -> int:
         table = review_queue(table, rule.threshold)
     if args.out:
         table.to_csv(args.out, index=False)
-    from training.audit import record, sha256_of
+    from training.audit import model_sha256, record
 
-    record(store, table, {str(p): p for p in paths}, what, sha256_of(model_path), rule, source="cli predict")
+    record(store, table, {str(p): p for p in paths}, what, model_sha256(model_path), rule, source="cli predict")
     failed = int(table["error"].notna().sum())
     refused = int((table["out_of_distribution"] == True).sum())  # noqa: E712 - None for failed files
     gate_note = "" if gate is not None else " (this model has no out-of-distribution gate: every image was judged)"
