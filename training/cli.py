@@ -301,6 +301,12 @@ def cmd_audit(args) -> int:
     return 0
 
 
+
+def _stain_flag(parser) -> None:
+    """predict --fields and segment share one stain option (one wording, one default)."""
+    parser.add_argument("--normalize-stain", action="store_true",
+                        help="bring each field cell's crop toward C-NMC's stain (Reinhard colour transfer in LAB)")
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description="C-NMC leukemia workbench")
     sub = p.add_subparsers(dest="command", required=True)
@@ -368,8 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fields", metavar="CROPS_DIR", default=None,
                    help="the images are smear fields: find their white cells (writing the crops to CROPS_DIR), then "
                         "classify each; the table gains field, cell and box columns")
-    s.add_argument("--normalize-stain", action="store_true",
-                   help="bring each field cell's crop toward C-NMC's stain (Reinhard colour transfer in LAB)")
+    _stain_flag(s)
     s.add_argument("--review-queue", action="store_true",
                    help="order the table for an expert: cells the model cannot judge (out of distribution) first, "
                         "then by closeness of calibrated P(blast) to the threshold; adds review_rank")
@@ -379,8 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "their boxes")
     s.add_argument("fields", nargs="+", help="field images (JPEG/PNG/BMP/TIFF) and/or folders")
     s.add_argument("--out", required=True, help="folder for the crops (<field>_cellNN.png) and cells.csv")
-    s.add_argument("--normalize-stain", action="store_true",
-                   help="bring each field cell's crop toward C-NMC's stain (Reinhard colour transfer in LAB)")
+    _stain_flag(s)
     s.set_defaults(func=cmd_segment)
 
     s = sub.add_parser("report", help="one self-contained HTML report of a completed run (figures inline)")
