@@ -132,8 +132,21 @@ def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, 
             tr_rows, tr_y = rows[~test], y[~test]
             model = build_model(cfg, input_mean(cfg, images, tr_rows))
             t0 = time.perf_counter()
-            for e in range(cfg.epochs):
-                data = BalancedBatches(images, [tr_rows[tr_y == c] for c in (0, 1)], cfg.samples_per_class,
+            pools = [tr_rows[tr_y == c] for c in (0, 1)]
+            if args.ema:
+                # Polyak averaging of the weights (Keras' use_ema), the averaged weights kept at the end of the one
+                # fit over all epochs (the same batches as the epoch loop below: a draw depends on seed and epoch)
+                model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate, use_ema=True,
+                                                              ema_momentum=args.ema),
+                              loss="categorical_crossentropy", metrics=["accuracy"])
+                data = BalancedBatches(images, pools, cfg.samples_per_class, cfg.batch_size,
+                                       seed=cfg.seed + 100 * k, epochs=cfg.epochs)
+                show = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: print(
+                    f"  {name} fold {k} epoch {e + 1}/{cfg.epochs}: loss {logs['loss']:.4f} "
+                    f"acc {logs['accuracy']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True))
+                model.fit(data, epochs=cfg.epochs, steps_per_epoch=data.steps, callbacks=[show], verbose=0)
+            for e in range(0 if args.ema else cfg.epochs):
+                data = BalancedBatches(images, pools, cfg.samples_per_class,
                                        cfg.batch_size, seed=cfg.seed + 100 * k, first_epoch=e)
                 h = model.fit(data, epochs=e + 1, initial_epoch=e, verbose=0)
                 print(f"  {name} fold {k} epoch {e + 1}/{cfg.epochs}: loss {h.history['loss'][-1]:.4f} "
@@ -188,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=1,
                     help="models per fold with seeds seed, seed+1, ...: the recipe's figure is their ensemble "
                          "(mean P(all)); each seed alone is printed beside it")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="keep an exponential moving average of the CNN's weights with this momentum (e.g. 0.99) "
+                         "and predict with it; 0 = the last weights")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default="cache")
@@ -243,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     files = manifest.set_index("path").loc[folds["path"], ["size", "mtime_ns"]].reset_index()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     budget = {k2: getattr(args, k2) for k2 in ("architecture", "size", "per_class", "epochs", "batch", "lr", "tta",
-                                               "feature_size", "seed", "seeds", "crop_margin")}
+                                               "feature_size", "seed", "seeds", "crop_margin", "ema")}
     print(f"machine: {machine}; budget: {json.dumps(budget)}", flush=True)
 
     oof = folds[["path", "subject", "label", "fold"]].copy()
@@ -316,7 +332,8 @@ def score(oof: pd.DataFrame, recipes: list[str], results: dict, args) -> dict:
     return results
 
 
-BUDGET_KEYS = ("architecture", "size", "per_class", "epochs", "batch", "lr", "crop_margin")
+BUDGET_KEYS = ("architecture", "size", "per_class", "epochs", "batch", "lr", "crop_margin", "ema")
+BUDGET_DEFAULTS = {"ema": 0.0}  # budgets written before the key existed
 
 
 def rescore(args) -> int:
@@ -333,7 +350,8 @@ def rescore(args) -> int:
             mine = old.get("budget", {})
             if list(more["path"]) != list(oof["path"]) or list(more["fold"]) != list(oof["fold"]):
                 raise ValueError(f"{other} was run on other cells or folds")
-            differ = [k for k in BUDGET_KEYS if mine.get(k) != theirs.get(k)]
+            differ = [k for k in BUDGET_KEYS
+                      if mine.get(k, BUDGET_DEFAULTS.get(k)) != theirs.get(k, BUDGET_DEFAULTS.get(k))]
             if differ:
                 raise ValueError(f"{other} has another budget ({', '.join(differ)})")
             for c in more.columns:

@@ -236,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {bench} has no results for recipe {args.recipe}", file=sys.stderr)
         return 2
     b = results["budget"]
+    if b.get("ema"):
+        print(f"error: {bench} averaged the CNN's weights (--ema {b['ema']}); the trainer has no such option, so "
+              "its members would not be the models measured", file=sys.stderr)
+        return 2
     oof = pd.read_csv(bench / "oof_predictions.csv", dtype={"subject": "str"})
     # the members: one per recipe and seed the benchmark trained (`recipe#sN` columns); `a+b` mixes recipes
     from bench_real import member_columns  # the benchmark's own rule (this script's folder is on sys.path)

@@ -290,3 +290,33 @@ def test_classify_recognises_a_smear_field_and_calls_each_white_cell(monkeypatch
     mine = trail[trail["file_name"].str.startswith("smear_cell")]
     assert len(mine) == cells and (mine["file_sha256"] == hashlib.sha256(field_bytes).hexdigest()).all()
     assert (mine["source"] == "dashboard field").all()
+
+
+def test_classify_says_when_calls_used_the_subjects_other_cells(monkeypatch, demo_run):
+    """A model whose rule has the per-subject correction: cells of one subject (UID_ names) are decided
+    together, the table says which, and the page says what that assumes."""
+    import dataclasses
+
+    import streamlit as st
+
+    from dashboard import services
+
+    store, rid, data = demo_run
+    real = services.load_run_bundle
+
+    def corrected(*a):
+        bundle = real(*a)
+        return dataclasses.replace(bundle, rule=dataclasses.replace(bundle.rule, subject_weight=0.5))
+
+    monkeypatch.setattr(services, "load_run_bundle", corrected)
+    st.cache_resource.clear()
+    at = app(monkeypatch, store.root, data)
+    at.file_uploader(key="cells").set_value(demo_cells(data, 4)).run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert "subject_corrected" in table.columns
+    shared = table["subject"].map(table["subject"].value_counts()) > 1
+    judged = ~table["out_of_distribution"].astype(bool)
+    assert table.loc[judged, "subject_corrected"].astype(bool).tolist() == (shared[judged]).tolist()
+    assert any("same subject's other uploaded cells" in i.value for i in at.info) == bool((shared & judged).any())
+    st.cache_resource.clear()
