@@ -133,6 +133,11 @@ def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, 
             model = build_model(cfg, input_mean(cfg, images, tr_rows))
             t0 = time.perf_counter()
             pools = [tr_rows[tr_y == c] for c in (0, 1)]
+
+            def show(e, logs):
+                print(f"  {name} fold {k} epoch {e + 1}/{cfg.epochs}: loss {logs['loss']:.4f} "
+                      f"acc {logs['accuracy']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
             if args.ema:
                 # Polyak averaging of the weights (Keras' use_ema), the averaged weights kept at the end of the one
                 # fit over all epochs (the same batches as the epoch loop below: a draw depends on seed and epoch)
@@ -141,16 +146,14 @@ def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, 
                               loss="categorical_crossentropy", metrics=["accuracy"])
                 data = BalancedBatches(images, pools, cfg.samples_per_class, cfg.batch_size,
                                        seed=cfg.seed + 100 * k, epochs=cfg.epochs)
-                show = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: print(
-                    f"  {name} fold {k} epoch {e + 1}/{cfg.epochs}: loss {logs['loss']:.4f} "
-                    f"acc {logs['accuracy']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True))
-                model.fit(data, epochs=cfg.epochs, steps_per_epoch=data.steps, callbacks=[show], verbose=0)
-            for e in range(0 if args.ema else cfg.epochs):
-                data = BalancedBatches(images, pools, cfg.samples_per_class,
-                                       cfg.batch_size, seed=cfg.seed + 100 * k, first_epoch=e)
-                h = model.fit(data, epochs=e + 1, initial_epoch=e, verbose=0)
-                print(f"  {name} fold {k} epoch {e + 1}/{cfg.epochs}: loss {h.history['loss'][-1]:.4f} "
-                      f"acc {h.history['accuracy'][-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                model.fit(data, epochs=cfg.epochs, steps_per_epoch=data.steps, verbose=0,
+                          callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=show)])
+            else:
+                for e in range(cfg.epochs):
+                    data = BalancedBatches(images, pools, cfg.samples_per_class, cfg.batch_size,
+                                           seed=cfg.seed + 100 * k, first_epoch=e)
+                    h = model.fit(data, epochs=e + 1, initial_epoch=e, verbose=0)
+                    show(e, {key: v[-1] for key, v in h.history.items()})
             crops = np.asarray(images[rows[test]])
             cols[name][test] = predict_proba([model], crops)
             if args.tta:

@@ -118,19 +118,14 @@ def classify(models: Sequence, items: Sequence[tuple[str, object]], size: int, r
                 p = p0 if len(models) == 1 and not tta else predict_proba(models, crops, tta=tta)
             else:
                 p = predict_proba(models, crops, tta=tta)
-            decided = rule.decide(p)
             for i, name in enumerate(names):
                 parsed = parse_uid(Path(name).name)
-                row = {"name": name, "subject": parsed.subject if parsed else None, "error": None,
-                       "out_of_distribution": reasons[i] is not None,
-                       "ood_reason": REASONS[reasons[i]] if reasons[i] else None}
-                if reasons[i] is None:
-                    row.update(prediction=decided.at[i, "prediction"], prob_all=float(p[i]),
-                               prob_all_calibrated=float(decided.at[i, "prob_all_calibrated"]),
-                               uncertain=bool(decided.at[i, "uncertain"]))
-                else:
-                    row.update(prediction=None, prob_all=np.nan, prob_all_calibrated=np.nan, uncertain=None)
-                rows.append(row)
+                # the call itself is made below, once for the whole batch (the subject correction needs it)
+                rows.append({"name": name, "subject": parsed.subject if parsed else None, "error": None,
+                             "out_of_distribution": reasons[i] is not None,
+                             "ood_reason": REASONS[reasons[i]] if reasons[i] else None, "prediction": None,
+                             "prob_all": float(p[i]) if reasons[i] is None else np.nan,
+                             "prob_all_calibrated": np.nan, "uncertain": None})
             if on_chunk is not None:
                 on_chunk(names, crops)
         for name, err in errors.items():
@@ -140,15 +135,13 @@ def classify(models: Sequence, items: Sequence[tuple[str, object]], size: int, r
     order = {name: i for i, (name, _) in enumerate(items)}
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     df = df.sort_values("name", key=lambda s: s.map(order)).reset_index(drop=True)
-    if rule.subject_weight:
-        # the per-subject correction needs every cell of a subject at once: decided again over the whole batch
-        judged = df["prediction"].notna().to_numpy()
-        again = rule.decide(df.loc[judged, "prob_all"].to_numpy(), subjects=df.loc[judged, "subject"].tolist())
-        again.index = df.index[judged]
-        for col in ("prob_all_calibrated", "prediction", "uncertain"):
-            df.loc[judged, col] = again[col].to_numpy()
+    judged = df["prob_all"].notna().to_numpy()  # read and inside the gate
+    decided = rule.decide(df.loc[judged, "prob_all"].to_numpy(), subjects=df.loc[judged, "subject"].tolist())
+    for col in ("prob_all_calibrated", "prediction", "uncertain"):
+        df.loc[judged, col] = decided[col].to_numpy()
+    if "subject_corrected" in decided:  # only a rule with the per-subject correction says so
         df["subject_corrected"] = False
-        df.loc[judged, "subject_corrected"] = again["subject_corrected"].to_numpy()
+        df.loc[judged, "subject_corrected"] = decided["subject_corrected"].to_numpy()
     return df
 
 

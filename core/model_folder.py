@@ -37,12 +37,6 @@ class ModelFolder:
         return self.models[0]
 
     @property
-    def model_files(self) -> list[Path]:
-        """model.keras, then member-1.keras, ...: the files whose mean the folder computes."""
-        members = sorted(self.folder.glob(MEMBER_GLOB), key=lambda p: int(p.stem.split("-")[1]))
-        return [self.folder / MODEL_FILE, *members]
-
-    @property
     def size(self) -> int:
         return int(self.model.inputs[0].shape[1])
 
@@ -50,6 +44,13 @@ class ModelFolder:
     def card_markdown(self) -> str:
         p = self.folder / CARD_MD
         return p.read_text() if p.exists() else ""
+
+
+def model_files(folder: str | os.PathLike) -> list[Path]:
+    """model.keras, then member-1.keras, member-2.keras, ...: the files whose mean a model folder computes."""
+    folder = Path(folder)
+    members = sorted(folder.glob(MEMBER_GLOB), key=lambda p: int(p.stem.split("-")[1]))
+    return [folder / MODEL_FILE, *members]
 
 
 def is_model_folder(ref: str | os.PathLike) -> bool:
@@ -74,8 +75,7 @@ def load_model_folder(ref: str | os.PathLike) -> ModelFolder:
     rule = DecisionRule.load(folder / RULE_FILE) if (folder / RULE_FILE).exists() else DecisionRule()
     card = json.loads((folder / CARD_JSON).read_text()) if (folder / CARD_JSON).exists() else {}
     gate = Gate.load(folder / GATE_FILE) if (folder / GATE_FILE).exists() else None
-    members = sorted(folder.glob(MEMBER_GLOB), key=lambda p: int(p.stem.split("-")[1]))
-    models = [load_model(str(p)) for p in [folder / MODEL_FILE, *members]]  # the order of model_files
+    models = [load_model(str(p)) for p in model_files(folder)]
     sizes = {tuple(m.inputs[0].shape[1:]) for m in models}
     if len(sizes) > 1:
         raise ValueError(f"model folder {folder}: its ensemble members take different inputs {sorted(sizes)}")

@@ -122,6 +122,7 @@ class Classified:
     overlays: dict[str, np.ndarray]  # Grad-CAM blended onto the crop (when asked for); field cells too
     subjects: pd.DataFrame
     fields: list = field(default_factory=list)  # core.fields.FieldCalls, one per uploaded smear field
+    subject_corrected: int = 0  # calls that also used the same subject's other cells (the rule's correction)
 
 
 def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False,
@@ -174,7 +175,8 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     known = table[table["subject"].notna() & table["prediction"].notna()]  # refused and failed images have no call
     subjects = subject_readout(known.assign(path=known["file"], prob_all=known["calibrated_prob_blast"]),
                                bundle.rule.threshold) if len(known) else pd.DataFrame()
-    return Classified(table, crops, overlays, subjects, field_calls)
+    corrected = table.get("subject_corrected", pd.Series(dtype=object)).fillna(False).astype(bool).sum()
+    return Classified(table, crops, overlays, subjects, field_calls, int(corrected))
 
 
 # --- training ---------------------------------------------------------------------------------------------------

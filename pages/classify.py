@@ -82,10 +82,10 @@ def results_ui(result, gradcam: bool, threshold: float, runs_dir) -> None:
     for row in refused.itertuples():
         st.warning(f"{row.file}: not assessed: {row.ood_reason}. The model gives no class to images unlike "
                    "the cells it was trained on.")
-    if "subject_corrected" in read and read["subject_corrected"].fillna(False).astype(bool).any():
-        st.info(f"{int(read['subject_corrected'].fillna(False).astype(bool).sum())} calls also used the same "
-                "subject's other uploaded cells (this model's per-subject correction, from UID_ file names): it "
-                "assumes a subject's cells share one class, as in C-NMC, not as in a patient's blood.")
+    if result.subject_corrected:
+        st.info(f"{result.subject_corrected} calls also used the same subject's other uploaded cells (this model's "
+                "per-subject correction, from UID_ file names): it assumes a subject's cells share one class, as in "
+                "C-NMC, not as in a patient's blood.")
     st.dataframe(read.drop(columns=["error"]), hide_index=True, width="stretch",
                  column_config={"prob_blast": st.column_config.ProgressColumn("P(blast)", min_value=0, max_value=1),
                                 "calibrated_prob_blast": st.column_config.NumberColumn("calibrated P(blast)",

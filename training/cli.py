@@ -301,11 +301,11 @@ def cmd_audit(args) -> int:
     return 0
 
 
-
 def _stain_flag(parser) -> None:
     """predict --fields and segment share one stain option (one wording, one default)."""
     parser.add_argument("--normalize-stain", action="store_true",
                         help="bring each field cell's crop toward C-NMC's stain (Reinhard colour transfer in LAB)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description="C-NMC leukemia workbench")

@@ -90,7 +90,7 @@ class CacheBatches(keras.utils.PyDataset):
                  shard: tuple[int, int] = (0, 1), **kwargs):
         super().__init__(**kwargs)
         self.shard = _check_shard(shard, batch_size)
-        rows = np.asarray(rows)
+        rows, labels = np.asarray(rows), None if labels is None else np.asarray(labels)
         n = self.shard[1]
         if len(rows) % n:
             import logging
@@ -98,7 +98,7 @@ class CacheBatches(keras.utils.PyDataset):
             logging.getLogger(__name__).warning("%d of %d rows left out so that %d processes get equal slices",
                                                 len(rows) % n, len(rows), n)
             keep = len(rows) - len(rows) % n
-            rows, labels = rows[:keep], None if labels is None else np.asarray(labels)[:keep]
+            rows, labels = rows[:keep], None if labels is None else labels[:keep]
         self.images, self.rows, self.labels, self.batch_size = images, rows, labels, int(batch_size)
 
     def __len__(self) -> int:
@@ -109,7 +109,7 @@ class CacheBatches(keras.utils.PyDataset):
         x = np.asarray(self.images[_slice(self.rows[sl], self.shard)])
         if self.labels is None:
             return (x,)
-        return x, one_hot(_slice(np.asarray(self.labels)[sl], self.shard))
+        return x, one_hot(_slice(self.labels[sl], self.shard))
 
 
 def _check_shard(shard: tuple[int, int], batch_size: int) -> tuple[int, int]:

@@ -57,21 +57,26 @@ def precision_policy(setting: str, acc: Accelerators) -> str:
     return "mixed_bfloat16" if cc >= 8.0 else "mixed_float16" if cc >= 7.0 else "float32"
 
 
-def worker_role() -> tuple[int, int, bool]:
-    """(this worker's index, number of workers, is it the chief) from TF_CONFIG: the chief is the task of
-    type "chief", or worker 0 when the cluster names none."""
+def _tf_config() -> tuple[list[str], list[str], str, int]:
+    """(chief addresses, worker addresses, this task's type, its index) from TF_CONFIG, or a plain error."""
     try:
         conf = json.loads(os.environ.get("TF_CONFIG") or "{}")
     except ValueError as exc:
         raise ValueError(f"TF_CONFIG is not valid JSON: {exc}") from None
     cluster, task = conf.get("cluster", {}), conf.get("task", {})
-    n = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
-    if n == 0 or not task:
+    chiefs, workers = list(cluster.get("chief", [])), list(cluster.get("worker", []))
+    if not chiefs + workers or not task:
         raise ValueError('--devices multiworker needs TF_CONFIG on every worker, e.g. {"cluster": {"worker": '
                          '["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}')
-    kind, index = task.get("type", "worker"), int(task.get("index", 0))
-    chief = kind == "chief" or (kind == "worker" and index == 0 and not cluster.get("chief"))
-    return index if kind == "worker" else 0, n, chief
+    return chiefs, workers, task.get("type", "worker"), int(task.get("index", 0))
+
+
+def worker_role() -> tuple[int, int, bool]:
+    """(this worker's index, number of workers, is it the chief) from TF_CONFIG: the chief is the task of
+    type "chief", or worker 0 when the cluster names none."""
+    chiefs, workers, kind, index = _tf_config()
+    chief = kind == "chief" or (kind == "worker" and index == 0 and not chiefs)
+    return index if kind == "worker" else 0, len(chiefs) + len(workers), chief
 
 
 _MULTIWORKER = None
@@ -91,12 +96,8 @@ def start_multiworker():
 def jax_processes() -> tuple[str, int, int]:
     """(coordinator address, number of processes, this process's id) from TF_CONFIG: the chief (or worker 0
     when there is none) is process 0 and coordinates; workers follow in their TF_CONFIG order."""
-    worker_role()  # the same validation and message as on TensorFlow
-    conf = json.loads(os.environ["TF_CONFIG"])
-    cluster, task = conf["cluster"], conf["task"]
-    chiefs, workers = list(cluster.get("chief", [])), list(cluster.get("worker", []))
+    chiefs, workers, kind, index = _tf_config()
     addresses = chiefs + workers
-    kind, index = task.get("type", "worker"), int(task.get("index", 0))
     pid = 0 if kind == "chief" else len(chiefs) + index
     if not 0 <= pid < len(addresses):
         raise ValueError(f"TF_CONFIG task {kind} {index} is not in its cluster ({len(addresses)} tasks)")
