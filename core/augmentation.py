@@ -184,3 +184,52 @@ def build_augmentation(spec: AugmentSpec = AugmentSpec(), seed: int | None = Non
     if spec.salt_pepper > 0:
         stack.append(SaltAndPepper(spec.salt_pepper, seed=seed, dtype=dt, name="salt_and_pepper"))
     return keras.Sequential(stack, name="augmentation")
+
+
+def mix_style(x, lam, perm, eps: float = 1e-6):
+    """MixStyle's deterministic core (Zhou et al., ICLR 2021): each sample's feature statistics mixed with
+    those of sample `perm[i]`.
+
+    x (N, H, W, C) features, lam (N,) mixing weights, perm (N,) integer indices. Each channel is standardised by
+    its own spatial mean/std and rescaled with lam * own + (1 - lam) * partner's; the statistics carry no
+    gradient, as in the paper.
+    """
+    mu = ops.stop_gradient(ops.mean(x, axis=(1, 2), keepdims=True))
+    sig = ops.stop_gradient(ops.sqrt(ops.var(x, axis=(1, 2), keepdims=True) + eps))
+    lam = ops.reshape(ops.cast(lam, x.dtype), (-1, 1, 1, 1))
+    mu2, sig2 = ops.take(mu, perm, axis=0), ops.take(sig, perm, axis=0)
+    return (x - mu) / sig * (lam * sig + (1 - lam) * sig2) + lam * mu + (1 - lam) * mu2
+
+
+@keras.saving.register_keras_serializable(package="cnmc")
+class MixStyle(layers.Layer):
+    """Feature-statistics mixing between the cells of a batch, training only (Zhou et al. 2021).
+
+    Why: C-NMC subjects differ in "style" (stain, illumination, texture), which early convolution features hold
+    as per-channel means and stds. Mixing them between random cells of a batch (which come from different
+    subjects) synthesises new styles, a domain-generalisation method aimed at unseen patients. With probability
+    `p` per batch; lam ~ Beta(alpha, alpha) per cell; identity at inference, and it holds no weights.
+    """
+
+    def __init__(self, p: float = 0.5, alpha: float = 0.1, eps: float = 1e-6, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= p <= 1 or alpha <= 0:
+            raise ValueError(f"MixStyle needs 0 <= p <= 1 and alpha > 0; got p={p}, alpha={alpha}")
+        self.p, self.alpha, self.eps, self.seed = float(p), float(alpha), float(eps), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        if not training or self.p <= 0:
+            return inputs
+        n = ops.shape(inputs)[0]
+        lam = keras.random.beta((n,), self.alpha, self.alpha, seed=self.seed_generator)
+        perm = keras.random.shuffle(ops.arange(n), seed=self.seed_generator)
+        mixed = mix_style(inputs, lam, perm, self.eps)
+        apply = keras.random.uniform((), seed=self.seed_generator) < self.p
+        return ops.where(apply, mixed, inputs)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.p, "alpha": self.alpha, "eps": self.eps, "seed": self.seed}

@@ -7,6 +7,7 @@ saved `.keras` file needs no outside preprocessing.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -14,7 +15,7 @@ import keras
 import numpy as np
 from keras import layers, regularizers
 
-from core.augmentation import AugmentSpec, build_augmentation
+from core.augmentation import AugmentSpec, MixStyle, build_augmentation
 from core.stain_layers import CellStandardize
 
 NUM_CLASSES = 2
@@ -61,17 +62,27 @@ def _pixel_normalisation(mean: Sequence[float]) -> layers.Layer:
     return layers.Normalization(mean=m.tolist(), variance=[255.0 ** 2] * 3, name="normalise")
 
 
+def builder_options(name: str) -> set[str]:
+    """Keyword options an architecture's builder takes (e.g. `mixstyle`), so a config can be refused up front."""
+    return set(inspect.signature(model_info(name).builder).parameters) - {"x", "input_size", "mean"}
+
+
 def create_model(name: str, input_size: int = 250, mean: Sequence[float] = (0.0, 0.0, 0.0),
                  augment: AugmentSpec | None = None, seed: int | None = None, weights: str | None = None,
-                 standardize: bool = False, **kwargs) -> keras.Model:
+                 standardize: bool = False, mixstyle: float = 0.0, **kwargs) -> keras.Model:
     """Build a registered architecture for square crops of `input_size` pixels.
 
     `mean` is the train split's per-channel mean of pixels/255; `augment` adds the augmentation stack (active
     only in training); `weights` is an optional local weights file (nothing is downloaded); `standardize`
     adds per-cell stain standardisation (`core.stain.CellStandardize`, active at inference too) before the
-    architecture, so `mean` must then be the mean of standardised cells.
+    architecture, so `mean` must then be the mean of standardised cells; `mixstyle` > 0 adds MixStyle
+    (`core.augmentation.MixStyle`, training only) inside architectures that support it.
     """
     info = model_info(name)
+    if mixstyle > 0:
+        if "mixstyle" not in builder_options(name):
+            raise ValueError(f"mixstyle is not supported by {name!r} (supported: solution_a)")
+        kwargs.update(mixstyle=float(mixstyle), seed=seed)
     inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name="crop")
     x = layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)  # a cast: uint8 in, pixels stay 0..255
     if augment is not None:
@@ -94,18 +105,25 @@ def _head(x, units: Sequence[int], dropout: float, reg: regularizers.Regularizer
 
 @register_model("solution_a", batch_size=16, epochs=50,
                 description="the report's custom CNN (§5.4): four 3x3 conv modules, 2x1024 dense head")
-def solution_a(x, input_size: int, mean, filters: Sequence[int] = (32, 64, 128, 128), dropout: float = 0.5):
+def solution_a(x, input_size: int, mean, filters: Sequence[int] = (32, 64, 128, 128), dropout: float = 0.5,
+               mixstyle: float = 0.0, seed: int | None = None):
     """Modules: (1) conv+pool; (2) conv+BN; (3) 2 conv+BN+pool; (4) conv+pool+dropout; (5) classifier.
 
     Filters 32/64/128/128 (our choice; the report names none). The classifier reads a global average pool
     instead of a flatten: ~1.4M parameters, far lighter than the 95M-parameter network the report replaced.
+    `mixstyle` > 0 adds MixStyle (training only, no weights) after modules 1 and 2, where the paper puts it
+    (after the first two stages), with that probability per batch.
     """
     f1, f2, f3, f4 = filters
     x = _pixel_normalisation(mean)(x)
     x = layers.Conv2D(f1, 3, padding="same", activation="relu", name="m1_conv")(x)
     x = layers.MaxPooling2D(2, name="m1_pool")(x)
+    if mixstyle > 0:
+        x = MixStyle(mixstyle, seed=seed, name="m1_mixstyle")(x)
     x = layers.Conv2D(f2, 3, padding="same", activation="relu", name="m2_conv")(x)
     x = layers.BatchNormalization(momentum=0.9, name="m2_bn")(x)
+    if mixstyle > 0:
+        x = MixStyle(mixstyle, seed=None if seed is None else seed + 1, name="m2_mixstyle")(x)
     x = layers.Conv2D(f3, 3, padding="same", activation="relu", name="m3_conv1")(x)
     x = layers.Conv2D(f3, 3, padding="same", activation="relu", name="m3_conv2")(x)
     x = layers.BatchNormalization(momentum=0.9, name="m3_bn")(x)
@@ -158,7 +176,7 @@ def load_model(path: str, compile: bool = False) -> keras.Model:
 
 
 def inference_model(model: keras.Model) -> keras.Model:
-    """The same network without its training-only layers (augmentation): what a shipped model should hold.
+    """The same network without its training-only layers (augmentation, MixStyle): what a shipped model holds.
 
     Rebuilt from the registry (the model is named after its architecture) with the same input size, mean,
     cell standardisation and Solution A filter widths, then every weight copied by layer name; predictions

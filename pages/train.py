@@ -45,9 +45,12 @@ def config_ui(settings: Settings) -> RunConfig | None:
         contrast = c4.slider("Contrast", 0.0, 0.5, base.contrast, 0.05, help=HELP["contrast"])
         sat = c5.slider("Saturation", 0.0, 0.5, base.saturation, 0.05, help=HELP["saturation"])
         hue = c6.slider("Hue", 0.0, 0.2, base.hue, 0.01, help=HELP["hue"])
-        c1, c2, _ = st.columns(3)
+        c1, c2, c3, c4 = st.columns(4)
         sharp = c1.slider("Sharpness jitter", 0.0, 2.0, base.sharpness, 0.1, help=HELP["sharpness"])
         noise_std = c2.slider("Noise (grey levels)", 0.0, 20.0, base.noise_std, 1.0, help=HELP["noise_std"])
+        mixstyle = c3.slider("MixStyle probability", 0.0, 1.0, base.mixstyle, 0.1, help=HELP["mixstyle"])
+        subj = c4.slider("Subject correction", 0.0, 1.0, base.subject_correction, 0.1,
+                         help=HELP["subject_correction"])
         n_over = len(services.label_overrides(settings.runs_dir))
         use_over = st.checkbox(f"Train with the reviewers' label corrections ({n_over} cells)", False,
                                disabled=n_over == 0, help=HELP["label_overrides"])
@@ -62,7 +65,8 @@ def config_ui(settings: Settings) -> RunConfig | None:
                               shear=float(shear), salt_pepper=float(noise), cell_standardize=std,
                               hed_sigma=float(hed), brightness=float(bright), contrast=float(contrast),
                               saturation=float(sat), hue=float(hue), sharpness=float(sharp),
-                              noise_std=float(noise_std), runs_dir=str(settings.runs_dir),
+                              noise_std=float(noise_std), mixstyle=float(mixstyle),
+                              subject_correction=float(subj), runs_dir=str(settings.runs_dir),
                               cache_dir=str(settings.runs_dir / "cache"))
     if preview:
         with st.spinner("Augmenting sample cells…"):
@@ -122,9 +126,13 @@ def main() -> None:
     with st.expander("New run", expanded=True):
         cfg = config_ui(settings)
     if cfg is not None:
-        run_id = services.launch_run(cfg)
-        st.session_state["selected_run"] = run_id
-        st.success(f"Run {run_id} launched in the background: it keeps going if you close this tab.")
+        try:
+            run_id = services.launch_run(cfg)
+        except ValueError as e:  # a setting the architecture cannot take: said before anything starts
+            st.error(f"Not launched: {e}")
+        else:
+            st.session_state["selected_run"] = run_id
+            st.success(f"Run {run_id} launched in the background: it keeps going if you close this tab.")
     st.subheader("Runs")
     run_id = jobs_ui(store)
     if run_id:

@@ -79,3 +79,43 @@ def test_affine_layers_let_jax_compile_the_train_step(monkeypatch):
     assert all(l.supports_jit for l in build_augmentation(AugmentSpec())._flatten_layers())
     monkeypatch.setattr(keras.backend, "backend", lambda: "tensorflow")
     assert not RandomRotation(0.5).supports_jit and not RandomShear(0.2, 0.2).supports_jit
+
+
+def test_mix_style_matches_hand_computed_statistics():
+    """MixStyle's core against numpy: standardise each channel by its own spatial mean/std, rescale with the
+    lam-mix of own and partner's statistics."""
+    from core.augmentation import mix_style
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, (3, 4, 5, 2)).astype("float32")
+    x[1] *= 5.0  # a second "style"
+    lam, perm, eps = np.array([0.2, 1.0, 0.7], "float32"), np.array([1, 0, 1]), 1e-6
+    mu = x.mean(axis=(1, 2), keepdims=True)
+    sig = np.sqrt(x.var(axis=(1, 2), keepdims=True) + eps)
+    want = np.empty_like(x)
+    for i in range(3):
+        j = perm[i]
+        want[i] = (x[i] - mu[i]) / sig[i] * (lam[i] * sig[i] + (1 - lam[i]) * sig[j]) \
+            + lam[i] * mu[i] + (1 - lam[i]) * mu[j]
+    got = keras.ops.convert_to_numpy(mix_style(x, lam, perm, eps))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], x[1], rtol=1e-5, atol=1e-4)  # lam 1: own style kept
+    # lam 0 takes the partner's statistics exactly, the spatial pattern stays its own
+    z = keras.ops.convert_to_numpy(mix_style(x, np.zeros(3, "float32"), perm, eps))
+    np.testing.assert_allclose(z[0].mean(axis=(0, 1)), x[1].mean(axis=(0, 1)), rtol=1e-4)
+    np.testing.assert_allclose(z[0].std(axis=(0, 1)), x[1].std(axis=(0, 1)), rtol=1e-4)
+
+
+def test_mixstyle_layer_is_identity_at_inference_and_mixes_styles_in_training():
+    from core.augmentation import MixStyle
+
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(0, 1, (32, 6, 6, 4)), rng.normal(10, 3, (32, 6, 6, 4))]).astype("float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(MixStyle(1.0, seed=0)(x, training=False)), x)
+    y = keras.ops.convert_to_numpy(MixStyle(1.0, alpha=0.1, seed=0)(x, training=True))
+    means = y.mean(axis=(1, 2, 3))
+    # some cells of the first style took on (part of) the second's statistics and vice versa
+    assert (means[:32] > 2).any() and (means[32:] < 8).any()
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(MixStyle(0.0, seed=0)(x, training=True)), x)
+    with pytest.raises(ValueError, match="MixStyle"):
+        MixStyle(1.5)

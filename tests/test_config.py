@@ -1,6 +1,7 @@
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 from training.config import RunConfig, add_config_arguments, config_from_args, field_help
@@ -75,3 +76,23 @@ def test_presets_and_stain_fields():
     add_config_arguments(p)
     cfg = config_from_args(p.parse_args(["--hed-sigma", "0.1", "--no-cell-standardize", "--split", "all"]))
     assert (cfg.hed_sigma, cfg.cell_standardize, cfg.split) == (0.1, False, "all")
+
+
+def test_mixstyle_field_reaches_the_model():
+    """One new field: the CLI flag, the preset, validation and the trainer's model all follow from it."""
+    from training.config import preset
+    from training.trainer import build_model
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    assert config_from_args(p.parse_args(["--mixstyle", "0.3"])).mixstyle == 0.3
+    cfg = preset("cross_patient_mixstyle", image_size=32, epochs=1).resolved()
+    assert cfg.mixstyle == 0.5 and cfg.sharpness == RunConfig().sharpness
+    names = [l.name for l in build_model(cfg, np.zeros(3, "float32")).layers]
+    assert "m1_mixstyle" in names and "m2_mixstyle" in names
+    assert not any("mixstyle" in n for n in [l.name for l in build_model(preset("report", image_size=32)
+                                                                          .resolved(), np.zeros(3)).layers])
+    with pytest.raises(ValueError, match="mixstyle"):
+        RunConfig(mixstyle=1.5).resolved()
+    with pytest.raises(ValueError, match="not supported"):
+        build_model(RunConfig(architecture="vgg16", image_size=32, mixstyle=0.5).resolved(), np.zeros(3))

@@ -156,6 +156,12 @@ def test_whole_flow_train_evaluate_misclassified(monkeypatch, tmp_path, synth_sm
     nums["Batch (0 = architecture default)"].set_value(16)
     nums["Cells per class per epoch"].set_value(48)
     nums["Learning rate"].set_value(1e-3)
+    next(s for s in at.slider if s.label == "MixStyle probability").set_value(0.5)
+    at.selectbox[1].set_value("efficientnet_b2")
+    at.button(key="FormSubmitter:new_run-Launch training").click().run()
+    assert not at.exception and "mixstyle is not supported" in at.error[0].value  # refused before it starts
+    assert RunStore(runs).list_runs().empty
+    at.selectbox[1].set_value("solution_a")
     at.button(key="FormSubmitter:new_run-Launch training").click().run()
     assert not at.exception, at.exception
     assert any("launched in the background" in s.value for s in at.success)
@@ -166,7 +172,7 @@ def test_whole_flow_train_evaluate_misclassified(monkeypatch, tmp_path, synth_sm
         time.sleep(1)
     run = store.get_run(rid)
     assert run["status"] == "completed", run["error"]
-    assert run["config"]["image_size"] == 32 and run["config"]["epochs"] == 2
+    assert run["config"]["image_size"] == 32 and run["config"]["epochs"] == 2 and run["config"]["mixstyle"] == 0.5
     at.run()
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) >= 1  # the run's curves

@@ -135,3 +135,22 @@ def test_int8_weights_are_the_hand_computed_ones_and_change_nothing_else(tmp_pat
     assert mq.max() > 0
     with pytest.raises(ValueError, match="int8"):
         quantize_weights(model, "int4")
+
+
+def test_mixstyle_is_training_only_and_left_out_of_shipped_models(tmp_path):
+    """RunConfig.mixstyle puts MixStyle after Solution A's first two modules; it holds no weights, changes
+    nothing at inference, survives a safe-mode save/load, and `inference_model` (what ships) drops it."""
+    from core.models import create_model, inference_model, load_model
+
+    model = create_model("solution_a", 32, mixstyle=0.5, seed=0)
+    assert [l.name for l in model.layers if "mixstyle" in l.name] == ["m1_mixstyle", "m2_mixstyle"]
+    plain = create_model("solution_a", 32)
+    assert model.count_params() == plain.count_params()
+    x = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3)).astype("uint8")
+    model.save(tmp_path / "m.keras")
+    again = load_model(str(tmp_path / "m.keras"))
+    clean = inference_model(again)
+    assert not [l for l in clean.layers if "mixstyle" in l.name]
+    np.testing.assert_allclose(np.asarray(clean(x)), np.asarray(model(x, training=False)), atol=1e-6)
+    with pytest.raises(ValueError, match="mixstyle is not supported"):
+        create_model("vgg16", 32, mixstyle=0.5)

@@ -64,6 +64,9 @@ class RunConfig:
     hue: float = _f(0.02, "hue jitter: rotation ~U(-h, h) turns about the grey axis; 0 = off")
     sharpness: float = _f(1.0, "texture jitter: unsharp-mask amount ~U(-s, s) (blur or sharpen the cell); 0 = off")
     noise_std: float = _f(8.0, "texture jitter: Gaussian noise on the cell, std ~U(0, n) grey levels; 0 = off")
+    mixstyle: float = _f(0.0, "MixStyle (Zhou et al. 2021): per batch with this probability, mix the early "
+                              "feature statistics (channel means/stds, the cells' 'style') of random cell pairs, "
+                              "training only; solution_a; 0 = off")
     subject_correction: float = _f(0.0, "per-subject correction of calls (Pan et al. 2019, the C-NMC winner): "
                                         "each cell's logit blended with this weight with the mean logit of the "
                                         "same subject's other cells, where names carry subject ids (UID_...); "
@@ -90,9 +93,11 @@ class RunConfig:
     # Derived -------------------------------------------------------------------------------------------
     def resolved(self) -> "RunConfig":
         """Copy with per-architecture defaults filled in from the model registry, validated."""
-        from core.models import model_info
+        from core.models import builder_options, model_info
 
         info = model_info(self.architecture)
+        if self.mixstyle > 0 and "mixstyle" not in builder_options(self.architecture):
+            raise ValueError(f"mixstyle is not supported by {self.architecture!r} (supported: solution_a)")
         cfg = dataclasses.replace(self, batch_size=self.batch_size or info.batch_size,
                                   epochs=self.epochs or info.epochs)
         cfg.validate()
@@ -109,6 +114,8 @@ class RunConfig:
             raise ValueError("image_size must be at least 16 pixels")
         if self.target_sensitivity is not None and not 0 < self.target_sensitivity <= 1:
             raise ValueError("target_sensitivity must be in (0, 1]")
+        if not 0 <= self.mixstyle <= 1:
+            raise ValueError("mixstyle must be in [0, 1]")
         if not 0 <= self.subject_correction <= 1:
             raise ValueError("subject_correction must be in [0, 1]")
         if not 0 <= self.review_band < 0.5:
@@ -157,10 +164,11 @@ class RunConfig:
 # Named recipes: field overrides of the defaults. `report` is the report's recipe as published (raw colours,
 # geometric augmentation only); `cross_patient` adds cell standardisation and stain/colour jitter; the defaults
 # above are `cross_patient_texture` (that plus texture jitter), the best of the three on unseen patients
-# (benchmarks/bench_real.py, README "Results on real cells").
+# (benchmarks/bench_real.py, README "Results on real cells"); `cross_patient_mixstyle` adds MixStyle to it.
 PRESETS: dict[str, dict[str, Any]] = {
     "cross_patient_texture": {},
     "cross_patient": {"sharpness": 0.0, "noise_std": 0.0},
+    "cross_patient_mixstyle": {"mixstyle": 0.5},
     "report": {"cell_standardize": False, "hed_sigma": 0.0, "brightness": 0.0, "contrast": 0.0,
                "saturation": 0.0, "hue": 0.0, "sharpness": 0.0, "noise_std": 0.0},
 }
