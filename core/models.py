@@ -69,20 +69,24 @@ def builder_options(name: str) -> set[str]:
 
 def create_model(name: str, input_size: int = 250, mean: Sequence[float] = (0.0, 0.0, 0.0),
                  augment: AugmentSpec | None = None, seed: int | None = None, weights: str | None = None,
-                 standardize: bool = False, mixstyle: float = 0.0, **kwargs) -> keras.Model:
+                 standardize: bool = False, mixstyle: float = 0.0, head_l1l2: float | None = None,
+                 **kwargs) -> keras.Model:
     """Build a registered architecture for square crops of `input_size` pixels.
 
     `mean` is the train split's per-channel mean of pixels/255; `augment` adds the augmentation stack (active
     only in training); `weights` is an optional local weights file (nothing is downloaded); `standardize`
     adds per-cell stain standardisation (`core.stain.CellStandardize`, active at inference too) before the
     architecture, so `mean` must then be the mean of standardised cells; `mixstyle` > 0 adds MixStyle
-    (`core.augmentation.MixStyle`, training only) inside architectures that support it.
+    (`core.augmentation.MixStyle`, training only) inside architectures that support it; `head_l1l2` sets the
+    dense head's L1 and L2 factors (None: the architecture's own).
     """
     info = model_info(name)
     if mixstyle > 0:
         if "mixstyle" not in builder_options(name):
             raise ValueError(f"mixstyle is not supported by {name!r} (supported: solution_a)")
         kwargs.update(mixstyle=float(mixstyle), seed=seed)
+    if head_l1l2 is not None:
+        kwargs["head_l1l2"] = float(head_l1l2)
     inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name="crop")
     x = layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)  # a cast: uint8 in, pixels stay 0..255
     if augment is not None:
@@ -96,6 +100,11 @@ def create_model(name: str, input_size: int = 250, mean: Sequence[float] = (0.0,
     return model
 
 
+def _l1l2(factor: float | None, l1: float, l2: float) -> regularizers.Regularizer:
+    """The head's kernel penalty: the architecture's own (l1, l2) unless `factor` sets both."""
+    return regularizers.L1L2(l1=l1, l2=l2) if factor is None else regularizers.L1L2(l1=factor, l2=factor)
+
+
 def _head(x, units: Sequence[int], dropout: float, reg: regularizers.Regularizer | None):
     for k, u in enumerate(units):
         x = layers.Dense(u, activation="relu", kernel_regularizer=reg, name=f"fc{k + 1}")(x)
@@ -106,7 +115,7 @@ def _head(x, units: Sequence[int], dropout: float, reg: regularizers.Regularizer
 @register_model("solution_a", batch_size=16, epochs=50,
                 description="the report's custom CNN (§5.4): four 3x3 conv modules, 2x1024 dense head")
 def solution_a(x, input_size: int, mean, filters: Sequence[int] = (32, 64, 128, 128), dropout: float = 0.5,
-               mixstyle: float = 0.0, seed: int | None = None):
+               mixstyle: float = 0.0, seed: int | None = None, head_l1l2: float | None = None):
     """Modules: (1) conv+pool; (2) conv+BN; (3) 2 conv+BN+pool; (4) conv+pool+dropout; (5) classifier.
 
     Filters 32/64/128/128 (our choice; the report names none). The classifier reads a global average pool
@@ -132,12 +141,13 @@ def solution_a(x, input_size: int, mean, filters: Sequence[int] = (32, 64, 128, 
     x = layers.MaxPooling2D(2, name="m4_pool")(x)
     x = layers.Dropout(0.25, name="m4_dropout")(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
-    return _head(x, (1024, 1024), dropout, regularizers.L1L2(l1=7e-4, l2=7e-4))
+    return _head(x, (1024, 1024), dropout, _l1l2(head_l1l2, 7e-4, 7e-4))
 
 
 @register_model("efficientnet_b2", batch_size=32, epochs=30,
                 description="the report's Solution B (§5.5): EfficientNetB2 from scratch + 2 dense layers")
-def efficientnet_b2(x, input_size: int, mean, units: Sequence[int] = (512, 256), dropout: float = 0.5):
+def efficientnet_b2(x, input_size: int, mean, units: Sequence[int] = (512, 256), dropout: float = 0.5,
+                    head_l1l2: float | None = None):
     """keras.applications.EfficientNetB2(weights=None, include_top=False) -> GAP -> 2 Dense+Dropout(0.5).
 
     EfficientNet already divides by 255 and holds a Normalization layer; we set that layer's mean to the
@@ -152,12 +162,13 @@ def efficientnet_b2(x, input_size: int, mean, units: Sequence[int] = (512, 256),
     norm.finalize_state()
     x = base(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
-    return _head(x, units, dropout, regularizers.L1L2(l1=1e-5, l2=1e-4))
+    return _head(x, units, dropout, _l1l2(head_l1l2, 1e-5, 1e-4))
 
 
 @register_model("vgg16", batch_size=16, epochs=30,
                 description="VGG16 from scratch with L1+L2 regularisation (de Oliveira & Dantas 2021)")
-def vgg16(x, input_size: int, mean, units: Sequence[int] = (1024, 1024), dropout: float = 0.5):
+def vgg16(x, input_size: int, mean, units: Sequence[int] = (1024, 1024), dropout: float = 0.5,
+          head_l1l2: float | None = None):
     """keras.applications.VGG16(weights=None, include_top=False) -> GAP -> 2x1024 Dense L1L2 + Dropout.
 
     The GAP head (instead of the 2x4096 flatten head, ~100M parameters at 250 px) keeps it trainable on
@@ -167,7 +178,7 @@ def vgg16(x, input_size: int, mean, units: Sequence[int] = (1024, 1024), dropout
     base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(input_size, input_size, 3))
     x = base(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
-    return _head(x, units, dropout, regularizers.L1L2(l1=1e-5, l2=1e-4))
+    return _head(x, units, dropout, _l1l2(head_l1l2, 1e-5, 1e-4))
 
 
 def load_model(path: str, compile: bool = False) -> keras.Model:

@@ -26,11 +26,13 @@ def config_ui(settings: Settings) -> RunConfig | None:
         epochs = c2.number_input("Epochs (0 = architecture default)", 0, 500, 0, help=HELP["epochs"])
         batch = c3.number_input("Batch (0 = architecture default)", 0, 1024, 0, help=HELP["batch_size"])
         lr = c4.number_input("Learning rate", 1e-6, 1.0, base.learning_rate, format="%.0e", help=HELP["learning_rate"])
-        c1, c2, c3 = st.columns(3)
+        c1, c2, c3, c4 = st.columns(4)
         per_class = c1.number_input("Cells per class per epoch", 16, 100_000, base.samples_per_class,
                                     help=HELP["samples_per_class"])
         early = c2.checkbox("Early stopping", base.early_stopping, help=HELP["early_stopping"])
         val_aug = c3.checkbox("Augmented validation (optimistic)", base.val_augmented, help=HELP["val_augmented"])
+        l1l2 = c4.number_input("Head L1/L2 (empty = architecture's)", 0.0, 1.0, base.head_l1l2, format="%.0e",
+                               help=HELP["head_l1l2"])
         st.markdown("**Augmentation** (report §5.2)")
         c1, c2, c3, c4 = st.columns(4)
         augment = c1.checkbox("Augment", base.augment, help=HELP["augment"])
@@ -61,6 +63,7 @@ def config_ui(settings: Settings) -> RunConfig | None:
                               image_size=int(size), epochs=int(epochs) or info.epochs,
                               batch_size=int(batch) or info.batch_size, learning_rate=float(lr),
                               samples_per_class=int(per_class), early_stopping=early, val_augmented=val_aug,
+                              head_l1l2=None if l1l2 is None else float(l1l2),
                               augment=augment, rotation_min_deg=float(rot[0]), rotation_max_deg=float(rot[1]),
                               shear=float(shear), salt_pepper=float(noise), cell_standardize=std,
                               hed_sigma=float(hed), brightness=float(bright), contrast=float(contrast),

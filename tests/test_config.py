@@ -78,7 +78,7 @@ def test_presets_and_stain_fields():
     assert (cfg.hed_sigma, cfg.cell_standardize, cfg.split) == (0.1, False, "all")
 
 
-def test_mixstyle_field_reaches_the_model():
+def test_mixstyle_and_head_fields_reach_the_model():
     """One new field: the CLI flag, the preset, validation and the trainer's model all follow from it."""
     from training.config import preset
     from training.trainer import build_model
@@ -94,5 +94,10 @@ def test_mixstyle_field_reaches_the_model():
                                                                           .resolved(), np.zeros(3)).layers])
     with pytest.raises(ValueError, match="mixstyle"):
         RunConfig(mixstyle=1.5).resolved()
+    assert config_from_args(p.parse_args(["--head-l1l2", "1e-5"])).head_l1l2 == 1e-5
+    light = build_model(preset("cross_patient_light_head", image_size=32).resolved(), np.zeros(3))
+    assert float(light.get_layer("fc1").kernel_regularizer.l1) == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="head_l1l2"):
+        RunConfig(head_l1l2=-1.0).resolved()
     with pytest.raises(ValueError, match="not supported"):
         build_model(RunConfig(architecture="vgg16", image_size=32, mixstyle=0.5).resolved(), np.zeros(3))

@@ -154,3 +154,14 @@ def test_mixstyle_is_training_only_and_left_out_of_shipped_models(tmp_path):
     np.testing.assert_allclose(np.asarray(clean(x)), np.asarray(model(x, training=False)), atol=1e-6)
     with pytest.raises(ValueError, match="mixstyle is not supported"):
         create_model("vgg16", 32, mixstyle=0.5)
+
+
+@pytest.mark.parametrize("name,default", [("solution_a", (7e-4, 7e-4)), ("vgg16", (1e-5, 1e-4))])
+def test_head_l1l2_sets_the_dense_penalty(name, default):
+    """RunConfig.head_l1l2 replaces the architecture's own L1/L2 factors on every hidden dense kernel."""
+    def factors(model):
+        return {(round(float(l.kernel_regularizer.l1), 9), round(float(l.kernel_regularizer.l2), 9))
+                for l in model.layers if l.name.startswith("fc") and not l.name.endswith("dropout")}
+
+    assert factors(create_model(name, 32)) == {default}
+    assert factors(create_model(name, 32, head_l1l2=1e-5)) == {(1e-5, 1e-5)}

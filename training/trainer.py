@@ -658,7 +658,8 @@ def build_model(cfg: RunConfig, mean: np.ndarray):
 
     model = create_model(cfg.architecture, cfg.image_size, mean=mean,
                          augment=cfg.augment_spec() if cfg.augment else None, seed=cfg.seed,
-                         weights=cfg.weights, standardize=cfg.cell_standardize, mixstyle=cfg.mixstyle)
+                         weights=cfg.weights, standardize=cfg.cell_standardize, mixstyle=cfg.mixstyle,
+                         head_l1l2=cfg.head_l1l2)
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="categorical_crossentropy",
                   metrics=["accuracy"])
     return model
