@@ -25,3 +25,22 @@ def review_label_ui(runs_dir: Path, name: str, label: str, key: str, run_id: str
             else:
                 services.record_review(runs_dir, name, label, decision, reviewer, note, run_id, path)
                 st.toast(f"Saved: {name}: {decision}")
+
+
+def cell_cards_ui(read, crops: dict, overlays: dict, runs_dir: Path, max_cards: int = 48) -> None:
+    """Classify's cards: each cell (its Grad-CAM overlay where given) with its call; a named C-NMC training
+    cell also gets the label-review button."""
+    cols = st.columns(4)
+    for i, row in enumerate(read.head(max_cards).itertuples()):
+        with cols[i % 4]:
+            if row.out_of_distribution:
+                caption = f"{row.file}: Not assessed ({row.ood_reason})"
+            else:
+                flag = " · review manually" if row.review_manually else ""
+                caption = f"{row.file}: {row.prediction} (P(blast) {row.calibrated_prob_blast:.2f}){flag}"
+            st.image(overlays.get(row.file, crops[row.file]), caption=caption, width="stretch")
+            label = services.label_in_name(row.file)
+            if label:  # a named C-NMC training cell: its dataset label can be reviewed
+                review_label_ui(runs_dir, row.file, label, f"classify-{i}")
+    if len(read) > max_cards:
+        st.caption(f"Cards shown for the first {max_cards} images; the table and CSV hold all {len(read)}.")

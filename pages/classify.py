@@ -95,21 +95,7 @@ def results_ui(result, gradcam: bool, threshold: float, runs_dir) -> None:
     if not result.subjects.empty:
         st.subheader("Per subject (from UID_ file names)")
         st.dataframe(result.subjects, hide_index=True)
-    cols = st.columns(4)
-    for i, row in enumerate(read.head(MAX_CARDS).itertuples()):
-        with cols[i % 4]:
-            image = result.overlays.get(row.file, result.crops[row.file]) if gradcam else result.crops[row.file]
-            if row.out_of_distribution:
-                caption = f"{row.file}: Not assessed ({row.ood_reason})"
-            else:
-                flag = " · review manually" if row.review_manually else ""
-                caption = f"{row.file}: {row.prediction} (P(blast) {row.calibrated_prob_blast:.2f}){flag}"
-            st.image(image, caption=caption, width="stretch")
-            label = services.label_in_name(row.file)
-            if label:  # a named C-NMC training cell: its dataset label can be reviewed
-                widgets.review_label_ui(runs_dir, row.file, label, f"classify-{i}")
-    if len(read) > MAX_CARDS:
-        st.caption(f"Cards shown for the first {MAX_CARDS} images; the table and CSV hold all {len(read)}.")
+    widgets.cell_cards_ui(read, result.crops, result.overlays if gradcam else {}, runs_dir, MAX_CARDS)
 
 
 def audit_ui(settings: Settings) -> None:
