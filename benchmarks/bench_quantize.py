@@ -59,19 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from bench_real import _metrics
+    from bench_real import _metrics, cell_crops
 
     from core.dataset import index
     from core.inference import predict_proba
     from core.models import load_model, quantize_weights
-    from core.preprocessing import CropCache
 
     missing = [p for p in oof["path"] if not Path(p).exists()]
     if missing:
         print(f"error: {len(missing)} cells of the benchmark are gone (e.g. {missing[0]})", file=sys.stderr)
         return 2
     manifest, _ = index(str(Path(os.path.commonpath(list(oof["path"])))))
-    files = manifest.set_index("path").loc[oof["path"], ["size", "mtime_ns"]].reset_index()
     caches: dict[int, tuple] = {}
     cols: dict[str, dict[str, np.ndarray]] = {"float32": {}, "int8": {}}
     sizes = {"float32": 0, "int8": 0}
@@ -81,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(str(path))
             size = int(model.inputs[0].shape[1])
             if size not in caches:
-                cache = CropCache.build(files, args.cache_dir, size=size, margin=args.crop_margin, progress=False)
-                caches[size] = (cache.array, cache.rows(oof["path"]))
+                caches[size] = cell_crops(manifest, oof["path"], args.cache_dir, size, args.crop_margin)
             images, rows = caches[size]
             crops = np.asarray(images[rows[folds == k]])
             for kind in ("float32", "int8"):

@@ -104,6 +104,16 @@ def earlier_baseline(csv: str, oof: pd.DataFrame) -> np.ndarray:
     return old.loc[stems, "baseline"].to_numpy(float)
 
 
+def cell_crops(manifest: pd.DataFrame, paths, cache_dir: str, size: int, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """The crop cache of these cells at `size` (built once per size and margin, then reused) and their rows in it,
+    in the order of `paths`: what every benchmark on these cells reads."""
+    from core.preprocessing import CropCache
+
+    files = manifest.set_index("path").loc[list(paths), ["size", "mtime_ns"]].reset_index()
+    cache = CropCache.build(files, cache_dir, size=size, margin=margin, progress=False)
+    return cache.array, cache.rows(paths)
+
+
 def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, args) -> dict[str, np.ndarray]:
     """Out-of-fold P(all) of `recipe`: one column per seed (`recipe#sK`, and `recipe#sK+tta` with --tta) and
     the recipe's own column, their mean (an ensemble of --seeds models per fold; TTA views if --tta)."""
@@ -230,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
         return rescore(args)
 
     from core.dataset import index
-    from core.preprocessing import CropCache
     from core.splits import subject_folds
 
     if not Path(args.data).is_dir():
@@ -259,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         desc = "; ".join(f"{lab} {len(g)} cells ({', '.join(sorted(g['subject'].unique()))})"
                          for lab, g in part.groupby("label"))
         print(f"  fold {f}: {desc}")
-    files = manifest.set_index("path").loc[folds["path"], ["size", "mtime_ns"]].reset_index()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     budget = {k2: getattr(args, k2) for k2 in ("architecture", "size", "per_class", "epochs", "batch", "lr", "tta",
                                                "feature_size", "seed", "seeds", "crop_margin", "ema")}
@@ -276,17 +284,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baseline: reused from {args.baseline_oof}", flush=True)
         budget["baseline_from"] = str(args.baseline_oof)
     else:
-        fcache = CropCache.build(files, args.cache_dir, size=args.feature_size, margin=args.crop_margin,
-                                 progress=False)
+        fimages, frows = cell_crops(manifest, folds["path"], args.cache_dir, args.feature_size, args.crop_margin)
         print("baseline (features + logistic regression):", flush=True)
-        oof["baseline"] = baseline_predictions(folds, fcache.array, fcache.rows(folds["path"]), args.seed)
+        oof["baseline"] = baseline_predictions(folds, fimages, frows, args.seed)
     seconds = {"baseline": time.perf_counter() - t0}
-    cache = CropCache.build(files, args.cache_dir, size=args.size, margin=args.crop_margin, progress=False)
-    rows = cache.rows(folds["path"])
+    images, rows = cell_crops(manifest, folds["path"], args.cache_dir, args.size, args.crop_margin)
     for r in recipes:
         print(f"CNN recipe {r}:", flush=True)
         t0 = time.perf_counter()
-        for col, p in cnn_predictions(r, folds, cache.array, rows, args).items():
+        for col, p in cnn_predictions(r, folds, images, rows, args).items():
             oof[col] = p
         seconds[r] = time.perf_counter() - t0
         oof.to_csv(Path(args.out) / "oof_predictions.csv", index=False)
