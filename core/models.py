@@ -67,6 +67,13 @@ def builder_options(name: str) -> set[str]:
     return set(inspect.signature(model_info(name).builder).parameters) - {"x", "input_size", "mean"}
 
 
+def check_mixstyle(name: str) -> None:
+    """Refuse MixStyle for an architecture that has no place for it, naming those that do."""
+    if "mixstyle" not in builder_options(name):
+        able = [n for n in list_models() if "mixstyle" in builder_options(n)]
+        raise ValueError(f"mixstyle is not supported by {name!r} (supported: {', '.join(able)})")
+
+
 def create_model(name: str, input_size: int = 250, mean: Sequence[float] = (0.0, 0.0, 0.0),
                  augment: AugmentSpec | None = None, seed: int | None = None, weights: str | None = None,
                  standardize: bool = False, mixstyle: float = 0.0, head_l1l2: float | None = None,
@@ -82,8 +89,7 @@ def create_model(name: str, input_size: int = 250, mean: Sequence[float] = (0.0,
     """
     info = model_info(name)
     if mixstyle > 0:
-        if "mixstyle" not in builder_options(name):
-            raise ValueError(f"mixstyle is not supported by {name!r} (supported: solution_a)")
+        check_mixstyle(name)
         kwargs.update(mixstyle=float(mixstyle), seed=seed)
     if head_l1l2 is not None:
         kwargs["head_l1l2"] = float(head_l1l2)

@@ -95,11 +95,11 @@ class RunConfig:
     # Derived -------------------------------------------------------------------------------------------
     def resolved(self) -> "RunConfig":
         """Copy with per-architecture defaults filled in from the model registry, validated."""
-        from core.models import builder_options, model_info
+        from core.models import check_mixstyle, model_info
 
         info = model_info(self.architecture)
-        if self.mixstyle > 0 and "mixstyle" not in builder_options(self.architecture):
-            raise ValueError(f"mixstyle is not supported by {self.architecture!r} (supported: solution_a)")
+        if self.mixstyle > 0:
+            check_mixstyle(self.architecture)
         cfg = dataclasses.replace(self, batch_size=self.batch_size or info.batch_size,
                                   epochs=self.epochs or info.epochs)
         cfg.validate()
