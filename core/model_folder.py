@@ -7,7 +7,10 @@
     <folder>/card.json, card.md   what it was trained on, how it was measured, its limits
 
 Whatever loads a model (Classify, `predict`, `evaluate`) loads the folder, so the rule can never be lost on the
-way. `starter` names the folder shipped with the project (`models/starter/`).
+way. Two folders ship with the project, named by a word anywhere a model is asked for (`SHIPPED`): `starter`
+(`models/starter/`, single C-NMC-style cells) and `smear` (`models/smear/`, white cells cut from smear photos by
+`core.segmentation`, trained on ALL-IDB). A card says the crop margin its model was trained with as `crop_margin`
+(top level, or under `input`); without one the report's 100 px applies.
 """
 from __future__ import annotations
 
@@ -20,8 +23,24 @@ from typing import Any
 MODEL_FILE, RULE_FILE, CARD_JSON, CARD_MD = "model.keras", "decision_rule.json", "card.json", "card.md"
 GATE_FILE = "gate.json"
 MEMBER_GLOB = "member-*.keras"
-STARTER_DIR = Path(__file__).resolve().parent.parent / "models" / "starter"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+STARTER_DIR = MODELS_DIR / "starter"
 STARTER = "starter"
+SMEAR_DIR = MODELS_DIR / "smear"
+SMEAR = "smear"
+# what each shipped name is, in the words of an error message or a note
+SHIPPED_ABOUT = {STARTER: "the shipped starter model (single C-NMC-style cells)",
+                 SMEAR: "the shipped smear model (white cells cut from smear photos, trained on ALL-IDB)"}
+
+
+def shipped() -> dict[str, Path]:
+    """Shipped name -> folder; read at call time so a test (or a deployment) can point a name elsewhere."""
+    return {STARTER: STARTER_DIR, SMEAR: SMEAR_DIR}
+
+
+def shipped_available(name: str) -> bool:
+    """Whether the shipped folder `name` is here (the smear model lands later than the code that uses it)."""
+    return (shipped()[name] / MODEL_FILE).is_file()
 
 
 @dataclass
@@ -41,6 +60,10 @@ class ModelFolder:
         return int(self.model.inputs[0].shape[1])
 
     @property
+    def crop_margin(self) -> int:
+        return card_crop_margin(self.card)
+
+    @property
     def card_markdown(self) -> str:
         p = self.folder / CARD_MD
         return p.read_text() if p.exists() else ""
@@ -54,24 +77,43 @@ def model_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def is_model_folder(ref: str | os.PathLike) -> bool:
-    return str(ref) == STARTER or (Path(ref).is_dir() and (Path(ref) / MODEL_FILE).is_file())
+    """A shipped name (present or not: loading it then says what is missing) or a folder holding model.keras."""
+    return str(ref) in shipped() or (Path(ref).is_dir() and (Path(ref) / MODEL_FILE).is_file())
 
 
 def folder_of(ref: str | os.PathLike) -> Path:
-    """`starter` -> the shipped folder; anything else is taken as a path."""
-    return STARTER_DIR if str(ref) == STARTER else Path(ref)
+    """A shipped name (`starter`, `smear`) -> its folder; anything else is taken as a path."""
+    return shipped().get(str(ref), Path(ref))
+
+
+def read_card(ref: str | os.PathLike) -> dict:
+    """A model folder's card.json ({} without one), read without loading any weights."""
+    path = folder_of(ref) / CARD_JSON
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def card_crop_margin(card: dict, default: int | None = None) -> int:
+    """The crop margin a card says its model was trained with: `crop_margin` at the top level or under `input`
+    (0 for crops already cut to the cell, such as smear-field crops); else `default` (the report's 100 px)."""
+    from core.preprocessing import CROP_MARGIN
+
+    value = card.get("crop_margin", (card.get("input") or {}).get("crop_margin"))
+    return int(value) if value is not None else (CROP_MARGIN if default is None else default)
 
 
 def load_model_folder(ref: str | os.PathLike) -> ModelFolder:
-    """Load a model folder (or `starter`) in Keras safe mode; a clear error naming what is missing."""
+    """Load a model folder (or a shipped name) in Keras safe mode; a clear error naming what is missing."""
     from core.calibration import DecisionRule
     from core.gate import Gate
     from core.models import load_model
 
     folder = folder_of(ref)
     if not (folder / MODEL_FILE).is_file():
-        what = "the shipped starter model" if str(ref) == STARTER else f"model folder {folder}"
-        raise FileNotFoundError(f"{what}: {folder / MODEL_FILE} not found")
+        if str(ref) in shipped():
+            raise FileNotFoundError(f"{SHIPPED_ABOUT[str(ref)]} is not installed: {folder / MODEL_FILE} not found"
+                                    + ("; until it ships, use `starter` or a model folder of your own"
+                                       if str(ref) == SMEAR else ""))
+        raise FileNotFoundError(f"model folder {folder}: {folder / MODEL_FILE} not found")
     rule = DecisionRule.load(folder / RULE_FILE) if (folder / RULE_FILE).exists() else DecisionRule()
     card = json.loads((folder / CARD_JSON).read_text()) if (folder / CARD_JSON).exists() else {}
     gate = Gate.load(folder / GATE_FILE) if (folder / GATE_FILE).exists() else None

@@ -76,11 +76,11 @@ def _require_files(paths: pd.Series, what: str) -> None:
 def crop_margin_of(ref: str, store: RunStore) -> int:
     """The crop margin a model was trained with (its run's config, or its model folder's card); the report's
     100 px for anything that does not say."""
-    from core.model_folder import is_model_folder, load_model_folder
+    from core.model_folder import card_crop_margin, is_model_folder, read_card
     from core.preprocessing import CROP_MARGIN
 
-    if is_model_folder(ref):
-        return int(load_model_folder(ref).card.get("crop_margin", CROP_MARGIN))
+    if is_model_folder(ref):  # the card alone: no weights loaded a second time
+        return card_crop_margin(read_card(ref))
     if ref.endswith(".keras"):
         return CROP_MARGIN
     try:
