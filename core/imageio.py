@@ -134,6 +134,9 @@ def read_image(source: str | os.PathLike | bytes | BinaryIO | np.ndarray, name: 
         raise ImageReadError(label, f"cannot read file: {exc.strerror or exc}") from exc
     if not data:
         raise ImageReadError(label, "empty file (0 bytes)")
+    hdr = bmp24_header(data[:66])
+    if hdr is not None and hdr[1] * abs(hdr[2]) > MAX_PIXELS:  # the BMP fast path obeys the same pixel limit
+        raise ImageReadError(label, f"image too large ({hdr[1]}x{abs(hdr[2])} pixels; limit {MAX_PIXELS:,})")
     fast = _bmp24_fast(data)
     if fast is not None:
         return fast
