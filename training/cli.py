@@ -130,7 +130,7 @@ def cmd_evaluate(args) -> int:
 
     if is_model_folder(args.run_ids[0]):
         if len(args.run_ids) > 1 or not args.data:
-            print("error: a model folder (or starter) is evaluated alone, on a labelled folder: "
+            print("error: a model folder (or starter / smear) is evaluated alone, on a labelled folder: "
                   f"evaluate {args.run_ids[0]} --data DIR", file=sys.stderr)
             return 2
         result = evaluate_model_folder(args.run_ids[0], args.data, out_dir=args.out, tta=args.tta,
@@ -188,6 +188,7 @@ def cmd_predict(args) -> int:
         return 2
     store = RunStore(args.runs_dir)
     models, rule, size, what, gate, model_path = resolve_model(args.model, store)
+    _model_for_input_note(args.model, bool(args.fields))
     paths = collect_images(args.paths)
     if not paths:
         print("error: no image files found", file=sys.stderr)
@@ -197,12 +198,15 @@ def cmd_predict(args) -> int:
         from core.segmentation import segment_files
 
         crops_dir = Path(args.fields)
+        field_names = [str(p) for p in paths]
         cells = segment_files(paths, crops_dir, args.normalize_stain)
-        for row in cells[cells["error"].notna()].itertuples():
-            print(f"error: {row.error}", file=sys.stderr)
+        problems = {row.field: row.error for row in cells[cells["error"].notna()].itertuples()}
+        for message in problems.values():
+            print(f"error: {message}", file=sys.stderr)
         paths = [Path(p) for p in cells["crop"].dropna()]
         if not paths:
             print("error: no white cells found in the fields", file=sys.stderr)
+            _write_field_readout(cells.iloc[0:0], field_names, problems, what, args.out)
             return 1
     cam = gradcam_for(models) if args.gradcam else None
     from training.evaluate import crop_margin_of
@@ -211,6 +215,7 @@ def cmd_predict(args) -> int:
                            gate=gate, margin=crop_margin_of(args.model, store))
     if cells is not None:  # field, cell number and box first
         boxes = cells.dropna(subset=["crop"]).drop(columns=["error"]).rename(columns={"crop": "path"})
+        boxes = boxes.astype({c: int for c in ("cell", "x0", "y0", "x1", "y1", "mask_area_px")})  # not 1.0
         table = boxes.merge(table.assign(path=table["path"].astype(str)), on="path", how="right")
     if args.review_queue:
         from core.inference import review_queue
@@ -226,11 +231,48 @@ def cmd_predict(args) -> int:
     gate_note = "" if gate is not None else " (this model has no out-of-distribution gate: every image was judged)"
     print(f"{what}: {len(table) - failed - refused} classified, {refused} not assessed (out of distribution), "
           f"{failed} failed{gate_note}" + (f"; table written to {args.out}" if args.out else ""))
+    if cells is not None:
+        _write_field_readout(table, field_names, problems, what, args.out)
     if not args.out:
         print(table.to_string(index=False))
     for row in table[table["error"].notna()].itertuples():
         print(f"error: {row.path}: {row.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def fields_csv_path(out: str | Path) -> Path:
+    """Where `predict --fields --out OUT.csv` writes the per-field read-out: beside OUT, `<OUT stem>_fields.csv`."""
+    out = Path(out)
+    return out.with_name(out.stem + "_fields.csv")
+
+
+def _write_field_readout(cells, fields: list[str], problems: dict[str, str], model: str, out: str | None) -> None:
+    """The per-field read-out (`core.fields.field_readout`: one row per field, bad files and fields without a
+    white cell included, then the pooled row) written beside OUT and summarised, one line per field."""
+    from core.fields import CallRule, field_readout, readout_line
+
+    rule = CallRule()
+    readout = field_readout(cells, fields, problems, rule, model=model)
+    if out:
+        path = fields_csv_path(out)
+        readout.to_csv(path, index=False)
+        print(f"per-field read-out written to {path}")
+    print(f"fields ({rule.describe()}):")
+    for row in readout.to_dict("records"):
+        print(f"  {readout_line(row)}")
+
+
+def _model_for_input_note(model: str, fields: bool) -> None:
+    """The model for the input: C-NMC-style single cells go to the starter, smear fields' cells to the smear
+    model (the dashboard applies the same rule, `dashboard.services.field_model`); the CLI only says so."""
+    from core.model_folder import SHIPPED_ABOUT, SMEAR, STARTER, shipped_available
+
+    if fields and model == STARTER and shipped_available(SMEAR):
+        print(f"note: {SHIPPED_ABOUT[SMEAR]} is installed; `predict smear ... --fields DIR` judges field cells with "
+              "the model trained on them (the starter was trained on C-NMC's single cells)")
+    elif not fields and model == SMEAR:
+        print("note: the smear model judges white cells cut from smear photos (give fields with --fields DIR); "
+              "for single C-NMC-style cells use `starter`")
 
 
 def cmd_segment(args) -> int:
@@ -348,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate", help="metrics, calibration, subjects and errors of a run or an ensemble")
     s.add_argument("run_ids", nargs="+", metavar="RUN_ID",
-                   help="one run, several for an ensemble, or `starter` / a model folder (with --data)")
+                   help="one run, several for an ensemble, or `starter` / `smear` / a model folder (with --data)")
     s.add_argument("--split", default="test", choices=("train", "val", "test"))
     s.add_argument("--data", default=None, help="evaluate on another labelled C-NMC folder instead")
     s.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
@@ -364,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("predict", help="classify cell images with a run or a .keras file")
-    s.add_argument("model", help="starter (the shipped model), a model folder, RUN_ID or MODEL.keras "
-                                 "(all loaded in safe mode)")
+    s.add_argument("model", help="starter (the shipped model for single C-NMC-style cells), smear (the shipped model "
+                                 "for white cells of smear fields, with --fields), a model folder, RUN_ID or "
+                                 "MODEL.keras (all loaded in safe mode)")
     s.add_argument("paths", nargs="+", help="image files and/or folders")
     s.add_argument("--out", help="CSV to write")
     s.add_argument("--gradcam", metavar="DIR", help="write Grad-CAM overlays here")
@@ -373,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs-dir", default="runs", help="run store (runs, and the audit trail of classifications)")
     s.add_argument("--fields", metavar="CROPS_DIR", default=None,
                    help="the images are smear fields: find their white cells (writing the crops to CROPS_DIR), then "
-                        "classify each; the table gains field, cell and box columns")
+                        "classify each; the table gains field, cell and box columns, and a per-field read-out "
+                        "(white cells, judged, blasts, blast fraction with 95%% CI, call and why, pooled over all "
+                        "fields) is printed and written beside --out as <OUT stem>_fields.csv")
     _stain_flag(s)
     s.add_argument("--review-queue", action="store_true",
                    help="order the table for an expert: cells the model cannot judge (out of distribution) first, "
@@ -395,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="an inference-only model for use outside this project (plain Keras, "
                                       "TensorFlow SavedModel or ONNX) with its crop and decision rules")
-    s.add_argument("model", help="starter, a model folder, RUN_ID or MODEL.keras")
+    s.add_argument("model", help="starter, smear, a model folder, RUN_ID or MODEL.keras")
     s.add_argument("--format", choices=("keras", "savedmodel", "onnx"), default="keras")
     s.add_argument("--out", required=True, help="folder to write (model file, contract.json)")
     s.add_argument("--runs-dir", default="runs")
