@@ -1,49 +1,107 @@
-"""Classify's smear-field section: the field with numbered outlines coloured by call, a per-field summary, the
-cells' table (box, mask area, call) with a CSV download, and a gallery of the crops (drawing only)."""
+"""Classify's smear-field section: the read-out a pathologist asks for (white cells found, judged, blasts, blast
+fraction with its 95% CI, the call and why) per field and pooled over the upload, then per field the outlined
+field (legend), the cells' table (box, mask area, call) with a CSV download, and a gallery of the crops (drawing
+only: the numbers come from `services.classify_uploads`)."""
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from core.fields import CALL_COLOURS
+from core.fields import CALL_COLOURS, POOLED, CallRule
+from dashboard import services
 
 TABLE_COLUMNS = ["cell", "call", "prediction", "calibrated_prob_blast", "ood_reason", "x0", "y0", "x1", "y1",
                  "mask_area_px"]
+# what each outline colour means, in a pathologist's words (the keys are core.fields' cell states)
+LEGEND = {"blast": "blast", "normal": "normal", "review": "review: judged, near the threshold (class in the table)",
+          "not assessed": "not judged: outside what the model can judge"}
+CALL_MARK = {"blasts": "red", "no blasts": "green", "cannot judge": "gray"}
 
 
-def field_options_ui() -> tuple[bool, bool]:
-    """(treat every upload as a field, normalise the crops' stain toward C-NMC's)."""
+def field_options_ui() -> tuple[bool, bool, bool]:
+    """(treat every upload as a field, normalise the crops' stain toward C-NMC's, judge field cells with the
+    shipped smear model when it is installed)."""
     as_fields = st.toggle("Uploads are smear fields: find and classify every white cell", value=False,
                           help="fields the out-of-distribution gate recognises are segmented in any case")
     normalize = st.toggle("Bring the field cells' stain toward C-NMC's (Reinhard colour transfer)", value=False,
                           help="other labs' stains differ from C-NMC's; the gate still judges every cell")
-    return as_fields, normalize
+    use_smear = services.smear_available() and st.toggle(
+        "Judge field cells with the shipped smear model", value=True,
+        help="trained on white cells cut from smear photos (ALL-IDB) by the same segmentation; single cells go "
+             "to the model chosen above")
+    return as_fields, normalize, use_smear
 
 
 def _legend() -> str:
-    return " · ".join(f"<span style='color:rgb{rgb}'>■</span> {call}" for call, rgb in CALL_COLOURS.items())
+    return " · ".join(f"<span style='color:rgb{rgb}'>■</span> {LEGEND[call]}" for call, rgb in CALL_COLOURS.items())
 
 
-def fields_ui(fields: list, gradcam: bool, overlays: dict) -> None:
-    """One block per uploaded field; cells the gate refuses are listed as not assessed, with the reason."""
-    st.subheader(f"Smear fields ({len(fields)})")
+def _fraction(row: dict) -> str:
+    if not row["judged"]:
+        return "–"
+    return f"{row['blast_fraction']:.0%} ({row['blast_fraction_low']:.0%}–{row['blast_fraction_high']:.0%})"
+
+
+def call_ui(row: dict) -> None:
+    """The call in its colour and why, in words; the cells that made a blasts call by number."""
+    cells = f" Blast cells: {row['blast_cells']}." if row["call"] == "blasts" and row["blast_cells"] else ""
+    st.markdown(f"Call: **:{CALL_MARK[row['call']]}[{row['call']}]**: {row['why']}.{cells}")
+
+
+def counts_ui(row: dict) -> None:
+    cols = st.columns(5)
+    cols[0].metric("White cells found", row["white_cells"])
+    cols[1].metric("Judged", row["judged"], help="given a class (blast or normal) by the model; review-band calls "
+                                                 "count with their class")
+    cols[2].metric("Blasts", row["blasts"], help="judged cells called blast (all)")
+    cols[3].metric("Blast fraction (95% CI)", _fraction(row),
+                   help="blasts among the judged cells; Wilson score interval")
+    cols[4].metric("To review", row["review"], help="calls within the review band of the threshold")
+
+
+def readout_ui(readout: pd.DataFrame) -> None:
+    """The pooled read-out (one upload: one patient) and the per-field table with its CSV."""
+    rows = readout.to_dict("records")
+    if len(rows) > 2:  # more than one field: the pooled row says something a field's own does not
+        with st.container(border=True):
+            st.markdown(f"**All {len(rows) - 1} fields of this upload, pooled**")
+            call_ui(rows[-1])
+            counts_ui(rows[-1])
+    st.dataframe(readout, hide_index=True, width="stretch", column_config={
+        c: st.column_config.NumberColumn(format="%.3f") for c in
+        ("blast_fraction", "blast_fraction_low", "blast_fraction_high")})
+    st.caption(f"Call rule: {CallRule().describe()}.")
+    st.download_button("Download the per-field read-out (CSV)", readout.to_csv(index=False), "fields.csv",
+                       "text/csv", key="field-readout-csv")
+
+
+def fields_ui(fields: list, gradcam: bool, overlays: dict, readout: pd.DataFrame | None = None,
+              model_note: str | None = None) -> None:
+    """The read-out, then one block per uploaded field; cells the gate refuses are listed as not judged, with
+    the reason; a field that gave no cell (or an unreadable upload meant as one) says why it cannot be judged."""
+    rows = {} if readout is None or readout.empty else {
+        r["field"]: r for r in readout.to_dict("records") if r["field"] != POOLED}
+    st.subheader(f"Smear fields ({max(len(fields), len(rows))})")
     st.caption("White cells are segmented from the field, cut out on black at C-NMC's scale (red cells are the "
                "ruler) and each classified like an uploaded cell. Fields from other labs differ from C-NMC in "
                "stain, magnification and camera: every cell still passes the out-of-distribution gate.")
+    if model_note:
+        st.info(model_note)
+    if rows:
+        readout_ui(readout)
+    done = set()
     for fc in fields:
+        done.add(fc.name)
         with st.container(border=True):
             st.markdown(f"**{fc.name}**")
+            if fc.name in rows:
+                call_ui(rows[fc.name])
             if fc.error:
-                st.error(fc.error)
+                st.warning(f"{fc.name}: {fc.error.removeprefix(fc.name + ': ')}")
                 continue
-            s = fc.summary
-            cols = st.columns(5)
-            cols[0].metric("White cells found", s["cells_found"])
-            cols[1].metric("Blasts", s["blasts"], help="cells called blast (all) among the assessed ones")
-            cols[2].metric("Blast fraction", f"{s['blast_fraction']:.0%}" if s["assessed"] else "–")
-            cols[3].metric("To review", s["review"], help="calls within the review band of the threshold")
-            cols[4].metric("Not assessed", s["not_assessed"])
-            cut = s["cut_by_border"]
+            if fc.name in rows:
+                counts_ui(rows[fc.name])
+            cut = fc.summary["cut_by_border"]
             for note in fc.notes + ([f"{cut} cell{'s' if cut > 1 else ''} cut by the image border "
                                      f"{'were' if cut > 1 else 'was'} left out"] if cut else []):
                 st.caption(note)
@@ -51,11 +109,16 @@ def fields_ui(fields: list, gradcam: bool, overlays: dict) -> None:
             st.markdown(_legend(), unsafe_allow_html=True)
             table = fc.table.rename(columns={"prob_all_calibrated": "calibrated_prob_blast"})
             for row in table[table["out_of_distribution"] == True].itertuples():  # noqa: E712
-                st.warning(f"cell {row.cell}: not assessed: {row.ood_reason}")
+                st.warning(f"cell {row.cell}: not judged: {row.ood_reason}")
             st.dataframe(table[[c for c in TABLE_COLUMNS if c in table]], hide_index=True, width="stretch")
             st.download_button("Download this field's cells (CSV)", table.to_csv(index=False),
                                f"{fc.name}-cells.csv", "text/csv", key=f"field-csv-{fc.name}")
             gallery_ui(table, fc.crops, overlays if gradcam else {})
+    for name, row in rows.items():  # uploads meant as fields that could not be read
+        if name not in done:
+            with st.container(border=True):
+                st.markdown(f"**{name}**")
+                call_ui(row)
 
 
 def gallery_ui(table: pd.DataFrame, crops: dict, overlays: dict) -> None:

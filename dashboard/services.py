@@ -9,7 +9,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -52,20 +52,64 @@ class ModelBundle:
 
 
 def starter_available() -> bool:
-    from core.model_folder import STARTER_DIR, MODEL_FILE
+    from core.model_folder import STARTER, shipped_available
 
-    return (STARTER_DIR / MODEL_FILE).is_file()
+    return shipped_available(STARTER)
+
+
+def smear_available() -> bool:
+    """Whether the shipped smear model (`models/smear/`) is installed: it lands later than the code using it."""
+    from core.model_folder import SMEAR, shipped_available
+
+    return shipped_available(SMEAR)
+
+
+def load_shipped_bundle(name: str) -> tuple[ModelBundle, str]:
+    """A shipped model folder (`starter`: real C-NMC cells; `smear`: white cells cut from smear photos) and its
+    model card (markdown); the crop margin is the one its card names."""
+    from core.model_folder import MODEL_FILE, load_model_folder
+
+    mf = load_model_folder(name)
+    label = mf.card.get("name", name)
+    what = f"shipped {name} model {label}" + (f" (an ensemble of {len(mf.models)})" if len(mf.models) > 1 else "")
+    return ModelBundle(mf.models, mf.rule, mf.size, what, mf.gate, str(mf.folder / MODEL_FILE),
+                       margin=mf.crop_margin), mf.card_markdown
 
 
 def load_starter_bundle() -> tuple[ModelBundle, str]:
     """The shipped starter model (trained on real C-NMC cells) and its model card (markdown)."""
-    from core.model_folder import STARTER, load_model_folder
+    from core.model_folder import STARTER
 
-    mf = load_model_folder(STARTER)
-    name = mf.card.get("name", "starter")
-    what = f"shipped starter model {name}" + (f" (an ensemble of {len(mf.models)})" if len(mf.models) > 1 else "")
-    return ModelBundle(mf.models, mf.rule, mf.size, what, mf.gate,
-                       str(mf.folder / "model.keras")), mf.card_markdown
+    return load_shipped_bundle(STARTER)
+
+
+def load_smear_bundle() -> tuple[ModelBundle, str]:
+    """The shipped smear model (white cells cut from ALL-IDB smear photos) and its model card (markdown)."""
+    from core.model_folder import SMEAR
+
+    return load_shipped_bundle(SMEAR)
+
+
+def field_model(chosen: ModelBundle, smear: Callable[[], ModelBundle] | None = None,
+                use_smear: bool = True) -> tuple[ModelBundle, str]:
+    """The model for the input, the one rule: single (C-NMC-style) cells go to the model chosen on the page (the
+    shipped starter by default); a smear field's white cells go to the shipped smear model (`models/smear/`,
+    trained on cells cut from smear photos by the same segmentation) when it is installed, `use_smear` is on and
+    `smear` (a loader: the page's cached one) is given; else to the chosen model. Returns (the field model, a
+    note saying which model judges the field cells and why)."""
+    if use_smear and smear is not None and smear_available():
+        try:
+            bundle = smear()
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            return chosen, (f"The shipped smear model could not be loaded ({exc}): field cells are judged by "
+                            f"{chosen.description}.")
+        return bundle, (f"Field cells are judged by {bundle.description}, trained on white cells cut from smear "
+                        f"photos; single cells by {chosen.description}.")
+    if not smear_available():
+        return chosen, (f"Field cells are judged by {chosen.description}: no shipped smear model is installed "
+                        "(models/smear/), so the model for single cells judges them too; cells unlike its training "
+                        "cells are not judged.")
+    return chosen, (f"Field cells are judged by {chosen.description} (the shipped smear model is switched off).")
 
 
 def load_run_bundle(run_id: str, runs_dir: str | Path) -> ModelBundle:
@@ -123,44 +167,81 @@ class Classified:
     subjects: pd.DataFrame
     fields: list = field(default_factory=list)  # core.fields.FieldCalls, one per uploaded smear field
     subject_corrected: int = 0  # calls that also used the same subject's other cells (the rule's correction)
+    # core.fields.field_readout: one row per field (white cells, judged, blasts, fraction with CI, call, why,
+    # blast cells, model) and the pooled row "all fields" (one upload: one patient); empty without fields
+    field_readout: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def _too_large(files: list[tuple[str, bytes]]) -> dict[str, str]:
+    """Uploads over the server's per-file limit, name -> why: the server refuses them in a browser; anything
+    else that hands files over (a test, a script) gets the same limit in the same words."""
+    from dashboard.settings import max_upload_mb
+
+    limit = max_upload_mb()
+    return {name: f"{len(data) / 2**20:.1f} MB, over the {limit} MB upload limit per file"  # MB as the server counts
+            for name, data in files if len(data) > limit * 1024 * 1024}
+
+
+def upload_limits() -> str:
+    """The limits an upload meets, in the uploader's words (the server's bytes, the reader's pixels)."""
+    from core.imageio import MAX_PIXELS
+    from dashboard.settings import max_upload_mb
+
+    return f"up to {max_upload_mb()} MB and {MAX_PIXELS / 1e6:.0f} megapixels per image"
 
 
 def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False,
                      runs_dir: str | Path | None = None, as_fields: bool = False,
-                     normalize_stain: bool = False) -> Classified:
-    """Classify uploaded cells; a file that cannot be read gets its own error row and the others go on.
+                     normalize_stain: bool = False, field_bundle: ModelBundle | None = None) -> Classified:
+    """Classify uploaded cells; a file that cannot be read (or is over the upload limit) gets its own error row
+    and the others go on.
 
     A smear field (an upload the gate recognises as a field of many cells, or every readable upload with
-    `as_fields`) is segmented and each white cell it holds classified (`core.fields`; `normalize_stain` brings
-    the cells' crops toward C-NMC's stain first). Each cell gets an audit
-    record in the run store at `runs_dir` (name and SHA-256 of the uploaded file only; pixels are not kept)."""
+    `as_fields`) is segmented and each white cell it holds classified by `field_bundle` (`field_model` picks it;
+    the cells' model without one) (`core.fields`; `normalize_stain` brings the cells' crops toward C-NMC's stain
+    first), and read out per field and pooled over the upload (`Classified.field_readout`; with `as_fields` an
+    unreadable upload is a field that cannot be judged). Each cell gets an audit record in the run store at
+    `runs_dir` (name and SHA-256 of the uploaded file only; pixels are not kept)."""
     from core.explain import overlay
-    from core.fields import classify_field
+    from core.fields import classify_field, fields_readout
     from core.gate import REASONS
     from core.imageio import read_image
-    from core.inference import classify
+    from core.inference import RESULT_COLUMNS, classify
     from core.metrics import subject_readout
 
+    fb = field_bundle or bundle
     crops: dict[str, np.ndarray] = {}
     heat: dict[str, np.ndarray] = {}
 
-    def keep(names, batch):
-        crops.update(zip(names, batch))
-        if gradcam:
-            heat.update(zip(names, bundle.cam(batch)[1]))
+    def keep_with(model: ModelBundle):
+        def keep(names, batch):
+            crops.update(zip(names, batch))
+            if gradcam:
+                heat.update(zip(names, model.cam(batch)[1]))
+        return keep
 
-    table = classify(bundle.models, files, bundle.size, bundle.rule, on_chunk=keep, gate=bundle.gate,
-                     margin=bundle.margin).rename(columns={
-        "name": "file", "prob_all": "prob_blast", "prob_all_calibrated": "calibrated_prob_blast",
-        "uncertain": "review_manually"})
+    too_large = _too_large(files)
+    table = classify(bundle.models, [f for f in files if f[0] not in too_large], bundle.size, bundle.rule,
+                     on_chunk=keep_with(bundle), gate=bundle.gate, margin=bundle.margin)
+    if too_large:
+        refused = pd.DataFrame([{"name": n, "error": why} for n, why in too_large.items()], columns=RESULT_COLUMNS)
+        order = {name: i for i, (name, _) in enumerate(files)}
+        table = pd.concat([table, refused], ignore_index=True).sort_values(
+            "name", key=lambda s: s.map(order)).reset_index(drop=True)
+    table = table.rename(columns={"name": "file", "prob_all": "prob_blast",
+                                  "prob_all_calibrated": "calibrated_prob_blast", "uncertain": "review_manually"})
     is_field = table["error"].isna() & (as_fields | (table["ood_reason"] == REASONS["field"]))
     data = dict(files)
-    field_calls = [classify_field(bundle.models, read_image(data[name], name), name, bundle.size, bundle.rule,
-                                  bundle.gate, bundle.margin, on_chunk=keep if gradcam else None,
-                                  normalize_stain=normalize_stain)
+    field_calls = [classify_field(fb.models, read_image(data[name], name), name, fb.size, fb.rule, fb.gate,
+                                  fb.margin, on_chunk=keep_with(fb) if gradcam else None,
+                                  normalize_stain=normalize_stain, model=fb.description)
                    for name in table.loc[is_field, "file"]]
     empty = {fc.name for fc in field_calls if not len(fc.table)}
     judged = table[~is_field | table["file"].isin(empty)]  # a field without cells keeps its own record
+    failed = {r.file: r.error for r in table[table["error"].notna()].itertuples()} if as_fields else {}
+    readout = fields_readout(field_calls, failed=failed, order=[f for f in table["file"] if
+                                                               f in failed or f in {fc.name for fc in field_calls}]) \
+        if field_calls or failed else pd.DataFrame()
     table = table[~is_field].reset_index(drop=True)
     if runs_dir is not None:
         from training.audit import record
@@ -170,13 +251,13 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
         for fc in field_calls:
             if len(fc.table):  # each cell under its own name, with the SHA-256 of the field it came from
                 record(store, fc.table.rename(columns={"cell_name": "name"}), dict.fromkeys(fc.table["cell_name"],
-                       data[fc.name]), bundle.description, bundle.model_sha256, bundle.rule, source="dashboard field")
+                       data[fc.name]), fb.description, fb.model_sha256, fb.rule, source="dashboard field")
     overlays = {name: overlay(crops[name], h) for name, h in heat.items()}
     known = table[table["subject"].notna() & table["prediction"].notna()]  # refused and failed images have no call
     subjects = subject_readout(known.assign(path=known["file"], prob_all=known["calibrated_prob_blast"]),
                                bundle.rule.threshold) if len(known) else pd.DataFrame()
     corrected = table.get("subject_corrected", pd.Series(dtype=object)).fillna(False).astype(bool).sum()
-    return Classified(table, crops, overlays, subjects, field_calls, int(corrected))
+    return Classified(table, crops, overlays, subjects, field_calls, int(corrected), readout)
 
 
 # --- training ---------------------------------------------------------------------------------------------------

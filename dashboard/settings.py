@@ -14,6 +14,18 @@ from pathlib import Path
 RESEARCH_BANNER = ("**Research use only — not a diagnostic device.** Predictions come from models trained on the "
                    "data named with each result; results on synthetic cells say nothing about real patients.")
 MAX_UPLOAD_FILES = 500
+SERVER_CONFIG = Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml"
+
+
+def max_upload_mb() -> int:
+    """The per-file upload limit the server enforces (`maxUploadSize` in .streamlit/config.toml; Streamlit's
+    200 MB without one): the dashboard says the same limit in its own words, naming the file."""
+    import tomllib
+
+    try:
+        return int(tomllib.loads(SERVER_CONFIG.read_text()).get("server", {}).get("maxUploadSize", 200))
+    except (OSError, ValueError):
+        return 200
 
 
 @dataclass(frozen=True)

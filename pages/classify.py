@@ -14,6 +14,11 @@ def starter_bundle():
     return services.load_starter_bundle()
 
 
+@st.cache_resource(show_spinner="Loading the smear model…")
+def smear_bundle():
+    return services.load_smear_bundle()[0]
+
+
 @st.cache_resource(show_spinner="Loading model…")
 def run_bundle(run_id: str, runs_dir: str):
     return services.load_run_bundle(run_id, runs_dir)
@@ -61,7 +66,7 @@ def model_ui(settings: Settings):
 
 def upload_ui():
     files = st.file_uploader("Cell images (BMP, PNG, JPEG, TIFF)", type=IMAGE_TYPES, accept_multiple_files=True,
-                             key="cells")
+                             key="cells", help=services.upload_limits())
     gradcam = st.toggle("Show Grad-CAM overlays (where the model sees blast evidence)", value=False)
     return files or [], gradcam, field_options_ui()
 
@@ -110,16 +115,17 @@ def main() -> None:
     st.title("Classify cells")
     widgets.reviewer_ui()
     bundle = model_ui(settings)
-    files, gradcam, (as_fields, normalize) = upload_ui()
+    files, gradcam, (as_fields, normalize, use_smear) = upload_ui()
     if bundle is None or not files:
         return
     if len(files) > MAX_UPLOAD_FILES:
         st.error(f"{len(files)} files uploaded; only the first {MAX_UPLOAD_FILES} are classified.")
         files = files[:MAX_UPLOAD_FILES]
+    field_bundle, field_note = services.field_model(bundle, smear_bundle, use_smear)
     with st.spinner(f"Classifying {len(files)} cells…"):
         result = services.classify_uploads(bundle, [(f.name, f.getvalue()) for f in files], gradcam,
                                            runs_dir=settings.runs_dir, as_fields=as_fields,
-                                           normalize_stain=normalize)
+                                           normalize_stain=normalize, field_bundle=field_bundle)
     rule = bundle.rule
     st.caption(f"Model: {bundle.description}. Decision rule: threshold {rule.threshold:.2f} on calibrated "
                f"P(blast) (temperature {rule.temperature:.2f}, fitted on {rule.fitted_on}); cells within "
@@ -129,8 +135,8 @@ def main() -> None:
                   "image, even ones unlike its training cells."))
     if len(result.table):
         results_ui(result, gradcam, rule.threshold, settings.runs_dir)
-    if result.fields:
-        fields_ui(result.fields, gradcam, result.overlays)
+    if result.fields or not result.field_readout.empty:
+        fields_ui(result.fields, gradcam, result.overlays, result.field_readout, field_note)
     audit_ui(settings)
 
 

@@ -326,3 +326,112 @@ def test_classify_says_when_calls_used_the_subjects_other_cells(monkeypatch, dem
     assert table.loc[judged, "subject_corrected"].astype(bool).tolist() == (shared[judged]).tolist()
     assert any("same subject's other uploaded cells" in i.value for i in at.info) == bool((shared & judged).any())
     st.cache_resource.clear()
+
+
+def _tiny_bundle(threshold: float, description: str):
+    """A tiny model whose rule makes every judged cell a blast (threshold 0) or normal (1): deterministic calls."""
+    from core.augmentation import AugmentSpec
+    from core.calibration import DecisionRule
+    from core.models import create_model
+    from dashboard import services
+
+    model = create_model("solution_a", 32, augment=AugmentSpec(), standardize=True, filters=(4, 4, 4, 4))
+    return services.ModelBundle([model], DecisionRule(threshold=threshold, band=0.0, fitted_on="unit test"), 32,
+                                description, model_sha256="0" * 64)
+
+
+def _png(img) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def field_app(monkeypatch, tmp_path):
+    """Classify with a tiny stand-in for the starter (threshold 0: every judged cell a blast) and no shipped smear
+    model unless a test puts one in place; no trained run needed."""
+    import streamlit as st
+
+    import core.model_folder as mf
+    from dashboard import services
+
+    monkeypatch.setattr(mf, "SMEAR_DIR", tmp_path / "no-smear")
+    monkeypatch.setattr(services, "starter_available", lambda: True)
+    monkeypatch.setattr(services, "load_starter_bundle", lambda: (_tiny_bundle(0.0, "tiny cell model"), "# card"))
+    st.cache_resource.clear()
+    yield lambda: app(monkeypatch, tmp_path / "runs", tmp_path / "demo", model=None)
+    st.cache_resource.clear()
+
+
+def test_classify_field_readout_per_field_and_pooled_with_bad_uploads(monkeypatch, field_app):
+    """Uploads as fields: a smear field (blasts), a field with no white cell, a file that is not an image and one
+    over the upload limit each get a read-out row (the bad ones: cannot judge, and why) and the rest goes on; the
+    pooled read-out, the call with its colour and the blast cells, the CI, the legend and the model note show."""
+    import numpy as np
+
+    from core.synthetic_fields import BACKGROUND, synth_field
+    from dashboard import settings
+
+    monkeypatch.setattr(settings, "max_upload_mb", lambda: 1)
+    img, _ = synth_field(seed=1, wbc=3, touching_pairs=0, border_cells=0)
+    blank = np.full((400, 500, 3), BACKGROUND, np.uint8)
+    files = [("smear.png", _png(img), "image/png"), ("empty.png", _png(blank), "image/png"),
+             ("broken.jpg", b"not an image", "image/jpeg"),
+             ("huge.png", bytes(3 * 2**19), "image/png")]  # 1.5 MB
+    at = field_app()
+    next(t for t in at.toggle if t.label.startswith("Uploads are smear fields")).set_value(True).run()
+    at.file_uploader(key="cells").set_value(files).run()
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error]
+    assert "broken.jpg: not an image (unrecognised format)" in errors
+    assert "huge.png: 1.5 MB, over the 1 MB upload limit per file" in errors
+    assert any(s.value == "Smear fields (4)" for s in at.subheader)
+    readout = next(d.value for d in at.dataframe if "blast_fraction_low" in d.value.columns)
+    rows = readout.set_index("field")
+    assert list(rows.index) == ["smear.png", "empty.png", "broken.jpg", "huge.png", "all fields"]
+    assert rows.loc["smear.png", "call"] == "blasts" and rows.loc["smear.png", "judged"] >= 1
+    assert rows.loc["empty.png", "call"] == "cannot judge" and "no white cells" in rows.loc["empty.png", "why"]
+    assert rows.loc["broken.jpg", "why"] == "not an image (unrecognised format)"
+    assert "over the 1 MB upload limit" in rows.loc["huge.png", "why"]
+    assert rows.loc["all fields", "white_cells"] == rows.loc["smear.png", "white_cells"]
+    assert (rows["model"].dropna() == "tiny cell model").all()
+    markdown = " ".join(m.value for m in at.markdown)
+    assert "All 4 fields of this upload, pooled" in markdown
+    assert f"Call: **:red[blasts]**: {rows.loc['smear.png', 'why']}" in markdown and "Blast cells: 1" in markdown
+    assert "Call: **:gray[cannot judge]**" in markdown and "not judged: outside what the model can judge" in markdown
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Judged"] == str(rows.loc["smear.png", "judged"])
+    assert metrics["Blast fraction (95% CI)"].startswith("100% (")
+    assert any("no shipped smear model is installed" in i.value for i in at.info)
+    assert any(b.label == "Download the per-field read-out (CSV)" for b in at.get("download_button"))
+
+
+def test_classify_sends_field_cells_to_the_smear_model_when_installed(monkeypatch, tmp_path, field_app):
+    """The one rule: a smear field's cells go to models/smear/ (here a temporary folder in its place, whose rule
+    calls nothing a blast) while single cells keep the chosen model (which would call every cell a blast)."""
+    import core.model_folder as mf
+    from core.model_folder import save_model_folder
+    from core.synthetic_fields import synth_field
+
+    tiny = _tiny_bundle(1.0, "unused")
+    save_model_folder(tmp_path / "smear", tiny.model, tiny.rule, {"name": "tiny-smear", "crop_margin": 0}, "# smear")
+    monkeypatch.setattr(mf, "SMEAR_DIR", tmp_path / "smear")
+    img, _ = synth_field(seed=1, wbc=3, touching_pairs=0, border_cells=0)
+    at = field_app()
+    smear_toggle = next(t for t in at.toggle if t.label.startswith("Judge field cells with the shipped smear"))
+    assert smear_toggle.value is True
+    next(t for t in at.toggle if t.label.startswith("Uploads are smear fields")).set_value(True).run()
+    at.file_uploader(key="cells").set_value([("smear.png", _png(img), "image/png")]).run()
+    assert not at.exception, at.exception
+    readout = next(d.value for d in at.dataframe if "blast_fraction_low" in d.value.columns).set_index("field")
+    assert readout.loc["smear.png", "call"] == "no blasts" and readout.loc["smear.png", "blasts"] == 0
+    assert readout.loc["smear.png", "model"].startswith("shipped smear model tiny-smear")
+    assert any("judged by shipped smear model tiny-smear" in i.value for i in at.info)
+    smear_toggle = next(t for t in at.toggle if t.label.startswith("Judge field cells with the shipped smear"))
+    smear_toggle.set_value(False).run()  # switched off: the chosen model judges the field cells
+    readout = next(d.value for d in at.dataframe if "blast_fraction_low" in d.value.columns).set_index("field")
+    assert readout.loc["smear.png", "call"] == "blasts" and readout.loc["smear.png", "model"] == "tiny cell model"

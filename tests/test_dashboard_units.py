@@ -35,3 +35,28 @@ def test_progress_text_of_finished_runs_says_how_they_ended(tmp_path):
     store.finish(other, "cancelled", "cancelled: SIGTERM")
     text = services.progress_info(store, other)["text"]
     assert text == "cancelled: 1 of 8 epochs trained (stopped at step 5/12 of epoch 2, checkpoint kept)"
+
+
+def test_the_model_for_a_fields_cells_is_one_rule(tmp_path, monkeypatch):
+    """Single cells keep the chosen model; a smear field's cells go to the shipped smear model when it is
+    installed and wanted, else to the chosen model, and the note says which and why."""
+    import core.model_folder as mf
+
+    chosen = services.ModelBundle([], None, 32, "chosen model", model_sha256="0")
+    smear = services.ModelBundle([], None, 32, "shipped smear model s", model_sha256="1")
+    monkeypatch.setattr(mf, "SMEAR_DIR", tmp_path / "absent")
+    bundle, note = services.field_model(chosen, lambda: smear)
+    assert bundle is chosen and "no shipped smear model is installed" in note
+    (tmp_path / "smear").mkdir()
+    (tmp_path / "smear" / "model.keras").write_bytes(b"")
+    monkeypatch.setattr(mf, "SMEAR_DIR", tmp_path / "smear")
+    bundle, note = services.field_model(chosen, lambda: smear)
+    assert bundle is smear and "judged by shipped smear model s" in note and "single cells by chosen model" in note
+    bundle, note = services.field_model(chosen, lambda: smear, use_smear=False)
+    assert bundle is chosen and "switched off" in note
+
+    def broken():
+        raise ValueError("cannot be loaded")
+
+    bundle, note = services.field_model(chosen, broken)
+    assert bundle is chosen and "could not be loaded (cannot be loaded)" in note
