@@ -333,3 +333,16 @@ def test_a_huge_bmp_is_refused_by_its_header_like_any_other_format():
     struct.pack_into("<ii", data, 18, 9000, 9000)  # the header claims 81 megapixels
     with pytest.raises(ImageReadError, match=r"big.bmp: image too large \(9000x9000 pixels"):
         read_image(bytes(data), name="big.bmp")
+
+
+def test_evaluating_a_model_folder_cuts_crops_with_its_cards_margin(tmp_path, monkeypatch, cell_dir):
+    """`evaluate smear --data DIR` (any folder whose card says crop_margin 0) crops as the model was trained."""
+    import training.evaluate as ev
+
+    seen = []
+    real = ev._cached_crops
+    monkeypatch.setattr(ev, "_cached_crops", lambda *a, **kw: seen.append(kw.get("margin")) or real(*a, **kw))
+    folder = _tiny_folder(tmp_path / "smear", threshold=0.5, margin=0)
+    result = ev.evaluate_model_folder(str(folder), str(cell_dir), out_dir=tmp_path / "ev", n_boot=10,
+                                      cache_dir=str(tmp_path / "cache"))
+    assert seen == [0] and result["provenance"]["cells"] == 7

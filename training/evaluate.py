@@ -31,9 +31,9 @@ def run_model_path(store: RunStore, run_id: str) -> Path:
 
 
 def resolve_model(ref: str, store: RunStore):
-    """(models, decision rule, input size, description, gate, model file) for `starter`, a model folder, a run
-    id or a `.keras` file (all loaded in safe mode). `models` is a list: one model, or an ensemble folder's
-    members (P(all) is their mean). A bare `.keras` file has no gate: it judges every image."""
+    """(models, decision rule, input size, description, gate, model file) for `starter` / `smear`, a model
+    folder, a run id or a `.keras` file (all loaded in safe mode). `models` is a list: one model, or an ensemble
+    folder's members (P(all) is their mean). A bare `.keras` file has no gate: it judges every image."""
     from core.gate import Gate
     from core.model_folder import is_model_folder, load_model_folder
     from core.models import load_model
@@ -279,9 +279,10 @@ def write_figures(result: dict[str, Any], out_dir: Path) -> None:
 
 def evaluate_model_folder(ref: str, data_dir: str, out_dir: str | Path | None = None, tta: bool = False,
                           n_boot: int = 1000, seed: int = 0, cache_dir: str = "cache") -> dict[str, Any]:
-    """Evaluate a shipped model folder (or `starter`) on a labelled folder with the folder's own decision rule,
-    unchanged (nothing is fitted on the data being judged). Writes metrics.json and predictions_external.csv
-    into `out_dir` (default `runs/evaluations/<model>-<data hash>`) and returns metrics.json's content."""
+    """Evaluate a model folder (or a shipped name: `starter`, `smear`) on a labelled folder with the folder's own
+    decision rule, unchanged (nothing is fitted on the data being judged), on crops cut with its card's margin.
+    Writes metrics.json and predictions_external.csv into `out_dir` (default
+    `runs/evaluations/<model>-<data hash>`) and returns metrics.json's content."""
     from core.dataset import index
     from core.inference import predict_proba
     from core.model_folder import load_model_folder
@@ -291,7 +292,7 @@ def evaluate_model_folder(ref: str, data_dir: str, out_dir: str | Path | None = 
     target = manifest[manifest["label"].notna()][["path", "subject", "label"]].reset_index(drop=True)
     if target.empty:
         raise ValueError(f"{data_dir}: no labelled cells (all/hem folders, UID_ names or a label CSV) to evaluate on")
-    cache = _cached_crops(target, mf.size, cache_dir)
+    cache = _cached_crops(target, mf.size, cache_dir, margin=mf.crop_margin)  # the card's margin (smear: 0)
     ok = cache.valid[cache.rows(target["path"])]
     target = target[ok].reset_index(drop=True)
     crops = np.asarray(cache.array[cache.rows(target["path"])])
