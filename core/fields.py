@@ -173,9 +173,10 @@ class CallRule:
     def describe(self) -> str:
         """The rule in one sentence, for a caption or a CLI note."""
         bar = "" if self.min_blast_prob is None else f" with calibrated P(blast) ≥ {self.min_blast_prob:.2f}"
+        few = f"fewer than {self.min_judged} judged, " if self.min_judged > 1 else ""
         return (f"blasts: at least {self.min_blasts} judged cell{'s' if self.min_blasts > 1 else ''} called "
-                f"blast{bar}; cannot judge: no white cell, fewer than {self.min_judged} judged, or fewer than "
-                f"{self.min_judged_fraction:.0%} of the white cells found judged; otherwise no blasts")
+                f"blast{bar}; cannot judge: no white cell, {few}or fewer than {self.min_judged_fraction:.0%} of the "
+                "white cells found judged; otherwise no blasts")
 
 
 def _cells_frame(cells: pd.DataFrame) -> pd.DataFrame:
@@ -212,7 +213,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def decide(n: dict, rule: CallRule, where: str = "") -> tuple[str, str]:
+def field_call(n: dict, rule: CallRule, where: str = "") -> tuple[str, str]:
     """(call, why) from a field's (or the pooled) counts by `rule`; `where` ends the sentence (' in 3 fields')."""
     found, judged, bar = n["white_cells"], n["judged"], int(np.sum(n["bar"]))
     if found == 0:
@@ -253,7 +254,7 @@ def decide(n: dict, rule: CallRule, where: str = "") -> tuple[str, str]:
 
 
 def _row(field_name: str, n: dict, rule: CallRule, blast_cells: list[str], model, where: str = "") -> dict:
-    call, why = decide(n, rule, where)
+    call, why = field_call(n, rule, where)
     low, high = wilson_interval(n["blasts"], n["judged"])
     return {"field": field_name, "white_cells": n["white_cells"], "judged": n["judged"], "review": n["review"],
             "blasts": n["blasts"], "blast_fraction": n["blasts"] / n["judged"] if n["judged"] else float("nan"),
@@ -303,7 +304,7 @@ def field_readout(cells: pd.DataFrame, fields: Sequence[str] | None = None,
         unjudged = int((table["call"] == "cannot judge").sum())
         where = f" in {_plural(len(order), 'field')}" if len(order) != 1 else ""
         row = _row(POOLED, n, rule, pooled_bar, "; ".join(dict.fromkeys(sub["model"].dropna())) or model, where)
-        if unjudged and len(order) > 1:
+        if unjudged and len(order) > 1 and row["call"] != "cannot judge":  # a pooled call some fields lack
             row["why"] += f"; {unjudged} of the {len(order)} fields could not be judged alone"
         table = pd.concat([table, pd.DataFrame([row], columns=READOUT_COLUMNS)], ignore_index=True)
     return table
