@@ -1,18 +1,23 @@
 """From a blood-smear field to C-NMC-like crops: find the white cells, split touching ones, cut each on black.
 
 C-NMC cells were segmented from microscope fields by the dataset's authors; a pathologist has the fields. This
-module finds white blood cells (WBCs) in an RGB field of a May-Grünwald-Giemsa / Wright-like stained smear:
+module finds white blood cells (WBCs) in an RGB field of a May-Grünwald-Giemsa / Wright-like stained smear, at
+any camera resolution and magnification (tuned on ALL-IDB1's 1712×1368 and 2592×1944 photos, checked on BCCD's
+640×480 fields):
 
-1. objects: pixels darker than the light background (Otsu on grey levels);
-2. white cells: objects whose blue exceeds their red (nuclei are purple-blue, cytoplasm pale blue; red cells are
-   pink: red above blue); holes filled; components far smaller than a red cell (platelets, debris) dropped;
-3. touching white cells split by a distance-transform watershed (scikit-image), markers at least about a white
-   cell's radius apart;
-4. red cells are the field's own ruler (7-8 µm in every smear): the area-weighted median diameter of the single
-   round ones sets the scale when they are at least 5% of the red-cell area (round platelets may outnumber
-   them), else the typical inscribed circle of the pink pixels of clumped red cells;
-5. cells cut by the image border are dropped; each kept cell becomes a C-NMC-like crop: its mask on black,
-   centred in a 450×450 frame, scaled so that a red cell would span `RBC_TARGET_PX` pixels;
+1. the ruler: red cells are the field's own (7-8 µm in every smear). On a copy at most 800 px a side, the
+   area-weighted median diameter of the single round red cells of three candidate red-cell masks (`_red_cell_ruler`),
+   else the typical inscribed circle of their clumps;
+2. detection runs on a copy where a red cell spans `WORK_RBC_PX` pixels, so every size rule below is in red cells;
+3. white cells: pixels whose violet score (`_violet`: violet minus green plus blue minus red) stands well above
+   the field's median (background and red cells); holes filled; components smaller than `MIN_WBC_AREA` red cells
+   (platelets, debris) dropped;
+4. touching white cells split by a watershed whose markers are the deep maxima of the distance transform of the
+   stained pixels before filling (the seams between packed cells), only for blobs too big and too concave for one
+   cell; a piece with too little stain (a lobe of one nucleus) gives its marker up;
+5. a cell cut by the image border is kept when at least `BORDER_KEEP` red-cell areas of it are inside (flagged
+   `at_border`); each kept cell becomes a C-NMC-like crop: its mask on black, centred in a 450×450 frame, scaled
+   so that a red cell would span `RBC_TARGET_PX` pixels;
 6. optionally each crop's stain is brought toward C-NMC's (Reinhard colour transfer in LAB on the cell's pixels,
    `core.stain.reinhard`, targets measured on C-NMC fold 1).
 
@@ -34,7 +39,16 @@ CNMC_PX_PER_UM = 25.0  # median C-NMC cell, 228 px, taken as a ~9 µm lymphoid c
 RBC_UM = 7.5
 RBC_TARGET_PX = RBC_UM * CNMC_PX_PER_UM  # a red cell's diameter at C-NMC scale (~190 px)
 MIN_SIDE = 300  # a field smaller than this cannot hold a white cell with context
-WORK_SIDE = 1024  # detection runs on a copy at most this large (speed); crops come from the full image
+WORK_SIDE = 1024  # without a ruler, detection runs on a copy at most this large (speed)
+RULER_SIDE = 800  # the red-cell ruler is read on a copy at most this large
+WORK_RBC_PX = 32.0  # with a ruler, detection runs on a copy where a red cell is this wide (any magnification)
+MIN_WBC_AREA = 0.35  # the smallest white cell (or cell fragment) kept, in red-cell areas
+NUCLEUS_CONTRAST = 30.0  # a white cell's violet score above the field's median (`_violet`)
+NUCLEUS_SHARE = 0.45  # ... and at least this share of the field's strongest stain
+SPLIT_DEPTH = 0.2  # a split's marker stands this many white-cell radii above the saddle to its neighbours
+SPLIT_SOLIDITY = 0.9  # a blob is split only when less convex than this (its area over its hull's)
+SPLIT_MIN_PIECE = 0.35  # a piece of a split with fewer stained pixels than this many red-cell areas is a lobe
+BORDER_KEEP = 0.8  # a cell cut by the border is kept when its part inside is at least this many red-cell areas
 
 
 @dataclass
@@ -47,6 +61,7 @@ class SegmentedCell:
     mask_area: int
     crop: np.ndarray
     mask: np.ndarray  # bool, the box's size: the cell's pixels inside its box
+    at_border: bool = False  # cut by the image border (kept because most of a cell is inside)
 
 
 @dataclass
@@ -78,51 +93,67 @@ def segment_field(img: np.ndarray, name: str = "image", normalize_stain: bool = 
     return result
 
 
+def _resized(img: np.ndarray, f: float) -> np.ndarray:
+    from skimage.transform import resize
+
+    if f == 1.0:
+        return img
+    h, w = img.shape[:2]
+    return resize(img, (max(1, round(h * f)), max(1, round(w * f))), order=1, anti_aliasing=f < 1,
+                  preserve_range=True).astype(np.uint8)
+
+
+def _violet(x: np.ndarray) -> np.ndarray:
+    """How stained a pixel is with the nuclear (violet-blue) dye: violet minus green, plus blue minus red. Nuclei
+    of every white cell score high (violet ones on the first term, deep blue ones on the second), red cells low
+    (pink: their green is low too, but their red is well above their blue), the grey background near zero."""
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    return (r + b) / 2 - g + (b - r)
+
+
+def _white_cell_mask(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(objects darker than the background, white-cell pixels, the same before closing and filling) of a
+    float RGB image: the white cells are the
+    pixels whose violet score (`_violet`) stands `NUCLEUS_CONTRAST` above the field's median (the background
+    and red cells, which cover most of any field)."""
+    from scipy import ndimage as ndi
+    from skimage import filters, morphology
+
+    grey = x.mean(-1)
+    objects = grey < filters.threshold_otsu(grey)
+    objects = morphology.remove_small_objects(objects, max_size=15)
+    v = _violet(x)
+    # above the background and red cells by a margin, and, where nuclei stain deeply (BCCD), above the lilac
+    # of its red cells: a fixed share of the field's strongest stain
+    cut = max(float(np.median(v)) + NUCLEUS_CONTRAST, NUCLEUS_SHARE * float(np.percentile(v, 99.9)))
+    raw = ndi.binary_opening(v > cut, morphology.disk(1))
+    wbc = ndi.binary_fill_holes(ndi.binary_closing(raw, morphology.disk(2)))
+    wbc = ndi.binary_opening(wbc, morphology.disk(2))
+    return objects, wbc, raw
+
+
 def _segment(img: np.ndarray, name: str) -> FieldResult:
     from scipy import ndimage as ndi
-    from skimage import filters, measure, morphology, segmentation
+    from skimage import measure, morphology, segmentation
     from skimage.feature import peak_local_max
     from skimage.transform import resize
 
     h, w = img.shape[:2]
-    f = min(1.0, WORK_SIDE / max(h, w))
-    small = img if f == 1.0 else (resize(img, (round(h * f), round(w * f)), order=1, anti_aliasing=True,
-                                         preserve_range=True).astype(np.uint8))
-    x = small.astype(np.float32)
-    grey = x.mean(-1)
-    if grey.max() - grey.min() < 20:
+    # 1. the ruler, on a coarse copy
+    f0 = min(1.0, RULER_SIDE / max(h, w))
+    coarse = _resized(img, f0)
+    xc = coarse.astype(np.float32)
+    if np.ptp(xc.mean(-1)) < 20:
         return _empty(img, f"{name}: no white cells found (the image is nearly uniform)")
-    objects = grey < filters.threshold_otsu(grey)
-    objects = morphology.remove_small_objects(objects, max_size=15)
-    blue_excess = x[..., 2] - x[..., 0]
-    # white cells are bluer than red by well more than the background is (nuclei purple-blue, cytoplasm pale
-    # blue; red cells are pink); the cut sits above the background's own tint (camera white balance)
-    cut = max(15.0, float(np.median(blue_excess[~objects])) + 25.0) if (~objects).any() else 15.0
-    wbc = ndi.binary_fill_holes(ndi.binary_closing(blue_excess > cut, morphology.disk(2)))
-    wbc = ndi.binary_opening(wbc, morphology.disk(2))
-
-    # the ruler: red cells are objects that are not (near) white cells; single round ones if there are enough,
-    # else the typical inscribed radius of the red-cell mask (clumped, overlapping red cells)
-    rbc = objects & ~ndi.binary_dilation(wbc, morphology.disk(3))
-    rbc = ndi.binary_fill_holes(ndi.binary_opening(rbc, morphology.disk(2)))
-    props = [p for p in measure.regionprops(measure.label(rbc)) if p.area >= 30 and p.solidity > 0.9
-             and p.eccentricity < 0.75]
-    # the area-weighted median: platelets, specks and pallor fragments are round too, and may outnumber the
-    # few red cells a clumped field leaves single, but they weigh little next to the red cells' area
-    # ... and the single round ones must be a fair share of all red-cell area, or they are debris, not a ruler
-    enough = len(props) >= 3 and sum(p.area for p in props) >= 0.05 * rbc.sum()
-    rbc_d = _weighted_median([p.equivalent_diameter_area for p in props], [p.area for p in props]) \
-        if enough else None
-    ruler_is_round = rbc_d is not None
-    if rbc_d is None:  # clumped red cells: pink pixels (red above blue beyond the background's tint)
-        red_excess = -blue_excess
-        pink = red_excess > (float(np.median(red_excess[~objects])) + 8.0 if (~objects).any() else 8.0)
-        pink = ndi.binary_fill_holes(ndi.binary_opening(pink, morphology.disk(2)))
-        if pink.sum() > 0.02 * pink.size:
-            dist_rbc = ndi.distance_transform_edt(pink)
-            tops = peak_local_max(dist_rbc, min_distance=15, threshold_abs=6, exclude_border=True)
-            if len(tops) >= 5:  # the upper quartile: overlaps make many inscribed circles too small
-                rbc_d = 2.0 * float(np.percentile(dist_rbc[tuple(tops.T)], 75)) + 1.0
+    objects, wbc, raw = _white_cell_mask(xc)
+    d0 = _red_cell_ruler(xc, objects, wbc)
+    rbc_full = d0 / f0 if d0 else None
+    # 2. detection on a copy where a red cell spans WORK_RBC_PX pixels, whatever the camera and magnification
+    f = min(1.0, WORK_RBC_PX / rbc_full) if rbc_full else min(1.0, WORK_SIDE / max(h, w))
+    small = coarse if abs(f - f0) < 1e-9 else _resized(img, f)
+    if small is not coarse:
+        objects, wbc, raw = _white_cell_mask(small.astype(np.float32))
+    rbc_d = rbc_full * f if rbc_full else None
     r_close = max(1, int(0.1 * rbc_d)) if rbc_d is not None else 0
     if r_close:  # a white cell's nucleus may come in lobes: join what lies within a fifth of a red cell
         wbc = ndi.binary_fill_holes(ndi.binary_closing(wbc, morphology.disk(r_close)))
@@ -130,65 +161,125 @@ def _segment(img: np.ndarray, name: str) -> FieldResult:
     wbc_labels = measure.label(wbc)
     comp = measure.regionprops(wbc_labels)
     ref_area = np.pi * (rbc_d / 2) ** 2 if rbc_d else None
-    min_area = 0.35 * ref_area if ref_area else 0.0005 * small.shape[0] * small.shape[1]
-    # white cells come in one size class: fragments, platelets and debris are far smaller than the largest
+    min_area = MIN_WBC_AREA * ref_area if ref_area else 0.0005 * small.shape[0] * small.shape[1]
     largest = max((p.area for p in comp), default=0)
     keep = np.zeros(wbc_labels.max() + 1, bool)
-    for p in comp:
-        keep[p.label] = p.area >= max(min_area, 0.25 * largest)
+    for p in comp:  # without a ruler, white cells come in one size class: far smaller than the largest is debris
+        keep[p.label] = p.area >= (min_area if ref_area else max(min_area, 0.25 * largest))
     wbc = keep[wbc_labels]
     if not wbc.any():
-        return _empty(img, f"{name}: no white cells found", rbc_d / f if rbc_d else None)
+        return _empty(img, f"{name}: no white cells found", rbc_full)
 
-    # split touching white cells: markers a white-cell radius apart (a white cell is ~1.2-2 red cells across)
-    dist = ndi.distance_transform_edt(wbc)
+    # 3. split touching white cells. Markers: peaks of the distance transform of the white-cell pixels *before*
+    # closing and filling (the pale seams between packed cells are still gaps there; the filled mask of a
+    # compact cluster has one peak in its middle), a white-cell radius apart; the watershed then runs on the
+    # filled mask. Only what is too big for one white cell is split (with a ruler, more than 1.35 times a
+    # 1.25-red-cell white cell; otherwise 1.6 times the field's median blob: a lobed nucleus is one cell), and a
+    # piece with less stain than a small nucleus gives its marker up (the split is redone without it).
     blobs = measure.label(wbc)
+    areas = np.bincount(blobs.ravel())[1:]
     sizes = [p.equivalent_diameter_area for p in measure.regionprops(blobs)]
     radius = 0.65 * (rbc_d if rbc_d else float(np.median(sizes)) / 1.5)
-    peaks = peak_local_max(dist, min_distance=max(3, int(radius)), threshold_abs=0.3 * radius,
-                           labels=blobs, exclude_border=False)
-    markers = np.zeros(wbc.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    labels = segmentation.watershed(-dist, markers, mask=wbc)
-    # Split only what is too big for one white cell: with single round red cells measured, more than 1.5 times
-    # a 1.25-red-cell white cell; otherwise more than 1.6 times the field's median white-cell blob (a lobed
-    # nucleus is one cell). Components left whole, or without a marker, keep one label.
-    areas = np.bincount(blobs.ravel())[1:]
-    single = 1.5 * np.pi / 4 * (1.25 * rbc_d) ** 2 if ruler_is_round else (
+    single = 1.35 * np.pi / 4 * (1.25 * rbc_d) ** 2 if rbc_d else (
         1.6 * float(np.median(areas)) if len(areas) >= 3 else np.inf)
-    whole = np.isin(blobs, 1 + np.nonzero(areas <= single)[0]) | (wbc & (labels == 0))
-    labels[whole] = 0
-    rest = measure.label(whole)
-    labels[rest > 0] = rest[rest > 0] + labels.max()
+    # ... and only a blob with a concave outline: packed cells meet at notches, one lobed cell is convex
+    solid = np.array([p.solidity for p in measure.regionprops(blobs)])
+    big = np.isin(blobs, 1 + np.nonzero((areas > single) & (solid < SPLIT_SOLIDITY))[0])
+    labels = blobs.copy()
+    if big.any():
+        seams = ndi.distance_transform_edt(raw & big)
+        # markers: maxima standing at least a fifth of a white-cell radius above the saddle to any other (two
+        # packed round cells meet at a neck well below their centres; the bumps of one irregular cell do not)
+        tops = measure.label(morphology.h_maxima(seams, SPLIT_DEPTH * radius) & big)
+        peaks = np.array([np.round(p.centroid).astype(int) for p in measure.regionprops(tops)]).reshape(-1, 2)
+        for _ in range(2):
+            markers = np.zeros(wbc.shape, np.int32)
+            markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+            split = segmentation.watershed(-seams, markers, mask=big)
+            # counted in stained pixels before filling: the lobes of one nucleus are small there
+            small_piece = np.bincount(split[raw], minlength=len(peaks) + 1)[1:] < SPLIT_MIN_PIECE * (
+                ref_area if ref_area else np.median(areas))
+            if not small_piece.any():
+                break
+            peaks = peaks[~small_piece]
+        split[big & (split == 0)] = 0
+        labels[big] = 0
+        labels[split > 0] = split[split > 0] + labels.max()
+        orphan = big & (split == 0)  # a big blob whose markers all went: one cell
+        if orphan.any():
+            rest = measure.label(orphan)
+            labels[rest > 0] = rest[rest > 0] + labels.max()
     labels = segmentation.relabel_sequential(labels)[0]
 
-    # back to field resolution, drop cells cut by the border
+    # 4. back to field resolution; a cell cut by the border is kept when enough of it is in the field
     full = labels if f == 1.0 else resize(labels, (h, w), order=0, preserve_range=True,
                                           anti_aliasing=False).astype(np.int32)
-    # cut by the border: within reach of it (the morphology above erodes a mask's last pixels at the edge)
-    m = int(np.ceil((3 + r_close) / f))
-    border = np.unique(np.concatenate([full[:m].ravel(), full[-m:].ravel(), full[:, :m].ravel(),
-                                       full[:, -m:].ravel()]))
-    rbc_full = rbc_d / f if rbc_d else None
+    m = int(np.ceil((3 + r_close) / f))  # within reach of the border (the morphology erodes a mask's last pixels)
+    border = set(np.unique(np.concatenate([full[:m].ravel(), full[-m:].ravel(), full[:, :m].ravel(),
+                                           full[:, -m:].ravel()])).tolist())
     scale = RBC_TARGET_PX / rbc_full if rbc_full else _scale_by_size(full)
     cells, kept = [], np.zeros_like(full)
     dropped = 0
+    min_full = min_area / f / f
     for p in measure.regionprops(full):
-        if p.label in border:
-            dropped += 1
+        if p.area < min_full:
             continue
-        if ref_area and p.area < min_area / f / f:
+        at_border = p.label in border
+        if at_border and (not ref_area or p.area < BORDER_KEEP * ref_area / f / f):
+            dropped += 1
             continue
         y0, x0, y1, x1 = p.bbox
         mask = p.image
         crop = _frame(img[y0:y1, x0:x1] * mask[..., None], scale)
         number = len(cells) + 1
         kept[y0:y1, x0:x1][mask] = number
-        cells.append(SegmentedCell(number, (int(x0), int(y0), int(x1), int(y1)), int(p.area), crop, mask))
+        cells.append(SegmentedCell(number, (int(x0), int(y0), int(x1), int(y1)), int(p.area), crop, mask,
+                                   bool(at_border)))
     notes = [] if rbc_full else ["no red cells found to measure: crops scaled by the white cells' own size"]
     msg = "" if cells else f"{name}: no white cells found" + (
         f" ({dropped} cut by the image border)" if dropped else "")
     return FieldResult(cells, kept, rbc_full, float(scale), dropped, "field", msg, notes)
+
+
+def _red_cell_ruler(x: np.ndarray, objects: np.ndarray, wbc: np.ndarray) -> float | None:
+    """A red cell's diameter in `x`'s pixels, or None. Three masks of red cells are tried: (1) the middle class of
+    a three-class Otsu on green (background / red cells / white cells: right where many dark white cells pull a
+    two-class threshold between them and everything else, as on ALL-IDB1's 1712×1368 photos); (2) the objects
+    of a two-class Otsu that are not white cells (BCCD's crowded fields); (3) the pink pixels (red above blue
+    beyond the background's tint). From a mask: the area-weighted median diameter of its single round red cells
+    when they are at least 5 (3 on masks 2 and 3) and a fair share of the mask; failing that on every mask, the
+    typical inscribed circle of the clumps. Of several rulers the largest wins: a mask that misses the red cells
+    measures fragments of them, never whole cells larger than they are."""
+    from scipy import ndimage as ndi
+    from skimage import filters, measure, morphology
+    from skimage.feature import peak_local_max
+
+    near_wbc = ndi.binary_dilation(wbc, morphology.disk(3))
+    blue_excess = x[..., 2] - x[..., 0]
+    green = x[..., 1]
+    masks = []
+    try:
+        t = filters.threshold_multiotsu(green, classes=3)
+        masks.append(((green < t[1]) & (blue_excess < 10) & ~near_wbc, 5))
+    except ValueError:  # too few grey levels for three classes
+        pass
+    masks.append((objects & ~near_wbc, 3))
+    red_excess = -blue_excess
+    masks.append((red_excess > (float(np.median(red_excess[~objects])) + 8.0 if (~objects).any() else 8.0), 3))
+    singles, clumps = [], []
+    for rbc, need in masks:
+        rbc = ndi.binary_fill_holes(ndi.binary_opening(rbc, morphology.disk(2)))
+        props = [p for p in measure.regionprops(measure.label(rbc)) if p.area >= 30 and p.solidity > 0.9
+                 and p.eccentricity < 0.75]
+        # area-weighted: platelets, specks and pallor fragments are round too and may outnumber the red cells
+        if len(props) >= need and sum(p.area for p in props) >= 0.05 * rbc.sum():
+            singles.append(_weighted_median([p.equivalent_diameter_area for p in props], [p.area for p in props]))
+        elif rbc.sum() > 0.02 * rbc.size:  # clumped red cells: the inscribed circles of the clumps
+            dist = ndi.distance_transform_edt(rbc)
+            tops = peak_local_max(dist, min_distance=15, threshold_abs=6, exclude_border=True)
+            if len(tops) >= 5:  # the upper quartile: overlaps make many inscribed circles too small
+                clumps.append(2.0 * float(np.percentile(dist[tuple(tops.T)], 75)) + 1.0)
+    return max(singles) if singles else (max(clumps) if clumps else None)
 
 
 def _weighted_median(values, weights) -> float:
