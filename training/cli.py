@@ -294,6 +294,22 @@ def cmd_segment(args) -> int:
     return 0 if cells or bad.empty else 1
 
 
+def cmd_smear_model(args) -> int:
+    from training.smear import package_smear
+
+    try:
+        card = package_smear(args.data, args.out, args.cache_dir, args.folds)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cv = card["cross_validation"]
+    print(f"smear model written to {args.out}: {card['data']['cells']} cells of {card['data']['photos']} photos; "
+          f"{cv['folds']}-fold CV over photos: judged {cv['judged_share']:.1%}, sensitivity {cv['sensitivity']:.3f}, "
+          f"specificity {cv['specificity']:.3f}, ROC AUC {cv['roc_auc']:.3f}, all calls on a blast "
+          f"{cv['all_calls_on_blast']:.1%}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from training.report import write_report
     from training.store import RunStore
@@ -431,6 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder for the crops (<field>_cellNN.png) and cells.csv")
     _stain_flag(s)
     s.set_defaults(func=cmd_segment)
+
+    s = sub.add_parser("smear-model", help="train and package the smear model (models/smear/) on ALL-IDB1's even "
+                                           "photos: white cells cut by the field pipeline, ImageNet Lite0 + head")
+    s.add_argument("data", help="the ALL-IDB folder (ALL_IDB1/ with im/, xyc/ and optionally other/)")
+    s.add_argument("--out", default="models/smear", help="the model folder to write")
+    s.add_argument("--cache-dir", default="cache", help="where the segmented cells are cached")
+    s.add_argument("--folds", type=int, default=5, help="cross-validation folds over photos (rule and card)")
+    s.set_defaults(func=cmd_smear_model)
 
     s = sub.add_parser("report", help="one self-contained HTML report of a completed run (figures inline)")
     s.add_argument("run_id", metavar="RUN_ID")
