@@ -167,3 +167,44 @@ def test_cli_normalises_field_crops_only_for_fields(tmp_path, capsys):
     assert main(["predict", "starter", str(tmp_path / "smear.png"), "--normalize-stain",
                  "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "--normalize-stain applies to smear fields" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("height,width,rbc_px", [(480, 640, 40.0), (1944, 2592, 85.0)])
+def test_the_ruler_holds_across_cameras_and_magnifications(height, width, rbc_px):
+    """BCCD-like 640x480 at one magnification and ALL-IDB1-like 2592x1944 at another: the red cells' diameter is
+    read in field pixels either way, and the crops come out at C-NMC scale (a red cell would span RBC_TARGET_PX)."""
+    from core.segmentation import RBC_TARGET_PX
+
+    img, truth = synth_field(height, width, wbc=4, rbc=int(0.25 * height * width / rbc_px ** 2), platelets=10,
+                             touching_pairs=0, border_cells=0, rbc_px=rbc_px, seed=4)
+    result = segment_field(img)
+    assert result.rbc_diameter_px == pytest.approx(rbc_px, rel=0.12)
+    assert result.scale == pytest.approx(RBC_TARGET_PX / result.rbc_diameter_px)
+    assert match([c.box for c in result.cells], truth)["recall"] == 1.0
+
+
+def test_many_dark_white_cells_do_not_fool_the_ruler():
+    """ALL-IDB1's failure: with many deep-violet white cells a two-class threshold separates them from everything
+    else, the red cells fall into the background, and fragments became the ruler (14 px for 70-px red cells).
+    The three-class mask on green still sees the red cells."""
+    img, truth = synth_field(900, 1200, wbc=18, rbc=90, platelets=10, touching_pairs=0, border_cells=0,
+                             rbc_px=60.0, seed=6)
+    result = segment_field(img)
+    assert result.rbc_diameter_px == pytest.approx(60.0, rel=0.12)
+    assert match([c.box for c in result.cells], truth)["recall"] >= 0.9
+
+
+def test_a_cell_cut_by_the_border_is_kept_when_mostly_inside():
+    """A white cell whose larger part is in the field is counted and judged (flagged at_border); a sliver is not."""
+    img, truth = synth_field(600, 800, wbc=0, rbc=40, platelets=0, touching_pairs=0, border_cells=0, seed=8)
+    from core.synthetic_fields import CYTOPLASM, NUCLEUS, _disc
+
+    canvas = img.astype(np.float32)
+    _disc(canvas, 300, 800 + 12, 26, CYTOPLASM)  # 14 px of a 52-px-wide cell inside: a sliver
+    _disc(canvas, 300, 800 + 12, 18, NUCLEUS)
+    _disc(canvas, 150, 12, 26, CYTOPLASM)  # its centre 14 px from the left edge: most of it inside
+    _disc(canvas, 150, 12, 18, NUCLEUS)
+    result = segment_field(canvas.astype(np.uint8))
+    kept = [c for c in result.cells if c.at_border]
+    assert len(kept) == 1 and kept[0].box[0] < 10  # the left one
+    assert len(result.cells) == 1  # the sliver is neither kept nor judged

