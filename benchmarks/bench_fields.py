@@ -9,9 +9,9 @@ independent check), blast centroids from the dataset, other annotated objects fr
 Folds: stratified by the cells' labels, grouped by photo (no photo's cells on both sides).
 
 Methods (each finds its own cells, so "found" is per method):
-- **product**: `core.segmentation` + the smear network (ImageNet EfficientNet-Lite0, frozen, logistic head fitted on
-  the 8 dihedral views of the training photos' cells) + its gate (image bands and feature novelty fitted on the
-  training photos' cells), threshold 0.5;
+- **product**: `core.segmentation` + the smear network (ImageNet EfficientNet-Lite0, frozen, reading each cell on
+  black and in its context window; logistic head on 128 principal components, fitted on the 8 dihedral views of
+  the training photos' cells) + its gate (feature novelty, threshold from held-out folds), threshold 0.5;
 - **starter**: the same cells, stain-normalised toward C-NMC's, judged by the shipped C-NMC starter with its own
   rule and gate (today's field path with `--normalize-stain`); nothing is fitted on ALL-IDB;
 - **plain**: the issue's plain baseline: violet-minus-green Otsu threshold + distance watershed for finding, a square
@@ -61,7 +61,8 @@ def cell_metrics(table: pd.DataFrame, photos: pd.DataFrame) -> dict:
         "auc": float(roc_auc_score(y, j["p"])) if 0 < y.sum() < len(y) else float("nan"),
         "all_calls": calls_all,
         "all_calls_on_blast": float((pred & y).sum() / calls_all) if calls_all else float("nan"),
-        "found_blasts_called_all": float(((table["prediction"] == "all") & blast_cells).sum() / blast_cells.sum())
+        "found_blasts_called_all": float(((table["prediction"] == "all") & table["judged"] & blast_cells).sum()
+                                         / blast_cells.sum())
         if blast_cells.any() else float("nan"),
     }
     cells = table.assign(field=table["photo"], prob_all_calibrated=table["p"], uncertain=False,
@@ -101,12 +102,16 @@ def plain_cells(img: np.ndarray) -> list[tuple[int, int, int, int]]:
 
     x = rescale(img.astype(np.float32), 0.25, channel_axis=-1, anti_aliasing=True)
     v = (x[..., 0] + x[..., 2]) / 2 - x[..., 1]
-    mask = ndi.binary_fill_holes(morphology.binary_opening(v > filters.threshold_otsu(v), morphology.disk(2)))
+    # Otsu, but never inside the background / red-cell mode (a healthy photo's one white cell is too few pixels
+    # for Otsu to find alone)
+    cut = max(filters.threshold_otsu(v), float(np.median(v)) + 25.0)
+    mask = ndi.binary_fill_holes(ndi.binary_opening(v > cut, morphology.disk(2)))
     lab = measure.label(mask)
     areas = np.bincount(lab.ravel())[1:]
     if not len(areas):
         return []
-    mask = np.isin(lab, 1 + np.nonzero(areas >= 0.3 * np.median(areas[areas >= np.percentile(areas, 75)]))[0])
+    # platelets and debris: far smaller than the field's large objects
+    mask = np.isin(lab, 1 + np.nonzero(areas >= 0.25 * np.percentile(areas, 90))[0])
     dist = ndi.distance_transform_edt(mask)
     r = max(3, int(np.sqrt(np.percentile(areas, 90) / np.pi)))
     peaks = peak_local_max(dist, min_distance=r, labels=measure.label(mask), exclude_border=False)
@@ -122,7 +127,7 @@ def plain(root, photos_df, fold_of_photo: dict, model) -> tuple[pd.DataFrame, pd
 
     from sklearn.linear_model import LogisticRegression
 
-    from training.smear import SMEAR_SIZE, label_cells, pooled_features
+    from training.smear import PAIR_TILE, label_cells, pooled_features
 
     from PIL import Image
 
@@ -136,13 +141,13 @@ def plain(root, photos_df, fold_of_photo: dict, model) -> tuple[pd.DataFrame, pd
         for (x0, y0, x1, y1), a in zip(boxes, ann):
             cx, cy, s = (x0 + x1) // 2, (y0 + y1) // 2, int(0.75 * max(x1 - x0, y1 - y0)) + 8
             win = img[max(0, cy - s):min(h, cy + s), max(0, cx - s):min(w, cx + s)]
-            crops.append(np.asarray(Image.fromarray(win).resize((SMEAR_SIZE, SMEAR_SIZE), Image.Resampling.BILINEAR)))
+            crops.append(np.asarray(Image.fromarray(win).resize((PAIR_TILE, PAIR_TILE), Image.Resampling.BILINEAR)))
             rows.append({"photo": p.photo, "photo_label": p.label, "annotation": a,
                          "label": "all" if a == "blast" else "hem"})
         stats.append({"photo": p.photo, "photo_label": p.label, "blasts": len(pts["blasts"]),
                       "blasts_found": ann.count("blast"), "cells_found": len(boxes)})
     table = pd.DataFrame(rows)
-    feats = pooled_features(model, np.stack(crops), views=1)[:, 0]
+    feats = pooled_features(model, [np.stack(crops)], layer="pool")[:, 0]
     y = (table["label"] == "all").to_numpy().astype(int)
     fold = table["photo"].map(fold_of_photo).to_numpy()
     p = np.zeros(len(y))
@@ -168,7 +173,8 @@ def seconds_per_field(photos_df, model, head, n: int = 6) -> float:
         t0 = time.perf_counter()
         res = segment_field(img, p.photo)
         if res.cells:
-            head.probs(pooled_features(model, network_inputs(np.stack([c.crop for c in res.cells]))))
+            head.probs(pooled_features(model, [network_inputs(crops=[c.crop for c in res.cells],
+                                                              contexts=[c.context for c in res.cells])]))
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -185,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.allidb import read_allidb1
 
-    from training.smear import (collect_field_cells, cross_validate, fit_head, network_inputs, photo_folds,
-                                pooled_features, smear_network)
+    from training.smear import collect_field_cells, cross_validate, dihedral_features, fit_head, photo_folds, \
+        smear_network
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(fc.photos)} even photos, {len(fc.table)} cells found ({(fc.table['label'] == 'all').sum()} on an "
           f"annotated blast) in {time.time() - t0:.0f} s")
     model = smear_network()
-    feats = pooled_features(model, network_inputs(fc.crops), views=8)
+    feats = dihedral_features(model, fc)
     fold = photo_folds(fc.table, args.folds)
     fold_of_photo = dict(zip(fc.table["photo"], fold))
     photos_df = read_allidb1(args.data).photos
@@ -212,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         tables["starter"] = starter(fc)
         results["starter"] = cell_metrics(tables["starter"], fc.photos)
     if "plain" not in skip:
-        tables["plain"], plain_photos = plain(args.data, photos_df, fold_of_photo, model)
+        from core.models import imagenet_backbone
+
+        tables["plain"], plain_photos = plain(args.data, photos_df, fold_of_photo,
+                                              imagenet_backbone("efficientnet_lite0", include_top=False))
         results["plain"] = cell_metrics(tables["plain"], plain_photos)
 
     keys = ["blasts_found", "found", "found_on_no_annotation", "judged_share", "sensitivity", "specificity", "auc",

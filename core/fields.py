@@ -56,6 +56,14 @@ def call_of(row) -> str:
     return "blast" if row.get("prediction") == "all" else "normal"
 
 
+PAIR_LAYER = "cell_half"  # a model with this layer takes paired crops (`core.segmentation.paired_crop`)
+
+
+def takes_context(models: Sequence) -> bool:
+    """Whether the model judges a cell beside its surroundings (the smear model) rather than on black alone."""
+    return any(layer.name == PAIR_LAYER for layer in models[0].layers)
+
+
 def classify_field(models: Sequence, image: np.ndarray, name: str, size: int, rule=None, gate=None,
                    margin: int = 100, on_chunk: Callable[[list[str], np.ndarray], None] | None = None,
                    normalize_stain: bool = False, model: str | None = None) -> FieldCalls:
@@ -80,7 +88,12 @@ def classify_field(models: Sequence, image: np.ndarray, name: str, size: int, ru
         if on_chunk is not None:
             on_chunk(names, batch)
 
-    items = [(cell_name(name, c.number), c.crop) for c in seg.cells]
+    if takes_context(models):
+        from core.segmentation import paired_crop
+
+        items = [(cell_name(name, c.number), paired_crop(c)) for c in seg.cells]
+    else:
+        items = [(cell_name(name, c.number), c.crop) for c in seg.cells]
     calls = classify(models, items, size, rule, on_chunk=keep, gate=gate, margin=margin)
     boxes = pd.DataFrame([{"field": name, "cell": c.number, "x0": c.box[0], "y0": c.box[1], "x1": c.box[2],
                            "y1": c.box[3], "mask_area_px": c.mask_area} for c in seg.cells])

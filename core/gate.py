@@ -163,12 +163,12 @@ class FeatureNovelty:
 class Gate:
     """Both stages; what travels with a model as `gate.json`."""
 
-    image: ImageGate
+    image: ImageGate | None  # None: no image-level check (a model whose inputs are not cells on black)
     novelty: FeatureNovelty | None = None
     false_rejection: dict = field(default_factory=dict)  # measured on held-out cells when fitted
 
     def save(self, path: str | os.PathLike) -> None:
-        data = {"image": asdict(self.image), "novelty": asdict(self.novelty) if self.novelty else None,
+        data = {"image": asdict(self.image) if self.image is not None else None, "novelty": asdict(self.novelty) if self.novelty else None,
                 "false_rejection": self.false_rejection}
         tmp = Path(str(path) + ".tmp")
         tmp.write_text(json.dumps(data))
@@ -177,7 +177,8 @@ class Gate:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Gate":
         data = json.loads(Path(path).read_text())
-        image = ImageGate(**{**data["image"], "area_band": tuple(data["image"]["area_band"])})
+        image = ImageGate(**{**data["image"], "area_band": tuple(data["image"]["area_band"])}) \
+            if data.get("image") else None
         novelty = FeatureNovelty(**data["novelty"]) if data.get("novelty") else None
         return cls(image, novelty, data.get("false_rejection", {}))
 

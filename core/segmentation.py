@@ -62,6 +62,34 @@ class SegmentedCell:
     crop: np.ndarray
     mask: np.ndarray  # bool, the box's size: the cell's pixels inside its box
     at_border: bool = False  # cut by the image border (kept because most of a cell is inside)
+    context: np.ndarray | None = None  # the cell in its surroundings: a square window of the field, PAIR_TILE px
+
+
+PAIR_TILE = 224  # side of each half of a paired crop (`paired_crop`)
+CONTEXT_SPAN = 1.5  # a context window spans this many times the cell's larger box side (+ 16 px)
+
+
+def context_window(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The cell with its surroundings, unmasked: a square of the field centred on the box (cut at the field's
+    edges), `PAIR_TILE` px. A cell on black loses the red cells and neighbours a smear model can compare it with."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = box
+    h, w = img.shape[:2]
+    cx, cy, s = (x0 + x1) // 2, (y0 + y1) // 2, int(CONTEXT_SPAN / 2 * max(x1 - x0, y1 - y0)) + 8
+    win = np.ascontiguousarray(img[max(0, cy - s):min(h, cy + s), max(0, cx - s):min(w, cx + s), :3])
+    return np.asarray(Image.fromarray(win).resize((PAIR_TILE, PAIR_TILE), Image.Resampling.BILINEAR))
+
+
+def paired_crop(cell: "SegmentedCell") -> np.ndarray:
+    """What a smear model that looks at both takes: the cell on black (left) beside its context (right), one
+    PAIR_TILE × 2·PAIR_TILE image (the model splits it again; `core.fields.takes_context`)."""
+    from core.preprocessing import crop_cell
+
+    alone = crop_cell(cell.crop, size=PAIR_TILE, margin=0)
+    # a cell that came on black (a C-NMC-style tile) has no surroundings: black is its context, and the smear
+    # model's gate judges whether that is anything like its training cells
+    return np.concatenate([alone, cell.context if cell.context is not None else alone], axis=1)
 
 
 @dataclass
@@ -233,8 +261,9 @@ def _segment(img: np.ndarray, name: str) -> FieldResult:
         crop = _frame(img[y0:y1, x0:x1] * mask[..., None], scale)
         number = len(cells) + 1
         kept[y0:y1, x0:x1][mask] = number
-        cells.append(SegmentedCell(number, (int(x0), int(y0), int(x1), int(y1)), int(p.area), crop, mask,
-                                   bool(at_border)))
+        box = (int(x0), int(y0), int(x1), int(y1))
+        cells.append(SegmentedCell(number, box, int(p.area), crop, mask, bool(at_border),
+                                   context_window(img, box)))
     notes = [] if rbc_full else ["no red cells found to measure: crops scaled by the white cells' own size"]
     msg = "" if cells else f"{name}: no white cells found" + (
         f" ({dropped} cut by the image border)" if dropped else "")
@@ -355,10 +384,11 @@ CSV_COLUMNS = ["field", "cell", "crop", "x0", "y0", "x1", "y1", "mask_area_px", 
                "kind", "error"]
 
 
-def segment_files(paths, out_dir, normalize_stain: bool = False) -> "pd.DataFrame":
+def segment_files(paths, out_dir, normalize_stain: bool = False, paired: bool = False) -> "pd.DataFrame":
     """Segment each field file and write its crops as `<field stem>_cell<NN>.png` under `out_dir`; one row per
     cell (box in field pixels, mask area), or one row with `error` (bad file, no white cells) per field that
-    gave none: a bad field fails alone."""
+    gave none: a bad field fails alone. `paired`: each crop is written as its `paired_crop` (cell and context,
+    for a model that takes both: `core.fields.takes_context`)."""
     import pandas as pd
     from PIL import Image
 
@@ -378,7 +408,7 @@ def segment_files(paths, out_dir, normalize_stain: bool = False) -> "pd.DataFram
                          "rbc_diameter_px": result.rbc_diameter_px})
         for c in result.cells:
             target = out / f"{path.stem}_cell{c.number:02d}.png"
-            Image.fromarray(c.crop).save(target)
+            Image.fromarray(paired_crop(c) if paired else c.crop).save(target)
             x0, y0, x1, y1 = c.box
             rows.append({"field": str(path), "cell": c.number, "crop": str(target), "x0": x0, "y0": y0, "x1": x1,
                          "y1": y1, "mask_area_px": c.mask_area, "rbc_diameter_px": result.rbc_diameter_px,

@@ -213,11 +213,16 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     crops: dict[str, np.ndarray] = {}
     heat: dict[str, np.ndarray] = {}
 
+    cam_errors: dict[str, str] = {}
+
     def keep_with(model: ModelBundle):
         def keep(names, batch):
             crops.update(zip(names, batch))
-            if gradcam:
-                heat.update(zip(names, model.cam(batch)[1]))
+            if gradcam and model.description not in cam_errors:
+                try:
+                    heat.update(zip(names, model.cam(batch)[1]))
+                except ValueError as exc:  # e.g. the smear model's two branches: said on the page, not hidden
+                    cam_errors[model.description] = f"Grad-CAM is not available for {model.description}: {exc}"
         return keep
 
     too_large = _too_large(files)
@@ -236,6 +241,9 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
                                   fb.margin, on_chunk=keep_with(fb) if gradcam else None,
                                   normalize_stain=normalize_stain, model=fb.description)
                    for name in table.loc[is_field, "file"]]
+    for fc in field_calls:
+        if fb.description in cam_errors:
+            fc.notes.append(cam_errors[fb.description])
     empty = {fc.name for fc in field_calls if not len(fc.table)}
     judged = table[~is_field | table["file"].isin(empty)]  # a field without cells keeps its own record
     failed = {r.file: r.error for r in table[table["error"].notna()].itertuples()} if as_fields else {}

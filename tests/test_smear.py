@@ -77,7 +77,8 @@ def test_smear_model_packaged_end_to_end_loads_in_safe_mode_and_judges_field_cel
     folder = mf.load_model_folder("smear")  # safe mode
     assert folder.crop_margin == 0 and folder.gate is not None and folder.gate.novelty is not None
     assert len(folder.gate.novelty.mean) == folder.model.get_layer("pool").output.shape[-1]
-    p = np.asarray(folder.model.predict(network_inputs(fc.crops[:4]), verbose=0))
+    assert folder.gate.image is None  # paired crops are no cells on black: the feature novelty alone
+    p = np.asarray(folder.model.predict(network_inputs(crops=fc.crops[:4], contexts=fc.contexts[:4]), verbose=0))
     assert p.shape == (4, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
 
     photos = sorted((data / "ALL_IDB1" / "im").glob("*.jpg"))[:2]
@@ -98,7 +99,7 @@ def test_the_shipped_smear_folder_loads_and_is_the_model_for_fields():
     if not (ROOT / "models" / "smear" / "model.keras").is_file():
         pytest.skip("models/smear/ is not in this checkout")
     folder = load_model_folder(SMEAR)
-    assert folder.crop_margin == 0 and folder.size == 224
+    assert folder.crop_margin == 0 and folder.size == 448
     assert "ALL-IDB" in folder.card["citation"] and folder.card["research_use_only"]
     assert folder.gate is not None and folder.gate.novelty is not None
     from dashboard.services import field_model, load_smear_bundle, load_starter_bundle
@@ -107,3 +108,36 @@ def test_the_shipped_smear_folder_loads_and_is_the_model_for_fields():
     bundle, note = field_model(starter, lambda: load_smear_bundle()[0])
     assert bundle is not starter and bundle.margin == 0 and "smear" in bundle.description
     assert field_model(starter, lambda: load_smear_bundle()[0], use_smear=False)[0] is starter
+
+
+def test_the_network_cuts_the_paired_crop_back_into_its_two_tiles():
+    """A paired crop (cell on black | context), padded to a square as every prediction input is, reaches the
+    backbone as exactly its two tiles, each normalised as ImageNet's reference does: hand-computed here."""
+    import keras
+
+    from core.pretrained import IMAGENET_MEAN, IMAGENET_STD
+    from core.preprocessing import crop_cell
+    from core.segmentation import PAIR_TILE, SegmentedCell, paired_crop
+    from training.smear import SMEAR_SIZE, network_inputs, smear_network
+
+    rng = np.random.default_rng(0)
+    cell = np.zeros((450, 450, 3), np.uint8)
+    cell[150:300, 150:300] = rng.integers(0, 256, (150, 150, 3))
+    context = rng.integers(0, 256, (PAIR_TILE, PAIR_TILE, 3)).astype(np.uint8)
+    pair = paired_crop(SegmentedCell(1, (0, 0, 1, 1), 1, cell, None, False, context))
+    assert pair.shape == (PAIR_TILE, 2 * PAIR_TILE, 3)
+    assert np.array_equal(pair[:, PAIR_TILE:], context)
+    assert np.array_equal(pair[:, :PAIR_TILE], crop_cell(cell, size=PAIR_TILE, margin=0))
+    x = network_inputs(crops=[cell], contexts=[context])
+    assert x.shape == (1, SMEAR_SIZE, SMEAR_SIZE, 3)
+    net = smear_network(pretrained=False)
+    halves = keras.Model(net.inputs, [net.get_layer("cell_half").output, net.get_layer("context_half").output])
+    got_cell, got_context = (np.asarray(h)[0] for h in halves.predict(x, verbose=0))
+    norm = lambda t: (t.astype(np.float32) - 255 * np.asarray(IMAGENET_MEAN)) / (255 * np.asarray(IMAGENET_STD))
+    assert np.allclose(got_cell, norm(pair[:, :PAIR_TILE]), atol=1e-4)
+    assert np.allclose(got_context, norm(context), atol=1e-4)
+    # a training view turns both tiles, never swaps them
+    v = network_inputs(crops=[cell], contexts=[context], view=1)
+    turned = np.asarray(halves.predict(v, verbose=0)[1])[0]
+    assert not np.allclose(turned, got_context) and np.allclose(np.sort(turned.ravel()), np.sort(got_context.ravel()),
+                                                                  atol=1e-4)

