@@ -123,7 +123,8 @@ def test_predict_cli_reports_bad_files_and_continues(demo_run, cell_dir, tmp_pat
     judged = ok[~ok["out_of_distribution"].astype(bool)]  # the demo model's gate may refuse real cells
     assert judged["prob_all"].between(0, 1).all() and set(judged["prediction"]) <= {"all", "hem"}
     refused = ok[ok["out_of_distribution"].astype(bool)]
-    assert refused["prediction"].isna().all() and refused["ood_reason"].str.len().gt(10).all()
+    # with generated look-alike cells the gate may refuse none: an empty column reads back as float
+    assert refused["prediction"].isna().all() and refused["ood_reason"].astype(str).str.len().gt(10).all()
     assert ok.loc[ok["path"].str.contains("UID_h3_4_1"), "subject"].item() == "H3"
     assert len(list((tmp_path / "cams").glob("*.png"))) == 7
     assert "1 failed" in capsys.readouterr().out
