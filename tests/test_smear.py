@@ -141,3 +141,37 @@ def test_the_network_cuts_the_paired_crop_back_into_its_two_tiles():
     turned = np.asarray(halves.predict(v, verbose=0)[1])[0]
     assert not np.allclose(turned, got_context) and np.allclose(np.sort(turned.ravel()), np.sort(got_context.ravel()),
                                                                   atol=1e-4)
+
+
+def test_the_shipped_smear_gate_refuses_what_is_no_white_cell_of_a_smear():
+    """Blank, white, noise, a pink (red-cell coloured) disc and a patch of red cells passed off as a cell: none is a
+    white cell of a smear, and the shipped model's gate (feature novelty over its components and the distance to
+    their subspace) refuses each with a reason, instead of calling it normal."""
+    from core.inference import classify
+    from core.model_folder import SMEAR, load_model_folder
+    from core.segmentation import SegmentedCell, paired_crop
+    from core.synthetic_fields import synth_field
+
+    if not (ROOT / "models" / "smear" / "model.keras").is_file():
+        pytest.skip("models/smear/ is not in this checkout")
+    mf = load_model_folder(SMEAR)
+    rng = np.random.default_rng(0)
+    black = np.zeros((450, 450, 3), np.uint8)
+
+    def pair(cell, context):
+        return paired_crop(SegmentedCell(0, (0, 0, 1, 1), 0, cell, None, False, context))
+
+    pink = black.copy()
+    pink[150:300, 150:300] = (214, 128, 146)
+    field, _ = synth_field(600, 800, wbc=0, rbc=60, platelets=0, touching_pairs=0, border_cells=0, seed=2)
+    reds = black.copy()
+    reds[125:325, 125:325] = field[200:400, 300:500]
+    items = [("blank", pair(black, black[:224, :224])),
+             ("white", pair(np.full_like(black, 255), np.full((224, 224, 3), 255, np.uint8))),
+             ("noise", pair(rng.integers(0, 256, black.shape).astype(np.uint8),
+                            rng.integers(0, 256, (224, 224, 3)).astype(np.uint8))),
+             ("pink disc", pair(pink, np.full((224, 224, 3), (232, 226, 236), np.uint8))),
+             ("red cells", pair(reds, np.asarray(field[150:374, 250:474])))]
+    table = classify(mf.models, items, mf.size, mf.rule, gate=mf.gate, margin=mf.crop_margin)
+    assert table["out_of_distribution"].all(), table[["name", "prob_all", "ood_reason"]]
+    assert table["prediction"].isna().all() and table["ood_reason"].str.contains("unlike").all()

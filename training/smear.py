@@ -129,8 +129,9 @@ def smear_network(pretrained: bool = True, dims: int = PCA_DIMS):
     (`SMEAR_SIZE`, as the inference pipeline pads every image); `cell_half` and `context_half` cut the two tiles
     out again, one EfficientNet-Lite0 (ImageNet, `core.pretrained`; normalisation inside) reads both, their
     global averages are concatenated (`gap`, 2560), projected onto the training cells' first principal
-    components (`pool`, what the gate's feature novelty reads: a Gaussian in 128 dimensions is fitted from a few
-    hundred cells, one in 2560 is not), then a 2-way softmax head."""
+    components (a Gaussian in 128 dimensions is fitted from a few hundred cells, one in 2560 is not) with the squared
+    distance to their subspace beside them (`pool`, what the gate's feature novelty reads), then a 2-way softmax
+    head on the components."""
     import keras
     from keras import layers
 
@@ -148,8 +149,12 @@ def smear_network(pretrained: bool = True, dims: int = PCA_DIMS):
     context = layers.Cropping2D(((pad, pad), (t, 0)), name="context_half")(x)
     x = layers.Concatenate(name="gap")([layers.GlobalAveragePooling2D(name="gap_cell")(base(cell)),
                                         layers.GlobalAveragePooling2D(name="gap_context")(base(context))])
-    x = layers.Dense(dims, name="pca")(x)
-    x = layers.Identity(name="pool")(x)
+    z = layers.Dense(dims, name="pca")(x)
+    # the squared distance to the components' subspace: the gate's last feature (weight 0 in the head)
+    residual = layers.Subtract(name="residual")([x, layers.Dense(int(x.shape[-1]), name="reconstruct")(z)])
+    squared = layers.Dense(1, use_bias=False, trainable=False, name="residual_sq")(
+        layers.Multiply(name="residual_2")([residual, residual]))
+    x = layers.Concatenate(name="pool")([z, squared])
     out = layers.Dense(2, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, out, name="smear_efficientnet_lite0")
 
@@ -207,6 +212,15 @@ class SmearHead:
         """P(all) of the first view (what the shipped network computes)."""
         return self.lr.predict_proba(self.project(features[:, :1])[:, 0])[:, 1]
 
+    def gate_features(self, features: np.ndarray) -> np.ndarray:
+        """What the network's `pool` layer holds for the first view: the components and, last, the squared
+        distance to their subspace (an input unlike the training cells in directions the components do not
+        span, a blank tile say, lands near their mean but far from their subspace)."""
+        x = features[:, 0]
+        z = self.pca.transform(x)
+        recon = z @ self.pca.components_ + self.pca.mean_
+        return np.concatenate([z, ((x - recon) ** 2).sum(1, keepdims=True)], axis=1)
+
 
 def fit_head(features: np.ndarray, labels: np.ndarray, c: float = HEAD_C, dims: int = PCA_DIMS,
              class_weight: str | None = "balanced") -> SmearHead:
@@ -233,7 +247,9 @@ def set_head(model, head: SmearHead) -> None:
     comp = np.asarray(head.pca.components_, "float32")  # (dims, 1280)
     mean = np.asarray(head.pca.mean_, "float32")
     model.get_layer("pca").set_weights([comp.T, -(mean @ comp.T)])
-    w = np.asarray(head.lr.coef_[0], "float32")
+    model.get_layer("reconstruct").set_weights([comp, mean])
+    model.get_layer("residual_sq").set_weights([np.ones((comp.shape[1], 1), "float32")])
+    w = np.append(np.asarray(head.lr.coef_[0], "float32"), np.float32(0.0))
     b = float(head.lr.intercept_[0])
     model.get_layer("probabilities").set_weights([np.stack([-w / 2, w / 2], axis=1),
                                                         np.array([-b / 2, b / 2], "float32")])
@@ -283,7 +299,7 @@ def cross_validate(fc: FieldCells, features: np.ndarray, fold: np.ndarray, thres
         tr, te = fold != k, fold == k
         head = fit_head(features[tr], y[tr])
         p[te] = head.probs(features[te])
-        z_tr, z_te = head.project(features[tr, :1])[:, 0], head.project(features[te, :1])[:, 0]
+        z_tr, z_te = head.gate_features(features[tr]), head.gate_features(features[te])
         dist[te] = FeatureNovelty.fit(z_tr, z_tr).score(z_te)
     judged = np.ones(len(y), bool)
     for k in np.unique(fold):
@@ -312,10 +328,13 @@ def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | Non
                                      verbose=0))[:, 1]
     if not np.allclose(check, head.probs(feats[:16]), atol=1e-3):
         raise RuntimeError("the network's head does not reproduce the logistic regression")
+    pool = pooled_features(model, [network_inputs(crops=fc.crops[:16], contexts=fc.contexts[:16])], layer="pool")
+    if not np.allclose(pool[:, 0], head.gate_features(feats[:16]), rtol=1e-3, atol=1e-2):
+        raise RuntimeError("the network's pool layer does not reproduce the gate's features")
     rule = DecisionRule.fit(y, oof["p"].to_numpy(), fitted_on=f"out-of-fold predictions for unseen photos "
                             f"({len(y)} cells of {fc.table['photo'].nunique()} ALL-IDB1 even photos, "
                             f"{n_folds}-fold cross-validation over photos)")
-    z = head.project(feats[:, :1])[:, 0]
+    z = head.gate_features(feats)
     novelty = FeatureNovelty.fit(z, z, 99.0, "ALL-IDB1 even photos' white cells; threshold: "
                                  "99th percentile of held-out cells' distances (each under the Gaussian of the "
                                  "other cross-validation folds' photos)")
