@@ -47,7 +47,7 @@ NUCLEUS_CONTRAST = 30.0  # a white cell's violet score above the field's median 
 NUCLEUS_SHARE = 0.45  # ... and at least this share of the field's strongest stain
 SPLIT_DEPTH = 0.2  # a split's marker stands this many white-cell radii above the saddle to its neighbours
 SPLIT_SOLIDITY = 0.9  # a blob is split only when less convex than this (its area over its hull's)
-SPLIT_MIN_PIECE = 0.35  # a piece of a split with fewer stained pixels than this many red-cell areas is a lobe
+SPLIT_MIN_PIECE = 0.65  # a piece of a split with fewer stained pixels than this many red-cell areas is a lobe
 BORDER_KEEP = 0.8  # a cell cut by the border is kept when its part inside is at least this many red-cell areas
 
 
