@@ -41,29 +41,16 @@ import pandas as pd  # noqa: E402
 
 def cell_metrics(table: pd.DataFrame, photos: pd.DataFrame) -> dict:
     """The figures of one method from its per-cell table: photo, label, annotation, judged, prediction, p."""
-    from sklearn.metrics import roc_auc_score
-
     from core.fields import CallRule, field_readout
 
-    j = table[table["judged"]]
-    y = (j["label"] == "all").to_numpy()
-    pred = (j["prediction"] == "all").to_numpy()
-    blast_cells = table["annotation"] == "blast"
-    calls_all = int(pred.sum())
+    from training.smear import cell_figures
+
     out = {
         "annotated_blasts": int(photos["blasts"].sum()),
         "blasts_found": int(photos["blasts_found"].sum()),
         "found": int(len(table)),
         "found_on_no_annotation": int((table["annotation"] == "none").sum()),
-        "judged_share": float(table["judged"].mean()) if len(table) else float("nan"),
-        "sensitivity": float(pred[y].mean()) if y.any() else float("nan"),
-        "specificity": float((~pred[~y]).mean()) if (~y).any() else float("nan"),
-        "auc": float(roc_auc_score(y, j["p"])) if 0 < y.sum() < len(y) else float("nan"),
-        "all_calls": calls_all,
-        "all_calls_on_blast": float((pred & y).sum() / calls_all) if calls_all else float("nan"),
-        "found_blasts_called_all": float(((table["prediction"] == "all") & table["judged"] & blast_cells).sum()
-                                         / blast_cells.sum())
-        if blast_cells.any() else float("nan"),
+        **cell_figures(table),
     }
     cells = table.assign(field=table["photo"], prob_all_calibrated=table["p"], uncertain=False,
                          ood_reason=np.where(table["judged"], None, "refused"), error=None)
@@ -183,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", help="the ALL-IDB folder (ALL_IDB1/ with im/, xyc/, other/)")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--cache", default="cache")
+    from training.config import RunConfig
+
+    ap.add_argument("--cache", default=RunConfig().cache_dir, help="where the segmented cells are cached")
     ap.add_argument("--out", default="runs/bench_fields")
     ap.add_argument("--skip", default="", help="comma-separated methods to skip (starter, plain)")
     args = ap.parse_args(argv)
@@ -224,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                               imagenet_backbone("efficientnet_lite0", include_top=False))
         results["plain"] = cell_metrics(tables["plain"], plain_photos)
 
-    keys = ["blasts_found", "found", "found_on_no_annotation", "judged_share", "sensitivity", "specificity", "auc",
+    keys = ["blasts_found", "found", "found_on_no_annotation", "judged_share", "sensitivity", "specificity", "roc_auc",
             "all_calls_on_blast", "found_blasts_called_all", "fields_blasts_all_photos",
             "fields_blasts_healthy_photos", "fields_cannot_judge", "field_accuracy", "seconds_per_field"]
     frame = pd.DataFrame({m: {k: r.get(k, "") for k in keys} for m, r in results.items()})

