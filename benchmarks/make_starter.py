@@ -10,7 +10,8 @@ with the data).
 2. Fits the decision rule (temperature, threshold 0.5 or --target-sensitivity, review band) on the benchmark's
    out-of-fold predictions of that recipe: probabilities for patients the fold models never saw.
 3. Writes `models/starter/` (or --out): inference-only model.keras, decision_rule.json, card.json and card.md
-   with the data, recipe, leave-subjects-out figures with CIs, calibration and known limits.
+   with the independent check on new patients (--independent-check FILE; "not yet run" without it), the data,
+   recipe, leave-subjects-out figures with CIs, calibration and known limits.
 """
 from __future__ import annotations
 
@@ -34,12 +35,16 @@ def _f(v) -> str:
 
 
 def card_markdown(card: dict) -> str:
+    from core.model_folder import independent_check_section
+
     d, r, m = card["data"], card["recipe"], card["leave_subjects_out"]
     lines = [
         f"# Model card: {card['name']}",
         "",
         "**Research use only. Not a diagnostic device.** It classifies one segmented white cell on a black "
         "background, as in C-NMC 2019, into `all` (leukemic B-lymphoblast) or `hem` (normal).",
+        "",
+        independent_check_section(card),  # what to expect on new patients, before any cross-validated figure
         "",
         "## Data",
         f"- {d['description']}: {d['cells']} cells ({d['cells_by_class']['all']} all, {d['cells_by_class']['hem']} hem) "
@@ -71,7 +76,8 @@ def card_markdown(card: dict) -> str:
         "P(hem), P(all). Inference-only file: no optimizer state, no augmentation layers; loads with "
         "`keras.saving.load_model(..., safe_mode=True)` once `core` is importable.",
         "",
-        "## Measured on unseen patients (leave-subjects-out cross-validation on the same data)",
+        "## Leave-subjects-out cross-validation on the same data (patients unseen by each fold model, from the same "
+        "batch)",
         f"{m['folds']} folds by subject, each test fold one healthy donor and about a third of the patients, "
         f"none seen in training; `benchmarks/bench_real.py` ({m['machine']}). Threshold 0.5 on raw "
         "probabilities; 95% CIs resample subjects.",
@@ -218,18 +224,27 @@ def main(argv: list[str] | None = None) -> int:
                     help="crop rule margin; 0 for crops packed by benchmarks/pack_crops.py (with --train-only)")
     ap.add_argument("--quantize", default=None, choices=("int8",),
                     help="store the members' dense kernels as int8 (benchmarks/bench_quantize.py measures the cost)")
+    ap.add_argument("--independent-check", default=None, metavar="FILE",
+                    help="a JSON object of figures measured on new patients outside DATA's batch (cells, patients, "
+                         "weighted_f1, roc_auc, ece, summary, ...), copied into the card's `independent_check` slot; "
+                         "without it the card says the check is not yet run")
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--cache-dir", default="cache")
     args = ap.parse_args(argv)
 
     from core.calibration import DecisionRule, expected_calibration_error
     from core.dataset import index
-    from core.model_folder import STARTER_DIR, save_model_folder
+    from core.model_folder import STARTER_DIR, load_independent_check, save_model_folder
     from core.models import load_model
     from training.config import preset
     from training.store import RunStore
     from training.trainer import train
 
+    try:  # read before any training: a bad file fails in a second, not after hours
+        check = load_independent_check(args.independent_check) if args.independent_check else None
+    except (OSError, ValueError) as exc:
+        print(f"error: --independent-check: {exc}", file=sys.stderr)
+        return 2
     bench = Path(args.bench)
     results = json.loads((bench / "results.json").read_text())
     if args.recipe not in results["methods"]:
@@ -320,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "research_use_only": True,
         "task": "one segmented C-NMC-style cell -> all (blast) vs hem (normal)",
         "citation": CITATION,
+        "independent_check": check,  # null until a check on new patients has been run
         "data": {"description": "C-NMC 2019 training fold 1", "cells": int(len(lab)),
                  "cells_by_class": {k: int(v) for k, v in lab["label"].value_counts().items()},
                  "subjects": int(lab["subject"].nunique()),

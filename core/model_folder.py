@@ -10,7 +10,9 @@ Whatever loads a model (Classify, `predict`, `evaluate`) loads the folder, so th
 way. Two folders ship with the project, named by a word anywhere a model is asked for (`SHIPPED`): `starter`
 (`models/starter/`, single C-NMC-style cells) and `smear` (`models/smear/`, white cells cut from smear photos by
 `core.segmentation`, trained on ALL-IDB). A card says the crop margin its model was trained with as `crop_margin`
-(top level, or under `input`); without one the report's 100 px applies.
+(top level, or under `input`); without one the report's 100 px applies. A card keeps an `independent_check` slot:
+null until the model has been measured on new patients outside its training data's batch, then those figures;
+`independent_check_section` writes its card section and `independent_check_summary` its plain words for a page.
 """
 from __future__ import annotations
 
@@ -155,3 +157,106 @@ def _accepts_include_optimizer(model) -> bool:
     import inspect
 
     return "include_optimizer" in inspect.signature(model.save).parameters
+
+
+# --- the independent check: figures on new patients, measured outside the training data's batch ---------------
+INDEPENDENT_CHECK = "independent_check"  # the card.json slot: null until a check has been run, else a dict
+CHECK_HEADING = "## Independent check (new patients)"
+CHECK_PENDING = "Independent check: not yet run — cross-validation inside one batch overstates new patients."
+NO_CHECK_YET = "no independent check yet"
+CHECK_REQUIRED = ("cells", "weighted_f1")
+
+
+def read_independent_check(ref: str | os.PathLike | dict) -> dict | None:
+    """The `independent_check` slot of a card (a card dict, a model folder or a shipped name): a dict of figures
+    measured on cells of new patients (outside the training data's batch), or None when no check has been run."""
+    card = ref if isinstance(ref, dict) else read_card(ref)
+    check = card.get(INDEPENDENT_CHECK)
+    return check if isinstance(check, dict) and check else None
+
+
+def load_independent_check(path: str | os.PathLike) -> dict | None:
+    """An independent check's figures from a JSON file (e.g. `make_starter.py --independent-check FILE`): the
+    object itself, or its `independent_check` member (a whole card.json); `null` means none. A clear error when
+    it is not such an object."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and INDEPENDENT_CHECK in data:
+        data = data[INDEPENDENT_CHECK]
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: an independent check is a JSON object of figures, not {type(data).__name__}")
+    missing = [k for k in CHECK_REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"{path}: the independent check lacks {', '.join(missing)}")
+    return data
+
+
+def independent_check_what(check: dict) -> str:
+    """What the check was, in one phrase: its own words (`what`) or made from its counts."""
+    if check.get("what"):
+        return check["what"]
+    patients = f" of {check['patients']} patients" if check.get("patients") else ""
+    by = f", run {check['run_by']}" if check.get("run_by") else ""
+    return f"an independent check on {check['cells']} cells{patients}{by}"
+
+
+def independent_check_figures(check: dict) -> str:
+    """The check's figures in one line (those it has)."""
+    names = (("weighted_f1", "weighted F1"), ("accuracy", "accuracy"), ("roc_auc", "ROC AUC"),
+             ("sensitivity", "sensitivity"), ("specificity", "specificity"))
+    parts = [f"{label} {check[k]}" for k, label in names if check.get(k) is not None]
+    if check.get("ece") is not None:
+        parts.append(f"ECE {check['ece']} (calibrated probabilities)")
+    if check.get("assessed") is not None:
+        parts.append(f"{check['assessed']} of {check['cells']} cells assessed")
+    return ", ".join(parts)
+
+
+def independent_check_section(card: dict, pending: str = "") -> str:
+    """The model card's "Independent check (new patients)" section (markdown, no trailing newline): the check's
+    figures, its plain sentence and how much cross-validation overstated it; or, without a check, that none has
+    been run (`pending`: what is kept for one, appended)."""
+    check = read_independent_check(card)
+    if check is None:
+        return "\n".join([CHECK_HEADING, CHECK_PENDING + (f" {pending}" if pending else "")])
+    classes = (f"{check['all']} `all`, {check['hem']} `hem`"
+               if check.get("all") is not None and check.get("hem") is not None else "")
+    cells = "; ".join(part for part in (check.get("data"), classes) if part)
+    what = independent_check_what(check)
+    lines = [CHECK_HEADING, f"{what[:1].upper()}{what[1:]}." + (f" Cells: {cells}." if cells else ""),
+             "", f"- {independent_check_figures(check)}."]
+    if check.get("summary"):
+        lines += ["", f"**{check['summary']}**"]
+    over = check.get("cv_overstated_by_weighted_f1")
+    if over is not None:
+        cv = check.get("cv_what", "cross-validation")
+        lines += ["", f"{cv[:1].upper()}{cv[1:]} overstated this by about {over} weighted F1"
+                  + (f" (it measured {check['cv_weighted_f1']:.3f})" if check.get("cv_weighted_f1") is not None else "")
+                  + (f": {check['cv_why']}" if check.get("cv_why") else "")
+                  + ". Read the cross-validation figures below as optimistic for new patients."]
+    if check.get("notes"):
+        lines += ["", *(f"- {note}" for note in check["notes"])]
+    return "\n".join(lines)
+
+
+def independent_check_summary(card: dict) -> str:
+    """A model's quality on new patients in a few plain sentences (what a user reads before deciding): the
+    independent check's figures and plain sentence, or that there is no independent check yet."""
+    check = read_independent_check(card)
+    if check is None:
+        return (f"Quality on new patients: {NO_CHECK_YET}. Any figures in its card come from cross-validation, "
+                "which inside one batch overstates new patients.")
+    figures = ", ".join(f"{label} {check[k]}" for k, label in (("weighted_f1", "weighted F1"),
+                        ("roc_auc", "ROC AUC"), ("ece", "ECE")) if check.get(k) is not None)
+    text = f"Quality on new patients, from {independent_check_what(check)}: {figures}."
+    if check.get("summary"):
+        text += f" **{check['summary']}**"
+    over = check.get("cv_overstated_by_weighted_f1")
+    if over is not None:
+        cv = check.get("cv_what", "cross-validation")
+        text += (f" {cv[:1].upper()}{cv[1:]}"
+                 + (f" (weighted F1 {check['cv_weighted_f1']:.3f})" if check.get("cv_weighted_f1") is not None else "")
+                 + f" overstated it by about {over} weighted F1"
+                 + (f"; {check['why']}" if check.get("why") else "") + ".")
+    return text

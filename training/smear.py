@@ -339,6 +339,7 @@ def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | Non
     cross-validated figures. Returns the card. `cache_dir` None: `RunConfig`'s."""
     from core.calibration import DecisionRule
     from core.gate import FeatureNovelty, Gate
+    from core.model_folder import independent_check_section
 
     if cache_dir is None:
         from training.config import RunConfig
@@ -401,6 +402,8 @@ def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | Non
         f"`core.segmentation` in {card['data']['photos']} ALL-IDB1 photos ({card['data']['which']}). "
         f"Labels: {card['data']['labels']}.", "",
         f"Network: {card['architecture']}.", "",
+        independent_check_section(card, "The reserved (odd-numbered) ALL-IDB1 photos are kept for it (slot "
+                                        "`independent_check` in card.json)."), "",
         f"## Measured ({n_folds}-fold cross-validation over photos: every figure on photos the model never saw)",
         f"- cells judged (inside the gate): {cv['judged_share']:.1%}",
         f"- sensitivity {cv['sensitivity']:.3f}, specificity {cv['specificity']:.3f}, ROC AUC {cv['roc_auc']:.3f}",
@@ -410,7 +413,6 @@ def package_smear(root: str | Path, out: str | Path, cache_dir: str | Path | Non
         "- One dataset, one lab, one camera family (ALL-IDB1: 1712x1368 and 2592x1944 photos); other stains and "
         "magnifications will differ. Every cell still goes through the gate.",
         "- ALL-IDB annotates blast centroids; a cell it does not mark is taken as not a blast.",
-        "- Independent check on the reserved (odd) photos: not run here (slot `independent_check` in card.json).",
         "", f"Citation: {card['citation']}.", ""])
     save_smear_folder(out, model, rule, gate, card, md)
     return card
