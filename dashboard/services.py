@@ -90,6 +90,15 @@ def load_smear_bundle() -> tuple[ModelBundle, str]:
     return load_shipped_bundle(SMEAR)
 
 
+def model_quality(name: str) -> str:
+    """What to expect of a shipped model (or a model folder) on new patients, in plain words from its card.json:
+    its independent check's figures and plain sentence, and how much cross-validation overstated them; or that
+    it has no independent check yet. Shown before the card's cross-validated figures."""
+    from core.model_folder import independent_check_summary, read_card
+
+    return independent_check_summary(read_card(name))
+
+
 def field_model(chosen: ModelBundle, smear: Callable[[], ModelBundle] | None = None,
                 use_smear: bool = True) -> tuple[ModelBundle, str]:
     """The model for the input, the one rule: single (C-NMC-style) cells go to the model chosen on the page (the

@@ -37,6 +37,7 @@ def model_ui(settings: Settings):
     source = st.radio("Model", sources, horizontal=True)
     if source == STARTER:
         bundle, card = starter_bundle()
+        st.info(services.model_quality("starter"))  # what to expect on new patients, before the card's CV figures
         with st.expander("Model card: what the starter model was trained on, how it was measured, its limits"):
             st.markdown(card or "No model card found.")
         return bundle
