@@ -2,7 +2,8 @@
 
 `patient` keeps every subject in one split (cells of one person are correlated: splitting them leaks);
 `official` follows the challenge folds with the prelim set as test; `image` reproduces the report's random
-image-level 6:3:1 and is labelled as leaking subjects; `all` puts every labelled cell in train (a final model
+image-level 6:3:1 and is labelled as leaking subjects (`patient` also puts both classes in validation and test
+whenever the subjects allow it, and `split_warnings` says in plain words where they do not); `all` puts every labelled cell in train (a final model
 trained for a fixed budget whose quality was measured by cross-validation, e.g. the shipped starter model).
 For cross-validation by subject see `subject_folds`.
 """
@@ -60,23 +61,92 @@ def make_split(manifest: pd.DataFrame, strategy: str = "patient", seed: int = 0,
 
 
 def _patient(m: pd.DataFrame, seed: int, ratio) -> np.ndarray:
+    """Subject-disjoint train/val/test by `StratifiedGroupKFold` over sum(ratio) folds, then made sure to hold
+    both classes where the subjects allow it (`_ensure_classes`): few subjects of a class (C-NMC fold 1 has 3
+    healthy donors) otherwise all land in training and leave validation and test with one class."""
+    import warnings
+
     from sklearn.model_selection import StratifiedGroupKFold
 
     groups = _groups(m)
     n_folds = sum(ratio)
     n_groups = groups.nunique()
     per_class = m.groupby("label")["subject"].nunique()
-    if n_groups < n_folds or (per_class < 3).any():
-        raise ValueError(f"patient split needs at least {n_folds} subjects and 3 per class "
+    if n_groups < n_folds or m["subject"].isna().all():
+        raise ValueError(f"patient split needs at least {n_folds} subjects with subject ids "
                          f"(found {n_groups}; per class {per_class.to_dict()}); use the image split for "
                          "such tiny sets, knowing it leaks subjects")
-    y = (m["label"] == "all").astype(int).to_numpy()
+    cls = _group_class(m, groups)
+    y = (groups.map(cls) == "all").astype(int).to_numpy()  # a subject's class, so every group is one class
     cv = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold = np.empty(len(m), dtype=int)
-    for k, (_, test_idx) in enumerate(cv.split(np.zeros(len(m)), y, groups)):
-        fold[test_idx] = k
+    with warnings.catch_warnings():  # "the least populated class has only k members": handled below
+        warnings.simplefilter("ignore", UserWarning)
+        for k, (_, test_idx) in enumerate(cv.split(np.zeros(len(m)), y, groups)):
+            fold[test_idx] = k
     names = np.array(["train"] * ratio[0] + ["val"] * ratio[1] + ["test"] * ratio[2], dtype=object)
-    return names[fold]
+    split = names[fold]
+    where = pd.Series(split, index=groups.index).groupby(groups.to_numpy()).first().to_dict()
+    where = _ensure_classes(where, cls, groups.value_counts().to_dict(), ratio)
+    return groups.map(where).to_numpy(dtype=object)
+
+
+def _group_class(m: pd.DataFrame, groups: pd.Series) -> dict:
+    """Each subject's class: the majority label of its cells (C-NMC subjects are one class; ties: `all`)."""
+    counts = pd.crosstab(groups.to_numpy(), m["label"].to_numpy())
+    return {g: max(counts.columns, key=lambda c: (counts.loc[g, c], c == "all")) for g in counts.index}
+
+
+def _deviation(where: dict, cls: dict, cells: dict, ratio) -> float:
+    """How far each class's cells per split are from the ratio (sum of squared fraction differences)."""
+    target = np.asarray(ratio, dtype=float) / sum(ratio)
+    out = 0.0
+    for c in set(cls.values()):
+        per = np.zeros(len(SPLITS))
+        for g, k in cls.items():
+            if k == c:
+                per[SPLITS.index(where[g])] += cells[g]
+        out += float(((per / per.sum() - target) ** 2).sum())
+    return out
+
+
+def _ensure_classes(where: dict, cls: dict, cells: dict, ratio) -> dict:
+    """Move whole subjects so that each class is in every split its subjects allow: with k subjects of a class,
+    training, validation and test (in that order of need) get one each while k lasts (k >= 3: all three;
+    k == 2: train and validation, the test split lacks the class; k == 1: training only). Among the moves that
+    fill a missing place, the one that keeps the class's cells closest to the ratio is taken (ties: subject
+    name); when anything moved, further single moves that bring the cells closer to the ratio without emptying a
+    place follow. Deterministic; a split that already holds every class it can is returned unchanged."""
+    where = dict(where)
+    by_class = {c: sorted((g for g in cls if cls[g] == c), key=str) for c in sorted(set(cls.values()))}
+    need = {c: SPLITS[:min(len(gs), len(SPLITS))] for c, gs in by_class.items()}
+
+    def count(c, s):
+        return sum(where[g] == s for g in by_class[c])
+
+    def movable(g, to):  # leaves every required place of g's class filled
+        c, frm = cls[g], where[g]
+        return frm != to and not (frm in need[c] and count(c, frm) <= 1)
+
+    moved = False
+    for c, gs in by_class.items():
+        for s in need[c]:
+            if count(c, s):
+                continue
+            options = [g for g in gs if movable(g, s)]
+            if not options:
+                continue
+            best = min(options, key=lambda g: (_deviation({**where, g: s}, cls, cells, ratio), str(g)))
+            where[best], moved = s, True
+    while moved:  # bring the cells back toward the ratio, one subject at a time
+        now = _deviation(where, cls, cells, ratio)
+        moves = [(_deviation({**where, g: s}, cls, cells, ratio), str(g), s, g)
+                 for g in sorted(where, key=str) for s in SPLITS if movable(g, s)]
+        if not moves or min(moves)[0] >= now - 1e-12:
+            break
+        _, _, s, g = min(moves)
+        where[g] = s
+    return where
 
 
 def _official(m: pd.DataFrame, val_fold: int) -> np.ndarray:
@@ -128,6 +198,51 @@ def split_counts(split: pd.DataFrame) -> pd.DataFrame:
     subjects = split.groupby(["split", "label"])["subject"].nunique().unstack(fill_value=0)
     out = cells.add_prefix("cells_").join(subjects.add_prefix("subjects_"))
     return out.reindex([s for s in SPLITS if s in out.index])
+
+
+CLASS_WORDS = {"all": "all (leukemic blast)", "hem": "hem (normal)"}
+SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
+
+
+def split_warnings(split: pd.DataFrame) -> list[str]:
+    """Plain-language problems of a split: an empty split, a split with one class, a class absent from
+    training; each says what it costs (undefined figures, a decision rule left at its defaults). Empty for a
+    sound split. The `all` strategy (no validation, no test by design) is judged on its training split only."""
+    if split.empty:
+        return ["the split holds no labelled cells"]
+    classes = [c for c in ("all", "hem") if c in set(split["label"])] or sorted(split["label"].unique())
+    subjects = split.groupby("label")["subject"].nunique()
+    out = [f"the data hold no {CLASS_WORDS.get(c, c)} cells at all: every split has one class, so sensitivity, "
+           "specificity, balanced accuracy and ROC AUC are undefined everywhere"
+           for c in ("all", "hem") if c not in classes]
+    present = set(split["split"])
+    expected = ["train"] if split.attrs.get("strategy") == "all" or present == {"train"} else list(SPLITS)
+    for s in expected:
+        part = split[split["split"] == s]
+        if part.empty:
+            out.append(f"the {SPLIT_WORDS[s]} split is empty")
+            continue
+        for c in classes:
+            if (part["label"] == c).any():
+                continue
+            where = {o: int(split.loc[(split["split"] == o) & (split["label"] == c), "subject"].nunique())
+                     for o in SPLITS if o in present}
+            held = ", ".join(f"{n} in {SPLIT_WORDS[o]}" for o, n in where.items() if n)
+            k = int(subjects.get(c, 0))
+            why = f"the data have {k} {c} subject{'' if k == 1 else 's'}{': ' + held if held else ''}"
+            if s == "train":
+                cost = "the model never sees such a cell while learning"
+            elif s == "val":
+                cost = ("the decision rule cannot be fitted and falls back to its defaults (threshold 0.5, no "
+                        "temperature), and early stopping and the learning-rate schedule watch one class only")
+            else:
+                rate = "specificity" if c == "hem" else "sensitivity"
+                kind = "false negatives (missed blasts)" if c == "hem" else \
+                    "false positives (normal cells called blasts)"
+                cost = (f"its {rate}, balanced accuracy, ROC AUC and weighted F1 are undefined, and its errors can "
+                        f"only be {kind}")
+            out.append(f"the {SPLIT_WORDS[s]} split has no {CLASS_WORDS.get(c, c)} cells ({why}): {cost}")
+    return out
 
 
 _SPLIT_COLUMNS = ["path", "name", "label", "subject", "image", "cell", "source", "original_name", "split"]
