@@ -13,6 +13,10 @@ import pandas as pd
 from sklearn import metrics as skm
 
 TARGET_NAMES = ["Hem", "All"]  # the report's row names; index 1 = positive class (blast)
+# figures that need cells of both classes; the one a class's absence undefines, per missing class
+BOTH_CLASSES = ("weighted_f1", "balanced_accuracy", "roc_auc", "pr_auc")
+RATE_OF = {"hem": "specificity_all", "all": "sensitivity_all"}
+HEADLINE = ("weighted_f1", "Weighted F1 (challenge)")
 
 
 def _arrays(preds: pd.DataFrame, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,6 +61,64 @@ def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[
     out["roc_auc"] = float(skm.roc_auc_score(y, p)) if both else np.nan
     out["pr_auc"] = float(skm.average_precision_score(y, p)) if both else np.nan
     return out
+
+
+def undefined_metrics(y: np.ndarray, where: str = "test split") -> dict[str, str]:
+    """Which of `point_metrics`' figures the labels `y` (1 = all) cannot define, each with its reason in plain
+    words ("undefined: test split has no hem cells"); empty when both classes are there.
+
+    Weighted F1 is listed too: over one class it is that class's F1 alone, not the challenge's score."""
+    pos, neg = int((np.asarray(y) == 1).sum()), int((np.asarray(y) == 0).sum())
+    if pos and neg:
+        return {}
+    if not pos and not neg:
+        return {k: f"undefined: {where} has no labelled cells" for k in (*BOTH_CLASSES, *RATE_OF.values(),
+                                                                           "accuracy")}
+    missing = "hem" if not neg else "all"
+    reason = f"undefined: {where} has no {missing} cells"
+    return {k: reason for k in (*BOTH_CLASSES, RATE_OF[missing])}
+
+
+def undefined_of(result: dict[str, Any]) -> dict[str, str]:
+    """A metrics.json's undefined figures with their reasons; for results written before they were recorded,
+    derived from the class counts its provenance holds."""
+    if "undefined" in result:
+        return dict(result["undefined"])
+    prov = result.get("provenance", {})
+    by_class = prov.get("cells_by_class")
+    if by_class is None:
+        return {}
+    y = np.array([1] * int(by_class.get("all", 0)) + [0] * int(by_class.get("hem", 0)))
+    return undefined_metrics(y, _where(prov))
+
+
+def _where(prov: dict[str, Any]) -> str:
+    split = prov.get("split") or "evaluated"
+    return "external set" if split == "external" else f"{split} split"
+
+
+def metric_text(result: dict[str, Any], key: str, digits: int = 3) -> str:
+    """A figure as shown: the number, or "undefined: <reason>" (never "nan")."""
+    reason = undefined_of(result).get(key)
+    if reason:
+        return reason
+    value = result.get("metrics", {}).get(key)
+    if value is None or not np.isfinite(value):
+        return "undefined: not computed"
+    return f"{value:.{digits}f}"
+
+
+def headline(result: dict[str, Any], digits: int = 3) -> str:
+    """The run's headline score in words: "weighted F1 0.912 on the test split", or why there is none."""
+    key, _ = HEADLINE
+    prov = result.get("provenance", {})
+    text = metric_text(result, key, digits)
+    if text.startswith("undefined"):
+        by_class = prov.get("cells_by_class", {})
+        counts = f" ({int(by_class.get('all', 0))} all, {int(by_class.get('hem', 0))} hem cells)" if by_class else ""
+        return (f"Weighted F1 undefined: {text.removeprefix('undefined: ')}{counts}. Cells of one class cannot "
+                "show how well the two classes are told apart, so this run has no headline score.")
+    return f"weighted F1 {text} on the {_where(prov)}"
 
 
 def curves(preds: pd.DataFrame) -> dict[str, dict[str, list[float]]]:
@@ -121,17 +183,26 @@ def error_tables(preds: pd.DataFrame, threshold: float = 0.5) -> tuple[pd.DataFr
 
 def evaluate_predictions(preds: pd.DataFrame, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
                          provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """All metrics of one predictions table, with the provenance of the data they came from."""
+    """All metrics of one predictions table, with the provenance of the data they came from.
+
+    A figure the cells cannot define (one class only: specificity without normal cells, weighted F1 over a
+    single class, ...) is NaN in `metrics` and its CI, and `undefined` holds the reason; `headline` is the
+    challenge score in words, or why there is none."""
     y, p, _ = _arrays(preds, threshold)
     subjects = sorted(preds["subject"].dropna().astype(str).unique())
     table = report_table(preds, threshold)
+    undefined = undefined_metrics(y, _where(provenance or {}))
+    metrics = {k: (np.nan if k in undefined else v) for k, v in point_metrics(y, p, threshold).items()}
+    ci = bootstrap_by_subject(preds, threshold, n_boot, seed) if n_boot else {}
+    ci = {k: ((np.nan, np.nan) if k in undefined else v) for k, v in ci.items()}
     result = {
         "provenance": {**(provenance or {}), "cells": int(len(preds)), "subjects": subjects,
                        "cells_by_class": {k: int(v) for k, v in preds["label"].value_counts().items()}},
         "threshold": threshold,
         "challenge_metric": "weighted F1 (C-NMC 2019)",
-        "metrics": point_metrics(y, p, threshold),
-        "ci95_by_subject_bootstrap": bootstrap_by_subject(preds, threshold, n_boot, seed) if n_boot else {},
+        "metrics": metrics,  # NaN where undefined; `undefined` says why (`metric_text` shows it)
+        "undefined": undefined,
+        "ci95_by_subject_bootstrap": ci,
         "n_boot": n_boot,
         "confusion_matrix": {"rows_true": TARGET_NAMES, "cols_pred": TARGET_NAMES,
                              "counts": confusion(preds, threshold).tolist()},
@@ -142,4 +213,27 @@ def evaluate_predictions(preds: pd.DataFrame, threshold: float = 0.5, n_boot: in
     if len(readout) and "call_correct" in readout:
         result["subject_level"] = {"subjects": int(len(readout)), "accuracy": float(readout["call_correct"].mean()),
                                    "mean_cell_accuracy": float(readout["cell_accuracy"].mean())}
+    result["headline"] = headline(result)
     return result
+
+
+def report_view(result: dict[str, Any], digits: int = 4) -> pd.DataFrame:
+    """The report's table as shown (text): a class without cells, and the averages over a one-class split,
+    say "undefined" with the reason instead of the zeros or single-class numbers scikit-learn fills in."""
+    table = pd.DataFrame(result["report_table"]).set_index("class")
+    one_class = bool(undefined_of(result))
+    out = pd.DataFrame(index=table.index, columns=table.columns, dtype=object)
+    for row in table.index:
+        for col in table.columns:
+            v = table.loc[row, col]
+            if col == "support":
+                out.loc[row, col] = str(int(v))
+            elif pd.isna(v):
+                out.loc[row, col] = ""
+            elif row in TARGET_NAMES and int(table.loc[row, "support"]) == 0:
+                out.loc[row, col] = f"undefined: no {row.lower()} cells"
+            elif one_class and row in ("macro avg", "weighted avg"):
+                out.loc[row, col] = "undefined: one class only"
+            else:
+                out.loc[row, col] = f"{v:.{digits}f}"
+    return out

@@ -159,6 +159,9 @@ def collect_predictions(store: RunStore, run_ids: Sequence[str], split: str = "t
                   "architectures": [store.get_run(r)["architecture"] for r in run_ids]}
     if first_cfg.split == "image" and not data_dir:
         provenance["warning"] = "image-level split: subjects leak between splits; optimistic"
+    from core.splits import split_warnings
+
+    provenance["split_warnings"] = split_warnings(first_split)  # a split lacking a class, in plain words
     return val, target, provenance
 
 
@@ -193,7 +196,11 @@ def evaluate(store: RunStore, run_ids: Sequence[str], split: str = "test", data_
                                               f"{val['subject'].nunique()} subjects)",
                                     subject_weight=weight, subjects=val["subject"])
     else:
-        rule = cal.DecisionRule(band=band, fitted_on="none: validation split lacks a class", subject_weight=weight)
+        missing = [c for c in ("hem", "all") if c not in set(val["label"])]
+        why = "has no cells" if val.empty else f"has no {' or '.join(missing)} cells"
+        rule = cal.DecisionRule(band=band, fitted_on=f"none: the validation split {why}, so the rule keeps its "
+                                                     "defaults (threshold 0.5, temperature 1)", subject_weight=weight)
+        log.warning("decision rule not fitted: the validation split %s; defaults kept", why)
     rule.save(out_dir / "calibration.json")
     decided = rule.decide(target["prob_all"].to_numpy(), subjects=target["subject"])
     target = pd.concat([target, decided], axis=1)

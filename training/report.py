@@ -50,6 +50,7 @@ def report_html(store: RunStore, run_id: str, n_errors: int = 12, n_boot: int = 
     """The run's report as one HTML string (evaluates the run first if it has no metrics.json yet)."""
     import plotly.offline
 
+    from core.metrics import headline, metric_text, report_view, undefined_of
     from core.preprocessing import load_crop
     from training import figures
     from training.evaluate import crop_margin_of, evaluate
@@ -89,8 +90,12 @@ def report_html(store: RunStore, run_id: str, n_errors: int = 12, n_boot: int = 
         parts.append(f"<p class='banner'>{html.escape(prov['warning'])}</p>")
     if len(split):
         counts = pd.crosstab(split["split"], split["label"]).reindex(["train", "val", "test"]).dropna(how="all")
-        subjects = split.groupby("split")["subject"].nunique().rename("subjects")
+        subjects = split.groupby(["split", "label"])["subject"].nunique().unstack(fill_value=0).add_prefix("subjects ")
         parts.append(_table(counts.join(subjects).fillna(0).astype(int), index=True))
+        from core.splits import split_warnings
+
+        for w in split_warnings(split):
+            parts.append(f"<p class='banner'>Split: {html.escape(w)}.</p>")
 
     parts.append("<h2>Training curves</h2>")
     epochs = store.epochs(run_id)
@@ -99,10 +104,14 @@ def report_html(store: RunStore, run_id: str, n_errors: int = 12, n_boot: int = 
     parts.append("<h2>Evaluation</h2>")
     ci = result.get("ci95_by_subject_bootstrap", {})
     keys = ["weighted_f1", "balanced_accuracy", "sensitivity_all", "specificity_all", "roc_auc", "pr_auc", "accuracy"]
-    rows = [{"metric": k, "value": m[k], "95% CI by subject": (f"{ci[k][0]:.4f} – {ci[k][1]:.4f}" if k in ci else "")}
+    undefined = undefined_of(result)
+    parts.append(f"<p class='banner'>{html.escape(headline(result))}</p>" if undefined.get("weighted_f1") else
+                 f"<p><b>Headline:</b> {html.escape(headline(result))}</p>")
+    rows = [{"metric": k, "value": metric_text(result, k, 4),
+             "95% CI by subject": (f"{ci[k][0]:.4f} – {ci[k][1]:.4f}" if k in ci and k not in undefined else "")}
             for k in keys if k in m]
     parts.append(_table(pd.DataFrame(rows)))
-    parts.append("<p>The report's per-class table:</p>" + _table(pd.DataFrame(result["report_table"])))
+    parts.append("<p>The report's per-class table:</p>" + _table(report_view(result), index=True))
     figs = [figures.confusion_heatmap(result["confusion_matrix"]["counts"], "Confusion matrix")]
     if result.get("curves"):
         roc, pr = result["curves"]["roc"], result["curves"]["pr"]
