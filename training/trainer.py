@@ -288,6 +288,22 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def _log_split(split, cfg: RunConfig) -> None:
+    """Subjects and cells per class per split, and each split lacking a class in plain words (warned, not
+    refused: a validation split of one class leaves the decision rule at its defaults)."""
+    from core.splits import split_counts, split_warnings
+
+    counts = split_counts(split)
+    for name, row in counts.iterrows():
+        log.info("split %s: %s", name, ", ".join(f"{c} {int(row.get('cells_' + c, 0))} cells of "
+                                                  f"{int(row.get('subjects_' + c, 0))} subjects"
+                                                  for c in ("all", "hem")))
+    for w in split_warnings(split):
+        log.warning("split %s: %s", cfg.split, w)
+        if w.startswith("the validation split") and cfg.early_stopping:
+            log.warning("early stopping watches validation accuracy over one class: it may stop early or late")
+
+
 def prepare_data(cfg: RunConfig, run_dir: Path, reuse_split: bool):
     """Index, split (or reload the run's split), build/reuse the crop cache; returns (split, cache, rows)."""
     from core.dataset import index
@@ -312,6 +328,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, reuse_split: bool):
         save_split(split, split_path, root=cfg.data_dir)
     if split.attrs.get("leaks_subjects"):
         log.warning("split %s: %s", cfg.split, split.attrs["note"])
+    _log_split(split, cfg)
     files = manifest.set_index("path").loc[split["path"], ["size", "mtime_ns"]].reset_index()
     cache = CropCache.build(files, cfg.cache_dir, size=cfg.image_size, margin=cfg.crop_margin, progress=False)
     if cache.failures:
