@@ -8,7 +8,8 @@ fold saw, of both classes (C-NMC fold 1: 3 folds, one normal subject out each). 
 run:
   baseline : 24 colour/texture/shape statistics of the segmented cell (`core.features`) + logistic regression
   CNN      : each named recipe (`training.config.PRESETS`: the project's default `cross_patient_texture`,
-             `cross_patient`, the report's `report`), trained from scratch on the training folds for a fixed budget, no peeking at
+             `cross_patient`, the report's `report`), trained on the training folds for a fixed budget (from
+             scratch, or from ImageNet with --architecture efficientnet_lite0 [--freeze-backbone]), no peeking at
              the test fold (no early stopping, threshold 0.5)
 Prints per fold and pooled: weighted F1 (the challenge metric), balanced accuracy, sensitivity/specificity for
 blasts, ROC AUC with subject-bootstrap 95% CIs, and CNN - baseline with a paired subject-bootstrap CI. Also a
@@ -130,7 +131,8 @@ def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, 
         seed = args.seed + j
         cfg = preset(recipe, architecture=args.architecture, image_size=args.size,
                      samples_per_class=args.per_class, epochs=args.epochs, batch_size=args.batch,
-                     learning_rate=args.lr, seed=seed, crop_margin=args.crop_margin).resolved()
+                     learning_rate=args.lr, seed=seed, crop_margin=args.crop_margin, init=args.init,
+                     freeze_backbone=args.freeze_backbone).resolved()
         name = f"{recipe}#s{seed}"
         cols[name] = np.zeros(len(folds))
         if args.tta:
@@ -203,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("data", help="a labelled C-NMC folder with UID_ names (any supported layout)")
     ap.add_argument("--recipes", default="cross_patient_texture,report", help="comma-separated preset names")
     ap.add_argument("--architecture", default="solution_a")
+    ap.add_argument("--init", default=None, help="none, imagenet or a weights file (default: the architecture's; "
+                                                 "imagenet for efficientnet_lite0, offline)")
+    ap.add_argument("--freeze-backbone", action="store_true", help="train the dense head only")
     ap.add_argument("--size", type=int, default=64, help="CNN input size (budget)")
     ap.add_argument("--per-class", type=int, default=1000, help="cells per class per epoch (budget)")
     ap.add_argument("--epochs", type=int, default=6, help="epochs per fold (budget)")
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  fold {f}: {desc}")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     budget = {k2: getattr(args, k2) for k2 in ("architecture", "size", "per_class", "epochs", "batch", "lr", "tta",
-                                               "feature_size", "seed", "seeds", "crop_margin", "ema")}
+                                               "feature_size", "seed", "seeds", "crop_margin", "ema", "init",
+                                               "freeze_backbone")}
     print(f"machine: {machine}; budget: {json.dumps(budget)}", flush=True)
 
     oof = folds[["path", "subject", "label", "fold"]].copy()

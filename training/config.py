@@ -23,7 +23,13 @@ class RunConfig:
     # --- what to train
     name: str = _f("", "free-text run name shown in the dashboard")
     architecture: str = _f("solution_a", "registered model: solution_a, efficientnet_b2, vgg16")
-    weights: str | None = _f(None, "optional local weights file to start from (nothing is downloaded)")
+    init: str | None = _f(None, "where the weights start: none (random, the report's from-scratch), imagenet "
+                                "(efficientnet_b2 / vgg16: Keras' weights, downloaded once into its cache; "
+                                "efficientnet_lite0: shipped with the project, offline), or a weights file "
+                                "(.weights.h5 of the same architecture and size); default per architecture "
+                                "(imagenet for efficientnet_lite0, none otherwise)")
+    freeze_backbone: bool = _f(False, "train the dense head only, on a frozen (ImageNet) backbone; "
+                                      "efficientnet_b2, vgg16, efficientnet_lite0")
     # --- data
     data_dir: str = _f("data/demo", "C-NMC folder (any supported layout, any level)")
     cache_dir: str = _f("cache", "where decoded crop caches live")
@@ -100,8 +106,9 @@ class RunConfig:
         info = model_info(self.architecture)
         if self.mixstyle > 0:
             check_mixstyle(self.architecture)
+        init = self.init or ("imagenet" if info.imagenet == "wheel" else "none")
         cfg = dataclasses.replace(self, batch_size=self.batch_size or info.batch_size,
-                                  epochs=self.epochs or info.epochs)
+                                  epochs=self.epochs or info.epochs, init=init)
         cfg.validate()
         return cfg
 
@@ -112,6 +119,15 @@ class RunConfig:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         if not 0 <= self.crop_margin < 225:
             raise ValueError("crop_margin must be in [0, 225) pixels of a 450-px tile")
+        if self.init not in (None, "none", "imagenet") and not Path(self.init).is_file():
+            raise ValueError(f"init must be none, imagenet or an existing weights file; no file at {self.init!r}")
+        if self.freeze_backbone:
+            from core.models import builder_options, list_models
+
+            if "freeze_backbone" not in builder_options(self.architecture):
+                able = [n for n in list_models() if "freeze_backbone" in builder_options(n)]
+                raise ValueError(f"freeze_backbone: {self.architecture} has no separate backbone "
+                                 f"(those that do: {', '.join(able)})")
         if self.image_size < 16:
             raise ValueError("image_size must be at least 16 pixels")
         if self.target_sensitivity is not None and not 0 < self.target_sensitivity <= 1:
@@ -150,6 +166,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         known = {f.name for f in fields(cls)}
+        if "weights" in data and "init" not in data:  # configs written before `init` replaced `weights`
+            data = {k: v for k, v in data.items() if k != "weights"} | {"init": data["weights"] or None}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
@@ -165,23 +183,53 @@ class RunConfig:
         os.replace(tmp, path)
 
 
-# Named recipes: field overrides of the defaults. `report` is the report's recipe as published (raw colours,
-# geometric augmentation only); `cross_patient` adds cell standardisation and stain/colour jitter; the defaults
-# above are `cross_patient_texture` (that plus texture jitter), the best of the three on unseen patients
-# (benchmarks/bench_real.py, README "Results on real cells"); `cross_patient_mixstyle` adds MixStyle to it,
+# Named presets: field overrides of the defaults, each with one line on what it is and when to use it (CLI
+# `run --preset NAME`, the Train page's picker). The first five are whole runs; the `cross_patient*` and
+# `report` recipes change only the augmentation and stain handling (benchmarks/bench_real.py compares them):
+# `report` is the report's recipe as published (raw colours, geometric augmentation only); `cross_patient`
+# adds cell standardisation and stain/colour jitter; the defaults above are `cross_patient_texture` (that plus
+# texture jitter), the best of the three on unseen patients of fold 1; `cross_patient_mixstyle` adds MixStyle,
 # `cross_patient_light_head` a 70x lighter L1/L2 penalty on the dense head.
+_REPORT_RECIPE = {"cell_standardize": False, "hed_sigma": 0.0, "brightness": 0.0, "contrast": 0.0,
+                  "saturation": 0.0, "hue": 0.0, "sharpness": 0.0, "noise_std": 0.0}
 PRESETS: dict[str, dict[str, Any]] = {
+    "quick_demo": {"architecture": "solution_a", "image_size": 64, "batch_size": 32, "epochs": 3,
+                   "samples_per_class": 256, "learning_rate": 1e-3, "early_stopping": False},
+    "starter": {"architecture": "solution_a", "image_size": 64, "batch_size": 32, "epochs": 6,
+                "samples_per_class": 1000, "learning_rate": 5e-4, "early_stopping": False},
+    "report_solution_a": {**_REPORT_RECIPE, "architecture": "solution_a"},
+    "report_solution_b": {**_REPORT_RECIPE, "architecture": "efficientnet_b2", "init": "none"},
+    "challenge": {**_REPORT_RECIPE, "architecture": "efficientnet_b2", "image_size": 250, "init": "imagenet",
+                  "split": "official", "mixed_precision": "auto"},
     "cross_patient_texture": {},
     "cross_patient": {"sharpness": 0.0, "noise_std": 0.0},
     "cross_patient_mixstyle": {"mixstyle": 0.5},
     "cross_patient_light_head": {"head_l1l2": 1e-5},
-    "report": {"cell_standardize": False, "hed_sigma": 0.0, "brightness": 0.0, "contrast": 0.0,
-               "saturation": 0.0, "hue": 0.0, "sharpness": 0.0, "noise_std": 0.0},
+    "report": dict(_REPORT_RECIPE),
+}
+PRESET_NOTES: dict[str, str] = {
+    "quick_demo": "Solution A at 64 px, 3 short epochs: about a minute on a laptop CPU; to see the whole loop work",
+    "starter": "the shipped starter model's recipe (Solution A at 64 px, stain/colour/texture jitter, 6 epochs "
+               "of 1,000 cells per class): minutes on a CPU; a sound first model of your own cells",
+    "report_solution_a": "the report's custom CNN at 250 px with its published augmentation, 50 epochs of 10,000 "
+                         "cells per class: hours on a CPU, use a GPU",
+    "report_solution_b": "the report's EfficientNetB2 at 250 px from scratch (its Solution B): a GPU job",
+    "challenge": "the C-NMC challenge protocol for users with the full data: official training folds for training "
+                 "and validation, the labelled preliminary test set as test, EfficientNetB2 at 250 px from "
+                 "ImageNet (Keras' weights, downloaded once; --init none without them), mixed precision on a GPU; "
+                 "prints the test weighted F1 with subject-bootstrap CIs and writes the HTML report",
+    "cross_patient_texture": "the project's default recipe (cell standardisation, stain, colour and texture "
+                             "jitter) with the default architecture and budget",
+    "cross_patient": "the default recipe without texture jitter",
+    "cross_patient_mixstyle": "the default recipe plus MixStyle (Solution A only)",
+    "cross_patient_light_head": "the default recipe with a 70x lighter L1/L2 penalty on the dense head",
+    "report": "the report's augmentation recipe (raw colours, geometric augmentation only) on the default "
+              "architecture and budget",
 }
 
 
 def preset(recipe: str, **overrides) -> RunConfig:
-    """A `RunConfig` of a named recipe (see `PRESETS`), with field overrides."""
+    """A `RunConfig` of a named preset (see `PRESETS`, `PRESET_NOTES`), with field overrides."""
     if recipe not in PRESETS:
         raise ValueError(f"unknown preset {recipe!r}; choose one of {', '.join(PRESETS)}")
     return RunConfig(**{**PRESETS[recipe], **overrides})

@@ -31,7 +31,10 @@ def _spawn(store: RunStore, run_id: str, args: list[str]) -> int:
 
 def launch(config: RunConfig, store: RunStore | None = None) -> str:
     """Register a run (queued) and start its worker in the background; returns the run id."""
+    from core.models import ensure_init
+
     cfg = config.resolved()
+    ensure_init(cfg.architecture, cfg.init)  # e.g. ImageNet weights offline: refused before anything is registered
     store = store or RunStore(cfg.runs_dir)
     run_id = store.create_run(cfg.to_dict())
     cfg.save(store.run_dir(run_id) / "config.json")

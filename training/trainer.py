@@ -390,6 +390,10 @@ def _run(config: RunConfig, store: RunStore, run_id: str | None, resume: bool, s
             store.update_config(run_id, cfg.to_dict())
     else:
         cfg = config.resolved()
+        if run_id is None:  # a start that cannot be had fails here, before any run is registered or folder made
+            from core.models import ensure_init
+
+            ensure_init(cfg.architecture, cfg.init)
         run_id = run_id or store.create_run(cfg.to_dict())
         store.update_config(run_id, cfg.to_dict())
     run_dir = store.run_dir(run_id)
@@ -675,8 +679,8 @@ def build_model(cfg: RunConfig, mean: np.ndarray):
 
     model = create_model(cfg.architecture, cfg.image_size, mean=mean,
                          augment=cfg.augment_spec() if cfg.augment else None, seed=cfg.seed,
-                         weights=cfg.weights, standardize=cfg.cell_standardize, mixstyle=cfg.mixstyle,
-                         head_l1l2=cfg.head_l1l2)
+                         init=cfg.init or "none", freeze_backbone=cfg.freeze_backbone,
+                         standardize=cfg.cell_standardize, mixstyle=cfg.mixstyle, head_l1l2=cfg.head_l1l2)
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="categorical_crossentropy",
                   metrics=["accuracy"])
     return model
