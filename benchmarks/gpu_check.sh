@@ -13,6 +13,7 @@
 #
 # 1. Speed (alone on the GPU): Solution A at 250 px under JAX, the compute ceiling vs the end-to-end trainer rate
 #    (target ratio >= 0.85), and EfficientNetB2 float32 vs mixed precision (target >= 1.4x).
+# 1b. The `challenge` preset end to end on a generated Kaggle-layout tree (its speed with mixed precision).
 # 2. Real cells, if packed: bench_real.py (leave-subjects-out, the same folds and baseline as on CPU) for the
 #    budgets in REAL_BUDGETS, all at once (compiles are CPU-bound, the GPU is shared), and for each budget the
 #    final model trained on every cell (inference-only .keras, to package here with make_starter.py --model).
@@ -35,6 +36,13 @@ python3 -c "import jax, keras; print('jax', jax.__version__, jax.devices(), 'ker
 
 timeout "${SPEED_SECONDS:-170}" python3 benchmarks/bench_train.py --size 250 --steps 40 --models solution_a \
   --precision-compare 2>&1 | grep -v "^[IWE]0000" | tee "$OUT/bench_train.txt"
+
+# 1b. The challenge preset end to end (official folds, prelim test set, EfficientNetB2 at 250 px, mixed precision)
+#     on a generated tree in the exact Kaggle layout; the device has no internet, so no ImageNet start (--init none).
+timeout "${CHALLENGE_SECONDS:-150}" bash -c 'python3 -m training synth /tmp/chal --cells-per-subject 30 \
+  && python3 -m training run --preset challenge --init none --data-dir /tmp/chal --runs-dir /tmp/chal_runs \
+       --cache-dir /tmp/chal_cache --epochs 2 --samples-per-class 500 --no-tensorboard' 2>&1 \
+  | grep -v "^[IWE]0000" | tail -20 | tee "$OUT/challenge.txt"
 
 REAL=.gpu_real
 if [ -d "$REAL/crops128" ]; then

@@ -79,7 +79,7 @@ def test_job_launch_refuses_before_registering(offline, tmp_path):
     store = RunStore(tmp_path / "runs")
     with pytest.raises(InitUnavailable):
         jobs.launch(RunConfig(architecture="vgg16", init="imagenet", runs_dir=str(tmp_path / "runs")), store)
-    assert store.list_runs().empty if hasattr(store.list_runs(), "empty") else not store.list_runs()
+    assert store.list_runs().empty
 
 
 def test_init_choices_and_defaults(tmp_path):
