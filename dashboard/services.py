@@ -375,6 +375,30 @@ def augmentation_preview(data_dir: str | Path, cfg: RunConfig, n: int = 8, seed:
     return [np.clip(a, 0, 255).astype(np.uint8) for a in out]
 
 
+def split_preview(data_dir: str | Path, strategy: str = "patient", seed: int = 0, val_fold: int = 2) -> dict[str, Any]:
+    """What a run would train, validate and test on, before it is launched: subjects and cells per class per
+    split (`table`, one row per split), the split's problems in plain words (`warnings`: a split lacking a
+    class, and what it costs) and `error` when the split cannot be made at all (the run would fail)."""
+    from core.dataset import index
+    from core.splits import make_split, split_counts, split_warnings
+
+    manifest, _ = index(data_dir)
+    try:
+        split = make_split(manifest, strategy, seed=seed, val_fold=val_fold)
+    except ValueError as exc:
+        return {"table": pd.DataFrame(), "warnings": [], "error": str(exc)}
+    counts = split_counts(split)
+    for c in ("all", "hem"):
+        for kind in ("subjects", "cells"):
+            if f"{kind}_{c}" not in counts:
+                counts[f"{kind}_{c}"] = 0
+    table = pd.DataFrame({"split": counts.index,
+                          "subjects (all / hem)": [f"{r.subjects_all} / {r.subjects_hem}" for r in counts.itertuples()],
+                          "cells all": counts["cells_all"].to_numpy(), "cells hem": counts["cells_hem"].to_numpy()})
+    return {"table": table, "warnings": split_warnings(split), "error": None,
+            "note": split.attrs.get("note", "")}
+
+
 # --- evaluation ---------------------------------------------------------------------------------------------------
 def evaluation(runs_dir: str | Path, run_ids: list[str], refresh: bool = False, n_boot: int = 500,
                with_overrides: bool = False) -> dict:
@@ -389,6 +413,41 @@ def evaluation(runs_dir: str | Path, run_ids: list[str], refresh: bool = False, 
     if len(run_ids) == 1 and path.exists() and not refresh:
         return json.loads(path.read_text())
     return evaluate(store, run_ids, n_boot=n_boot)
+
+
+def metric_text(result: dict, key: str, digits: int = 3) -> str:
+    """A figure as the pages show it: the number, or "undefined: <reason>" (never "nan")."""
+    from core.metrics import metric_text as text
+
+    return text(result, key, digits)
+
+
+def headline(result: dict) -> str:
+    """The evaluation's headline (weighted F1) in words, or why a one-class split has none."""
+    from core.metrics import headline as words
+
+    return words(result)
+
+
+def headline_defined(result: dict) -> bool:
+    from core.metrics import HEADLINE, undefined_of
+
+    return HEADLINE[0] not in undefined_of(result)
+
+
+def report_view(result: dict) -> pd.DataFrame:
+    """The report's per-class table as text, "undefined" with the reason where a class has no cells."""
+    from core.metrics import report_view as view
+
+    return view(result)
+
+
+def run_split_warnings(runs_dir: str | Path, run_id: str) -> list[str]:
+    """The problems of a run's saved split in plain words (a split lacking a class); empty when sound."""
+    from core.splits import load_split, split_warnings
+
+    path = RunStore(runs_dir).run_dir(run_id) / "split.csv"
+    return split_warnings(load_split(path)) if path.exists() else []
 
 
 def run_report(runs_dir: str | Path, run_id: str) -> str:
@@ -448,6 +507,35 @@ def tradeoff(preds: pd.DataFrame, threshold: float) -> dict[str, float]:
 
     y = (preds["label"] == "all").to_numpy().astype(int)
     return point_metrics(y, preds["prob_all_calibrated"].to_numpy(), threshold)
+
+
+def tradeoff_text(preds: pd.DataFrame, threshold: float, where: str = "test split") -> dict[str, str]:
+    """`tradeoff` as shown: each figure as text, "undefined: <reason>" where the cells lack a class."""
+    from core.metrics import metric_text as text, undefined_metrics
+
+    y = (preds["label"] == "all").to_numpy().astype(int)
+    result = {"metrics": tradeoff(preds, threshold), "undefined": undefined_metrics(y, where)}
+    return {k: text(result, k) for k in result["metrics"]}
+
+
+def error_scope(runs_dir: str | Path, run_id: str) -> str | None:
+    """When the run's test split holds one class, what that means for its errors (they can only be of one
+    kind); None for a test split with both classes."""
+    path = RunStore(runs_dir).run_dir(run_id) / "split.csv"
+    if not path.exists():
+        return None
+    split = pd.read_csv(path, usecols=["label", "subject", "split"], dtype=str)
+    test = split[split["split"] == "test"]
+    present = set(test["label"])
+    if test.empty or present >= {"all", "hem"}:
+        return None
+    only = next(iter(present))
+    kind = ("false negatives (missed blasts): with no normal cells to call blasts, a false positive cannot occur"
+            if only == "all" else "false positives (normal cells called blasts): with no blasts to miss, a false "
+            "negative cannot occur")
+    return (f"The test split of run {run_id} holds only {only} cells ({len(test)} cells of "
+            f"{test['subject'].nunique()} subject(s)): the errors shown can only be {kind}. No errors of the "
+            "other kind says nothing about how the model treats the other class.")
 
 
 def subjects_table(runs_dir: str | Path, run_id: str) -> pd.DataFrame:

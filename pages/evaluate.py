@@ -26,13 +26,19 @@ def runs_ui(settings: Settings) -> list[str]:
     return [labels[c] for c in chosen]
 
 
-def metrics_ui(result: dict) -> None:
+def metrics_ui(result: dict, split_warnings: list[str] | None = None) -> None:
     prov = result["provenance"]
     st.caption(f"Runs {', '.join(prov['runs'])} · {prov['split']} split ({prov['split_strategy']}) · "
                f"{prov['cells']} cells from {len(prov['subjects'])} subjects · data {prov['data_dir']}"
                + (" · TTA" if prov.get("tta") else ""))
     if prov.get("warning"):
         st.warning(prov["warning"])
+    for w in split_warnings if split_warnings is not None else prov.get("split_warnings", []):
+        st.warning(f"Split: {w}.")
+    if services.headline_defined(result):
+        st.markdown(f"**Headline:** {services.headline(result)}")
+    else:
+        st.error(services.headline(result))
     rule = result["calibration"]["rule"]
     st.info(f"Decision rule in force: threshold {rule['threshold']:.3f} on calibrated P(blast) (temperature "
             f"{rule['temperature']:.3f}"
@@ -41,12 +47,18 @@ def metrics_ui(result: dict) -> None:
     ci = result["ci95_by_subject_bootstrap"]
     cols = st.columns(len(KEYS))
     for col, (key, label) in zip(cols, KEYS.items()):
+        text = services.metric_text(result, key)
+        if text.startswith("undefined"):  # said with its reason, never as nan
+            col.metric(label, "undefined", help=text)
+            col.caption(text)
+            continue
         lo, hi = ci.get(key, (float("nan"), float("nan")))
-        col.metric(label, f"{result['metrics'][key]:.3f}", help=f"95% CI by subject bootstrap: {lo:.3f}–{hi:.3f}")
-        col.caption(f"CI {lo:.3f}–{hi:.3f}")
+        ci_text = f"{lo:.3f}–{hi:.3f}" if lo == lo and hi == hi else "not computed"
+        col.metric(label, text, help=f"95% CI by subject bootstrap: {ci_text}")
+        col.caption(f"CI {ci_text}")
     c1, c2 = st.columns(2)
     c1.plotly_chart(charts.confusion_heatmap(result["confusion_matrix"]["counts"], "Confusion matrix"))
-    c2.dataframe(pd.DataFrame(result["report_table"]).set_index("class").style.format(precision=4))
+    c2.dataframe(services.report_view(result))
     if result.get("curves"):
         c1, c2, c3 = st.columns(3)
         roc, pr = result["curves"]["roc"], result["curves"]["pr"]
@@ -62,11 +74,15 @@ def threshold_ui(settings: Settings, run_id: str, result: dict) -> None:
     if preds.empty:
         return
     thr = st.slider("Decision threshold on calibrated P(blast)", 0.0, 1.0, float(result["threshold"]), 0.01)
-    m = services.tradeoff(preds, thr)
-    c1, c2, c3 = st.columns(3)
-    c1.metric("Sensitivity (all)", f"{m['sensitivity_all']:.3f}")
-    c2.metric("Specificity (all)", f"{m['specificity_all']:.3f}")
-    c3.metric("Accuracy", f"{m['accuracy']:.3f}")
+    m = services.tradeoff_text(preds, thr)
+    for col, (key, label) in zip(st.columns(3), {"sensitivity_all": "Sensitivity (all)",
+                                                 "specificity_all": "Specificity (all)",
+                                                 "accuracy": "Accuracy"}.items()):
+        if m[key].startswith("undefined"):
+            col.metric(label, "undefined", help=m[key])
+            col.caption(m[key])
+        else:
+            col.metric(label, m[key])
     st.subheader("Per subject")
     st.dataframe(services.subjects_table(settings.runs_dir, run_id), hide_index=True)
 
@@ -78,9 +94,11 @@ def main() -> None:
     if not run_ids:
         return
     if len(run_ids) > 1:
-        rows = {r: evaluation(str(settings.runs_dir), (r,), 0.0)["metrics"] for r in run_ids}
+        results = {r: evaluation(str(settings.runs_dir), (r,), 0.0) for r in run_ids}
+        rows = {r: {label: services.metric_text(res, key, 4) for key, label in KEYS.items()}
+                for r, res in results.items()}
         st.subheader("Comparison (test split)")
-        st.dataframe(pd.DataFrame(rows).T.rename(columns=KEYS).style.format(precision=4))
+        st.dataframe(pd.DataFrame(rows).T)
         st.subheader("Ensemble (averaged probabilities)")
     n_over = len(services.label_overrides(settings.runs_dir))
     corrected = st.toggle(f"Score against the reviewers' corrected labels ({n_over} overrides)", False,
@@ -91,7 +109,7 @@ def main() -> None:
     if corrected:
         lo = result["provenance"]["label_overrides"]
         st.info(f"Labels: {lo['labels_changed']} of these cells scored with a reviewer's corrected label.")
-    metrics_ui(result)
+    metrics_ui(result, services.run_split_warnings(settings.runs_dir, run_ids[0]))
     if len(run_ids) == 1:
         threshold_ui(settings, run_ids[0], result)
         if st.button("Build the run report (HTML)"):

@@ -48,6 +48,9 @@ def main() -> None:
     fp, fn = (table["error"] == "false_positive").sum(), (table["error"] == "false_negative").sum()
     st.caption(f"Test split of run {run_id}: {fp} false positives, {fn} false negatives "
                "(at the run's decision threshold).")
+    scope = services.error_scope(settings.runs_dir, run_id)
+    if scope:  # a one-class test split: the absence of the other kind of error means nothing
+        st.warning(scope)
     if table["missing"].any():
         st.warning(f"{int(table['missing'].sum())} of these cells are missing from disk (moved or deleted); "
                    "a moved dataset is found again when it lies under one of the data roots (CNMC_DATA_ROOTS).")

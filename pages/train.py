@@ -57,6 +57,7 @@ def config_ui(settings: Settings) -> RunConfig | None:
         use_over = st.checkbox(f"Train with the reviewers' label corrections ({n_over} cells)", False,
                                disabled=n_over == 0, help=HELP["label_overrides"])
         preview = st.form_submit_button("Preview augmentation")
+        show_split = st.form_submit_button("Preview split")
         launch = st.form_submit_button("Launch training", type="primary")
     info = services.architecture_defaults(arch)
     cfg = dataclasses.replace(base, name=name, architecture=arch, data_dir=str(datasets[data]), split=split,
@@ -74,14 +75,36 @@ def config_ui(settings: Settings) -> RunConfig | None:
     if preview:
         with st.spinner("Augmenting sample cells…"):
             st.image(services.augmentation_preview(cfg.data_dir, cfg), width=120)
+    if show_split:
+        split_preview_ui(cfg)
     if launch:
         if not settings.is_allowed(datasets[data]):
             st.error("That folder is not under the configured data roots.")
             return None
+        split_preview_ui(cfg)  # what the run will train, validate and test on, said before it starts
         if use_over:  # a frozen copy: later reviews do not change what this run trained on
             cfg = dataclasses.replace(cfg, label_overrides=str(services.export_overrides(settings.runs_dir)))
         return cfg
     return None
+
+
+@st.cache_data(show_spinner="Splitting the data…", max_entries=16, ttl=600)
+def split_preview(data_dir: str, strategy: str, seed: int, val_fold: int) -> dict:
+    return services.split_preview(data_dir, strategy, seed, val_fold)
+
+
+def split_preview_ui(cfg: RunConfig) -> None:
+    """Subjects and cells per class in each split, and plainly what a split lacking a class costs (warned, not
+    refused)."""
+    info = split_preview(cfg.data_dir, cfg.split, cfg.seed, cfg.val_fold)
+    if info["error"]:
+        st.warning(f"The {cfg.split} split cannot be made from this data: {info['error']}")
+        return
+    st.markdown(f"**Split** `{cfg.split}` (seed {cfg.seed}): subjects and cells per class"
+                + (f" — {info['note']}" if info.get("note") else ""))
+    st.dataframe(info["table"], hide_index=True)
+    for w in info["warnings"]:
+        st.warning(f"Split: {w}.")
 
 
 def jobs_ui(store: RunStore) -> str | None:
