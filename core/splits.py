@@ -97,19 +97,6 @@ def _group_class(m: pd.DataFrame, groups: pd.Series) -> dict:
     return {g: max(counts.columns, key=lambda c: (counts.loc[g, c], c == "all")) for g in counts.index}
 
 
-def _deviation(where: dict, cls: dict, cells: dict, ratio) -> float:
-    """How far each class's cells per split are from the ratio (sum of squared fraction differences)."""
-    target = np.asarray(ratio, dtype=float) / sum(ratio)
-    out = 0.0
-    for c in set(cls.values()):
-        per = np.zeros(len(SPLITS))
-        for g, k in cls.items():
-            if k == c:
-                per[SPLITS.index(where[g])] += cells[g]
-        out += float(((per / per.sum() - target) ** 2).sum())
-    return out
-
-
 def _ensure_classes(where: dict, cls: dict, cells: dict, ratio) -> dict:
     """Move whole subjects so that each class is in every split its subjects allow: with k subjects of a class,
     training, validation and test (in that order of need) get one each while k lasts (k >= 3: all three;
@@ -118,34 +105,53 @@ def _ensure_classes(where: dict, cls: dict, cells: dict, ratio) -> dict:
     name); when anything moved, further single moves that bring the cells closer to the ratio without emptying a
     place follow. Deterministic; a split that already holds every class it can is returned unchanged."""
     where = dict(where)
-    by_class = {c: sorted((g for g in cls if cls[g] == c), key=str) for c in sorted(set(cls.values()))}
-    need = {c: SPLITS[:min(len(gs), len(SPLITS))] for c, gs in by_class.items()}
+    target = np.asarray(ratio, dtype=float) / sum(ratio)
+    classes = sorted(set(cls.values()))
+    load = {c: np.zeros(len(SPLITS)) for c in classes}  # cells of a class per split
+    subj = {c: np.zeros(len(SPLITS), dtype=int) for c in classes}  # subjects of a class per split
+    for g, c in cls.items():
+        load[c][SPLITS.index(where[g])] += cells[g]
+        subj[c][SPLITS.index(where[g])] += 1
+    need = {c: SPLITS[:min(int(subj[c].sum()), len(SPLITS))] for c in classes}
 
-    def count(c, s):
-        return sum(where[g] == s for g in by_class[c])
+    def cost(c, vec) -> float:  # squared distance of a class's cells per split from the ratio
+        return float(((vec / vec.sum() - target) ** 2).sum())
 
-    def movable(g, to):  # leaves every required place of g's class filled
+    def gain(g, to) -> float:  # how much moving g to `to` lowers its class's distance from the ratio
+        c, i, j = cls[g], SPLITS.index(where[g]), SPLITS.index(to)
+        vec = load[c].copy()
+        vec[i] -= cells[g]
+        vec[j] += cells[g]
+        return cost(c, load[c]) - cost(c, vec)
+
+    def movable(g, to) -> bool:  # leaves every required place of g's class filled
         c, frm = cls[g], where[g]
-        return frm != to and not (frm in need[c] and count(c, frm) <= 1)
+        return frm != to and not (frm in need[c] and subj[c][SPLITS.index(frm)] <= 1)
 
+    def move(g, to) -> None:
+        c, i, j = cls[g], SPLITS.index(where[g]), SPLITS.index(to)
+        load[c][i] -= cells[g]
+        load[c][j] += cells[g]
+        subj[c][i] -= 1
+        subj[c][j] += 1
+        where[g] = to
+
+    groups = sorted(where, key=str)
     moved = False
-    for c, gs in by_class.items():
+    for c in classes:
         for s in need[c]:
-            if count(c, s):
+            if subj[c][SPLITS.index(s)]:
                 continue
-            options = [g for g in gs if movable(g, s)]
-            if not options:
-                continue
-            best = min(options, key=lambda g: (_deviation({**where, g: s}, cls, cells, ratio), str(g)))
-            where[best], moved = s, True
-    while moved:  # bring the cells back toward the ratio, one subject at a time
-        now = _deviation(where, cls, cells, ratio)
-        moves = [(_deviation({**where, g: s}, cls, cells, ratio), str(g), s, g)
-                 for g in sorted(where, key=str) for s in SPLITS if movable(g, s)]
-        if not moves or min(moves)[0] >= now - 1e-12:
+            options = [g for g in groups if cls[g] == c and movable(g, s)]
+            if options:
+                move(min(options, key=lambda g: (-gain(g, s), str(g))), s)
+                moved = True
+    for _ in range(10 * len(groups) if moved else 0):  # back toward the ratio, one subject at a time
+        best = min(((-gain(g, s), str(g), s, g) for g in groups for s in SPLITS if movable(g, s)),
+                   key=lambda t: t[:3], default=None)
+        if best is None or -best[0] <= 1e-12:
             break
-        _, _, s, g = min(moves)
-        where[g] = s
+        move(best[3], best[2])
     return where
 
 
