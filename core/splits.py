@@ -1,10 +1,11 @@
 """Train/validation/test splits of a manifest: `patient` (default), `official` and the report's `image`.
 
-`patient` keeps every subject in one split (cells of one person are correlated: splitting them leaks);
-`official` follows the challenge folds with the prelim set as test; `image` reproduces the report's random
-image-level 6:3:1 and is labelled as leaking subjects (`patient` also puts both classes in validation and test
-whenever the subjects allow it, and `split_warnings` says in plain words where they do not); `all` puts every labelled cell in train (a final model
-trained for a fixed budget whose quality was measured by cross-validation, e.g. the shipped starter model).
+`patient` keeps every subject in one split (cells of one person are correlated: splitting them leaks) and
+puts both classes in validation and test whenever the subjects allow it; `official` follows the challenge folds
+with the prelim set as test; `image` reproduces the report's random image-level 6:3:1 and is labelled as leaking
+subjects; `all` puts every labelled cell in train (a final model trained for a fixed budget whose quality was
+measured by cross-validation, e.g. the shipped starter model). `split_warnings` says in plain words where a split
+lacks a class and what that costs.
 For cross-validation by subject see `subject_folds`.
 """
 from __future__ import annotations
