@@ -7,7 +7,7 @@ DEMO   ?= data/demo
 PORT   ?= 8501
 HOST   ?= 127.0.0.1
 
-.PHONY: run test venv demo-data demo browser-deps bench clean
+.PHONY: run test venv demo-data demo browser-deps bench screenshots clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: venv
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_predict.py
 	$(PY) benchmarks/bench_dashboard.py
+
+# The README's screenshots (docs/images/*.png) from the running app in headless Chromium: generated cells and a
+# generated smear field only, a demo run trained on generated cells (a few minutes on 2 cores; not part of `test`).
+screenshots: venv browser-deps
+	$(PY) tools/screenshots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

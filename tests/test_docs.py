@@ -111,3 +111,13 @@ def test_a_broken_link_is_caught(tmp_path):
                                    "![img](i.png) `[not a link](x.md)`\n")
     assert anchors(tmp_path / "a.md") == {"top", "part-two"}
     assert links(tmp_path / "a.md") == ["a.md#part-two", "a.md#nope", "b.md", "i.png"]
+
+
+def test_every_screenshot_is_shown_and_made_by_the_script():
+    """docs/images/*.png are the ones `make screenshots` (tools/screenshots.py) writes, and each is shown somewhere:
+    a screenshot nobody can remake, or nobody sees, is stale."""
+    script = (REPO / "tools" / "screenshots.py").read_text()
+    shown = {Path(unquote(t)).name for p in PAGES for t in links(p) if t.endswith(".png")}
+    for image in sorted((REPO / "docs" / "images").glob("*.png")):
+        assert f'"{image.name}"' in script, f"{image.name} is not written by tools/screenshots.py"
+        assert image.name in shown, f"{image.name} is shown by no page"
