@@ -313,6 +313,47 @@ def config_help() -> dict[str, str]:
     return field_help()
 
 
+RUN_PRESETS = ("quick_demo", "starter", "report_solution_a", "report_solution_b", "challenge")
+
+
+def run_presets() -> dict[str, str]:
+    """The whole-run presets the Train page offers first, each with its one line (CLI: `run --preset NAME`)."""
+    from training.config import PRESET_NOTES
+
+    return {name: PRESET_NOTES[name] for name in RUN_PRESETS}
+
+
+def preset_config(name: str, **overrides) -> RunConfig:
+    """A preset's full config (per-architecture defaults filled in), with the page's overrides."""
+    from training.config import preset
+
+    return preset(name, **overrides).resolved()
+
+
+def has_gpu() -> bool:
+    """Whether training here would run on a GPU (the page then proposes a heavier preset)."""
+    from training import hardware
+
+    return bool(hardware.detect().gpus)
+
+
+def cheap_to_time(cfg: RunConfig) -> bool:
+    """Timing a few batches takes seconds (no large network to compile): done without asking."""
+    return cfg.architecture == "solution_a" and cfg.image_size <= 128
+
+
+def run_estimate(cfg: RunConfig, runs_dir: str | Path, time_now: bool = False) -> str | None:
+    """'About N minutes on this machine …' and where the speed comes from (an earlier run here, or batches timed
+    now); None when no earlier run matches and `time_now` is off."""
+    from training import estimate
+
+    cfg = cfg.resolved()
+    found = estimate.measured(cfg, RunStore(runs_dir), estimate.device_label(cfg))
+    if found is None and time_now:
+        found = estimate.timed(cfg)
+    return None if found is None else found.text(cfg)
+
+
 def launch_run(cfg: RunConfig) -> str:
     from training import jobs
 

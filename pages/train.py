@@ -1,5 +1,7 @@
-"""Train: configure a run (report defaults), launch it in the background, follow it live, cancel or resume."""
+"""Train: pick a preset, see how long it will take here, adjust anything under Advanced, launch it in the
+background, follow it live, cancel or resume."""
 import dataclasses
+import json
 
 import streamlit as st
 
@@ -13,65 +15,131 @@ SPLITS = {"patient": "patient — subject-disjoint (default, sound)", "official"
 HELP = services.config_help()
 
 
+@st.cache_resource(show_spinner=False)
+def gpu_here() -> bool:
+    return services.has_gpu()
+
+
+def preset_ui() -> str:
+    """The preset picker, first: one line on each; without a GPU it proposes one that finishes in minutes."""
+    presets = services.run_presets()
+    names = list(presets)
+    default = "starter" if gpu_here() else "quick_demo"
+    name = st.selectbox("Preset", names, index=names.index(default), key="preset",
+                        help="a whole run's settings in one choice; every setting stays adjustable under Advanced")
+    st.caption(f"**{name}**: {presets[name]}")
+    return name
+
+
+def advanced_ui(base: RunConfig, key: str) -> dict:
+    """Every other knob, its current (preset) value visible; widgets keyed by preset so a new preset resets them."""
+    k = lambda f: f"{key}-{f}"  # noqa: E731
+    v = {}
+    c1, c2, c3, c4 = st.columns(4)
+    archs = services.model_names()
+    v["architecture"] = c1.selectbox("Architecture", archs, archs.index(base.architecture), key=k("arch"),
+                                     help=HELP["architecture"])
+    inits = ["none", "imagenet", "weights file"]
+    init = base.init if base.init in ("none", "imagenet") else "weights file"
+    chosen = c2.selectbox("Start from (init)", inits, inits.index(init), key=k("init"), help=HELP["init"])
+    if chosen == "weights file":
+        v["init"] = c2.text_input("Weights file", "" if base.init in ("none", "imagenet", None) else base.init,
+                                  key=k("init_file"), help="a .weights.h5 saved from the same architecture and size")
+    else:
+        v["init"] = chosen
+    v["freeze_backbone"] = c3.checkbox("Freeze backbone", base.freeze_backbone, key=k("freeze"),
+                                       help=HELP["freeze_backbone"])
+    v["split"] = c4.selectbox("Split", list(SPLITS), list(SPLITS).index(base.split), format_func=SPLITS.get,
+                              key=k("split"), help=HELP["split"])
+    c1, c2, c3, c4 = st.columns(4)
+    v["image_size"] = int(c1.number_input("Input size (px)", 32, 250, base.image_size, 2, key=k("size"),
+                                          help=HELP["image_size"]))
+    v["epochs"] = int(c2.number_input("Epochs", 1, 500, base.epochs, key=k("epochs"), help=HELP["epochs"]))
+    v["batch_size"] = int(c3.number_input("Batch", 1, 1024, base.batch_size, key=k("batch"), help=HELP["batch_size"]))
+    v["learning_rate"] = float(c4.number_input("Learning rate", 1e-6, 1.0, base.learning_rate, format="%.0e",
+                                               key=k("lr"), help=HELP["learning_rate"]))
+    c1, c2, c3, c4 = st.columns(4)
+    v["samples_per_class"] = int(c1.number_input("Cells per class per epoch", 16, 100_000, base.samples_per_class,
+                                                 key=k("per_class"), help=HELP["samples_per_class"]))
+    v["early_stopping"] = c2.checkbox("Early stopping", base.early_stopping, key=k("early"),
+                                      help=HELP["early_stopping"])
+    v["val_augmented"] = c3.checkbox("Augmented validation (optimistic)", base.val_augmented, key=k("val_aug"),
+                                     help=HELP["val_augmented"])
+    l1l2 = c4.number_input("Head L1/L2 (empty = architecture's)", 0.0, 1.0, base.head_l1l2, format="%.0e",
+                           key=k("l1l2"), help=HELP["head_l1l2"])
+    v["head_l1l2"] = None if l1l2 is None else float(l1l2)
+    st.markdown("**Augmentation** (report §5.2)")
+    c1, c2, c3, c4 = st.columns(4)
+    v["augment"] = c1.checkbox("Augment", base.augment, key=k("augment"), help=HELP["augment"])
+    rot = c2.slider("Rotation range (°)", 0, 360, (int(base.rotation_min_deg), int(base.rotation_max_deg)),
+                    key=k("rot"))
+    v["rotation_min_deg"], v["rotation_max_deg"] = float(rot[0]), float(rot[1])
+    v["shear"] = float(c3.slider("Shear", 0.0, 0.5, base.shear, key=k("shear"), help=HELP["shear"]))
+    v["salt_pepper"] = float(c4.slider("Salt-and-pepper rate", 0.0, 0.1, base.salt_pepper, 0.005, key=k("sp"),
+                                       help=HELP["salt_pepper"]))
+    st.markdown("**Stain and colour** (generalising across patients; the report's presets: all off)")
+    c1, c2, c3, c4, c5, c6 = st.columns(6)
+    v["cell_standardize"] = c1.checkbox("Standardise cells", base.cell_standardize, key=k("std"),
+                                        help=HELP["cell_standardize"])
+    v["hed_sigma"] = float(c2.slider("HED jitter", 0.0, 0.3, base.hed_sigma, 0.01, key=k("hed"), help=HELP["hed_sigma"]))
+    v["brightness"] = float(c3.slider("Brightness", 0.0, 0.5, base.brightness, 0.05, key=k("bright"),
+                                      help=HELP["brightness"]))
+    v["contrast"] = float(c4.slider("Contrast", 0.0, 0.5, base.contrast, 0.05, key=k("contrast"),
+                                    help=HELP["contrast"]))
+    v["saturation"] = float(c5.slider("Saturation", 0.0, 0.5, base.saturation, 0.05, key=k("sat"),
+                                      help=HELP["saturation"]))
+    v["hue"] = float(c6.slider("Hue", 0.0, 0.2, base.hue, 0.01, key=k("hue"), help=HELP["hue"]))
+    c1, c2, c3, c4 = st.columns(4)
+    v["sharpness"] = float(c1.slider("Sharpness jitter", 0.0, 2.0, base.sharpness, 0.1, key=k("sharp"),
+                                     help=HELP["sharpness"]))
+    v["noise_std"] = float(c2.slider("Noise (grey levels)", 0.0, 20.0, base.noise_std, 1.0, key=k("noise"),
+                                     help=HELP["noise_std"]))
+    v["mixstyle"] = float(c3.slider("MixStyle probability", 0.0, 1.0, base.mixstyle, 0.1, key=k("mixstyle"),
+                                    help=HELP["mixstyle"]))
+    v["subject_correction"] = float(c4.slider("Subject correction", 0.0, 1.0, base.subject_correction, 0.1,
+                                              key=k("subj"), help=HELP["subject_correction"]))
+    return v
+
+
+@st.cache_data(show_spinner="Timing a few training batches on this machine…", max_entries=32)
+def timed_estimate(cfg_json: str, runs_dir: str) -> str | None:
+    return services.run_estimate(RunConfig.from_dict(json.loads(cfg_json)), runs_dir, time_now=True)
+
+
+def estimate_ui(cfg: RunConfig, runs_dir: str) -> None:
+    """A plain estimate before launch: from an earlier run's measured speed here, else batches timed now (at once
+    for light models; on request for large ones, whose compile alone takes a minute)."""
+    try:
+        text = services.run_estimate(cfg, runs_dir)
+        if text is None and (services.cheap_to_time(cfg) or st.button("Estimate the time (times a few batches)")):
+            text = timed_estimate(cfg.to_json(), runs_dir)
+    except ValueError as exc:  # a setting the architecture cannot take: said here already
+        st.warning(f"No estimate: {exc}")
+        return
+    if text is None:
+        st.info("No estimate yet: no earlier run of this shape on this machine.")
+    else:
+        st.info(text)
+
+
 def config_ui(settings: Settings) -> RunConfig | None:
     datasets = settings.datasets()
-    base = RunConfig()
-    with st.form("new_run"):
-        name = st.text_input("Run name", help=HELP["name"])
-        data = st.selectbox("Data source", list(datasets), help="the demo set or a folder under the data roots")
-        arch = st.selectbox("Architecture", services.model_names(), help=HELP["architecture"])
-        split = st.radio("Split", list(SPLITS), format_func=SPLITS.get, help=HELP["split"])
-        c1, c2, c3, c4 = st.columns(4)
-        size = c1.number_input("Input size (px)", 32, 250, base.image_size, 2, help=HELP["image_size"])
-        epochs = c2.number_input("Epochs (0 = architecture default)", 0, 500, 0, help=HELP["epochs"])
-        batch = c3.number_input("Batch (0 = architecture default)", 0, 1024, 0, help=HELP["batch_size"])
-        lr = c4.number_input("Learning rate", 1e-6, 1.0, base.learning_rate, format="%.0e", help=HELP["learning_rate"])
-        c1, c2, c3, c4 = st.columns(4)
-        per_class = c1.number_input("Cells per class per epoch", 16, 100_000, base.samples_per_class,
-                                    help=HELP["samples_per_class"])
-        early = c2.checkbox("Early stopping", base.early_stopping, help=HELP["early_stopping"])
-        val_aug = c3.checkbox("Augmented validation (optimistic)", base.val_augmented, help=HELP["val_augmented"])
-        l1l2 = c4.number_input("Head L1/L2 (empty = architecture's)", 0.0, 1.0, base.head_l1l2, format="%.0e",
-                               help=HELP["head_l1l2"])
-        st.markdown("**Augmentation** (report §5.2)")
-        c1, c2, c3, c4 = st.columns(4)
-        augment = c1.checkbox("Augment", base.augment, help=HELP["augment"])
-        rot = c2.slider("Rotation range (°)", 0, 360, (int(base.rotation_min_deg), int(base.rotation_max_deg)))
-        shear = c3.slider("Shear", 0.0, 0.5, base.shear, help=HELP["shear"])
-        noise = c4.slider("Salt-and-pepper rate", 0.0, 0.1, base.salt_pepper, 0.005, help=HELP["salt_pepper"])
-        st.markdown("**Stain and colour** (generalising across patients; `report` preset: all off)")
-        c1, c2, c3, c4, c5, c6 = st.columns(6)
-        std = c1.checkbox("Standardise cells", base.cell_standardize, help=HELP["cell_standardize"])
-        hed = c2.slider("HED jitter", 0.0, 0.3, base.hed_sigma, 0.01, help=HELP["hed_sigma"])
-        bright = c3.slider("Brightness", 0.0, 0.5, base.brightness, 0.05, help=HELP["brightness"])
-        contrast = c4.slider("Contrast", 0.0, 0.5, base.contrast, 0.05, help=HELP["contrast"])
-        sat = c5.slider("Saturation", 0.0, 0.5, base.saturation, 0.05, help=HELP["saturation"])
-        hue = c6.slider("Hue", 0.0, 0.2, base.hue, 0.01, help=HELP["hue"])
-        c1, c2, c3, c4 = st.columns(4)
-        sharp = c1.slider("Sharpness jitter", 0.0, 2.0, base.sharpness, 0.1, help=HELP["sharpness"])
-        noise_std = c2.slider("Noise (grey levels)", 0.0, 20.0, base.noise_std, 1.0, help=HELP["noise_std"])
-        mixstyle = c3.slider("MixStyle probability", 0.0, 1.0, base.mixstyle, 0.1, help=HELP["mixstyle"])
-        subj = c4.slider("Subject correction", 0.0, 1.0, base.subject_correction, 0.1,
-                         help=HELP["subject_correction"])
+    name = preset_ui()
+    data = st.selectbox("Data source", list(datasets), help="the demo set or a folder under the data roots")
+    base = services.preset_config(name)
+    with st.expander("Advanced: every setting of this preset", expanded=False):
+        run_name = st.text_input("Run name", help=HELP["name"])
+        values = advanced_ui(base, name)
         n_over = len(services.label_overrides(settings.runs_dir))
         use_over = st.checkbox(f"Train with the reviewers' label corrections ({n_over} cells)", False,
                                disabled=n_over == 0, help=HELP["label_overrides"])
-        preview = st.form_submit_button("Preview augmentation")
-        show_split = st.form_submit_button("Preview split")
-        launch = st.form_submit_button("Launch training", type="primary")
-    info = services.architecture_defaults(arch)
-    cfg = dataclasses.replace(base, name=name, architecture=arch, data_dir=str(datasets[data]), split=split,
-                              image_size=int(size), epochs=int(epochs) or info.epochs,
-                              batch_size=int(batch) or info.batch_size, learning_rate=float(lr),
-                              samples_per_class=int(per_class), early_stopping=early, val_augmented=val_aug,
-                              head_l1l2=None if l1l2 is None else float(l1l2),
-                              augment=augment, rotation_min_deg=float(rot[0]), rotation_max_deg=float(rot[1]),
-                              shear=float(shear), salt_pepper=float(noise), cell_standardize=std,
-                              hed_sigma=float(hed), brightness=float(bright), contrast=float(contrast),
-                              saturation=float(sat), hue=float(hue), sharpness=float(sharp),
-                              noise_std=float(noise_std), mixstyle=float(mixstyle),
-                              subject_correction=float(subj), runs_dir=str(settings.runs_dir),
-                              cache_dir=str(settings.runs_dir / "cache"))
+    cfg = dataclasses.replace(base, name=run_name or name, data_dir=str(datasets[data]),
+                              runs_dir=str(settings.runs_dir), cache_dir=str(settings.runs_dir / "cache"), **values)
+    estimate_ui(cfg, str(settings.runs_dir))
+    c1, c2, c3 = st.columns(3)
+    preview = c1.button("Preview augmentation")
+    show_split = c2.button("Preview split")
+    launch = c3.button("Launch training", type="primary")
     if preview:
         with st.spinner("Augmenting sample cells…"):
             st.image(services.augmentation_preview(cfg.data_dir, cfg), width=120)
@@ -149,8 +217,9 @@ def main() -> None:
     settings = Settings.from_env()
     st.title("Train")
     store = RunStore(settings.runs_dir)
-    with st.expander("New run", expanded=True):
-        cfg = config_ui(settings)
+    st.caption("Research use only: not a diagnostic device.")
+    st.subheader("New run")
+    cfg = config_ui(settings)
     if cfg is not None:
         try:
             run_id = services.launch_run(cfg)

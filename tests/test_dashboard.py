@@ -149,20 +149,30 @@ def test_whole_flow_train_evaluate_misclassified(monkeypatch, tmp_path, synth_sm
     runs = tmp_path / "runs"
     at = app(monkeypatch, runs, synth_small)
     at.switch_page("pages/train.py").run()
+    assert not at.exception, at.exception
     assert any("No runs yet" in i.value for i in at.info)
+    # presets first: without a GPU the page proposes the one that finishes in minutes, and says how long here
+    preset = next(s for s in at.selectbox if s.label == "Preset")
+    assert preset.value == "quick_demo" and set(preset.options) >= {"starter", "report_solution_a", "challenge"}
+    assert any("about a minute" in c.value for c in at.caption)
+    assert any(i.value.startswith("About ") and "timed now" in i.value for i in at.info)  # no earlier run here
     nums = {n.label: n for n in at.number_input}
+    assert nums["Input size (px)"].value == 64 and nums["Epochs"].value == 3  # the preset's values, visible
     nums["Input size (px)"].set_value(32)
-    nums["Epochs (0 = architecture default)"].set_value(2)
-    nums["Batch (0 = architecture default)"].set_value(16)
+    nums["Epochs"].set_value(2)
+    nums["Batch"].set_value(16)
     nums["Cells per class per epoch"].set_value(48)
     nums["Learning rate"].set_value(1e-3)
     next(s for s in at.slider if s.label == "MixStyle probability").set_value(0.5)
-    at.selectbox[1].set_value("efficientnet_b2")
-    at.button(key="FormSubmitter:new_run-Launch training").click().run()
-    assert not at.exception and "mixstyle is not supported" in at.error[0].value  # refused before it starts
+    next(s for s in at.selectbox if s.label == "Architecture").set_value("efficientnet_b2")
+    at.run()
+    launch = lambda: next(b for b in at.button if b.label == "Launch training").click().run()  # noqa: E731
+    launch()
+    assert not at.exception and any("mixstyle is not supported" in e.value for e in at.error)  # refused first
     assert RunStore(runs).list_runs().empty
-    at.selectbox[1].set_value("solution_a")
-    at.button(key="FormSubmitter:new_run-Launch training").click().run()
+    next(s for s in at.selectbox if s.label == "Architecture").set_value("solution_a")
+    at.run()
+    launch()
     assert not at.exception, at.exception
     assert any("launched in the background" in s.value for s in at.success)
     store = RunStore(runs)
@@ -176,6 +186,8 @@ def test_whole_flow_train_evaluate_misclassified(monkeypatch, tmp_path, synth_sm
     at.run()
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) >= 1  # the run's curves
+    # the next estimate of the same shape comes from this run's measured speed
+    assert any(i.value.startswith("About ") and f"measured: run {rid}" in i.value for i in at.info)
     at.switch_page("pages/evaluate.py").run()
     assert not at.exception, at.exception
     assert len(at.get("plotly_chart")) >= 3  # confusion matrix, ROC, PR, reliability

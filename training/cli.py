@@ -109,14 +109,12 @@ def _challenge_summary(store, run_id: str, n_boot: int = 1000) -> None:
     from training.report import write_report
 
     result = evaluate(store, [run_id], split="test", n_boot=n_boot)
-    prov, m = result["provenance"], result["metrics"]
-    lo, hi = result["ci95_by_subject_bootstrap"].get("weighted_f1", (float("nan"), float("nan")))
+    prov = result["provenance"]
     print(f"challenge protocol, run {run_id}: test = the labelled preliminary test set ({prov['cells']} cells, "
-          f"{len(prov['subjects'])} subjects, {prov['split_strategy']} split)")
-    print(f"weighted F1 {m['weighted_f1']:.4f} (95% CI by subject bootstrap {lo:.4f}-{hi:.4f}, {n_boot} resamples)")
+          f"{len(prov['subjects'])} subjects, {prov['split_strategy']} split; {n_boot} bootstrap resamples)")
+    print(f"weighted F1 {_figure(result, 'weighted_f1')}")
     for key in ("balanced_accuracy", "sensitivity_all", "specificity_all", "roc_auc"):
-        a, b = result["ci95_by_subject_bootstrap"].get(key, (float("nan"), float("nan")))
-        print(f"  {key:<18} {m[key]:.4f}  ({a:.4f}-{b:.4f})")
+        print(f"  {key:<18} {_figure(result, key)}")
     print(f"report: {write_report(store, run_id)}")
 
 
@@ -152,7 +150,19 @@ def demo_config(data: str | Path, runs_dir: str | Path, epochs: int | None = Non
                      runs_dir=str(runs_dir), cache_dir=str(Path(data) / ".cache"))
 
 
+def _figure(result: dict, key: str) -> str:
+    """A figure with its subject-bootstrap CI, or "undefined: <reason>" (never nan)."""
+    from core.metrics import metric_text
+
+    text = metric_text(result, key, 4)
+    ci = result.get("ci95_by_subject_bootstrap", {}).get(key)
+    if text.startswith("undefined") or not ci or any(v is None or v != v for v in ci):
+        return text
+    return f"{text}  (95% CI by subject bootstrap {ci[0]:.4f}-{ci[1]:.4f})"
+
+
 def cmd_evaluate(args) -> int:
+    from core.metrics import headline
     from core.model_folder import is_model_folder
     from training.evaluate import evaluate, evaluate_model_folder
     from training.store import RunStore
@@ -164,7 +174,7 @@ def cmd_evaluate(args) -> int:
             return 2
         result = evaluate_model_folder(args.run_ids[0], args.data, out_dir=args.out, tta=args.tta,
                                        n_boot=args.n_boot)
-        prov, m = result["provenance"], result["metrics"]
+        prov = result["provenance"]
         print(f"model {prov['model']} on {prov['data_dir']} ({prov['cells']} cells, {len(prov['subjects'])} "
               f"subjects, {prov['excluded_files']} files excluded{', TTA' if prov['tta'] else ''}); decision rule "
               f"fitted on {prov['rule']}")
@@ -180,7 +190,7 @@ def cmd_evaluate(args) -> int:
         except (FileNotFoundError, KeyError, ValueError) as exc:
             print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
             return 2
-        prov, m = result["provenance"], result["metrics"]
+        prov = result["provenance"]
         print(f"runs {', '.join(prov['runs'])} on the {prov['split']} set ({prov['split_strategy']} split, "
               f"{prov['cells']} cells, {len(prov['subjects'])} subjects, data {prov['data_dir']}"
               f"{', TTA' if prov['tta'] else ''})")
@@ -192,10 +202,9 @@ def cmd_evaluate(args) -> int:
 
     table = pd.DataFrame(result["report_table"]).set_index("class")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    ci = result["ci95_by_subject_bootstrap"]
+    print(headline(result, 4))
     for key in ("weighted_f1", "balanced_accuracy", "sensitivity_all", "specificity_all", "roc_auc", "pr_auc"):
-        lo, hi = ci.get(key, (float("nan"), float("nan")))
-        print(f"{key:<18} {m[key]:.4f}  (95% CI by subject {lo:.4f}-{hi:.4f})")
+        print(f"{key:<18} {_figure(result, key)}")
     c = result["calibration"]
     ece = f"ECE {c['ece_raw']:.4f} -> {c['ece_calibrated']:.4f}" if "ece_raw" in c else \
         f"ECE {c['ece_calibrated']:.4f}"
