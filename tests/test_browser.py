@@ -27,8 +27,22 @@ def free_port() -> int:
 @pytest.fixture()
 def server(demo_run, tmp_path):
     store, _, data = demo_run
+    yield from _serve(store.root, data, tmp_path)
+
+
+@pytest.fixture()
+def own_server(demo_run, tmp_path):
+    """The app on a copy of the demo run store: a test that launches runs leaves the shared one as it was."""
+    import shutil
+
+    store, _, data = demo_run
+    runs = shutil.copytree(store.root, tmp_path / "runs")
+    yield from _serve(runs, data, tmp_path)
+
+
+def _serve(runs, data, tmp_path):
     port = free_port()
-    env = dict(os.environ, CNMC_RUNS_DIR=str(store.root), CNMC_DEMO_DATA=str(data),
+    env = dict(os.environ, CNMC_RUNS_DIR=str(runs), CNMC_DEMO_DATA=str(data),
                CNMC_DATA_ROOTS=str(tmp_path), PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true"],
@@ -74,6 +88,32 @@ def test_upload_a_cell_and_see_the_prediction(server, cell_dir):
         page.screenshot(path=str(ARTIFACTS / "browser_classify.png"), full_page=True)
         browser.close()
     assert (ARTIFACTS / "browser_classify.png").stat().st_size > 10_000
+
+
+def test_train_pick_a_preset_see_the_estimate_launch_and_watch(own_server):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian chromium is missing: `make test` installs it (make browser-deps)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{own_server}/train")
+        page.get_by_text("New run").wait_for(timeout=60_000)
+        # the preset proposed without a GPU, its one line, and the estimate measured on the demo run (same shape)
+        page.get_by_text(re.compile(r"^quick_demo: .*about a minute")).wait_for(timeout=60_000)
+        estimate = page.get_by_text(re.compile(r"^About .* on this machine"))
+        estimate.wait_for(timeout=120_000)
+        assert "measured: run" in estimate.inner_text() or "timed now" in estimate.inner_text()
+        page.get_by_role("button", name="Launch training").click()
+        page.get_by_text("launched in the background").wait_for(timeout=60_000)
+        # watch it train: the progress line moves through epochs and the live curves appear
+        page.get_by_text(re.compile(r"^(running|queued): epoch \d/3")).first.wait_for(timeout=120_000)
+        page.locator(".js-plotly-plot").first.wait_for(timeout=240_000)
+        page.get_by_text(re.compile(r"^completed: 3 of 3 epochs trained")).first.wait_for(timeout=300_000)
+        page.screenshot(path=str(ARTIFACTS / "browser_train.png"), full_page=True)
+        browser.close()
 
 
 def test_run_report_opens_offline_with_every_section(demo_run, tmp_path):
