@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from training.package import member_columns  # noqa: E402 - one rule for the benchmark and the packager
+
 KEYS = ("weighted_f1", "balanced_accuracy", "sensitivity_all", "specificity_all", "roc_auc")
 
 
@@ -395,11 +397,6 @@ def rescore(args) -> int:
     results |= {"methods": {}, "rescored_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     score(oof, recipes, results, args)
     return 0
-
-
-def member_columns(columns, spec: str) -> list[str]:
-    """The out-of-fold columns of every member (one per recipe and seed, no TTA) of `a` or of a mixture `a+b`."""
-    return [c for r in spec.split("+") for c in columns if c.startswith(f"{r}#s") and not c.endswith("+tta")]
 
 
 if __name__ == "__main__":

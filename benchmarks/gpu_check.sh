@@ -16,7 +16,7 @@
 # 1b. The `challenge` preset end to end on a generated Kaggle-layout tree (its speed with mixed precision).
 # 2. Real cells, if packed: bench_real.py (leave-subjects-out, the same folds and baseline as on CPU) for the
 #    budgets in REAL_BUDGETS, all at once (compiles are CPU-bound, the GPU is shared), and for each budget the
-#    final model trained on every cell (inference-only .keras, to package here with make_starter.py --model).
+#    final model trained on every cell (inference-only .keras, to package here with `python -m training package --model`).
 # Everything is written to $OUT: gpu.txt, bench_train.txt, real.tar.gz (logs, results.json, out-of-fold
 # predictions), model_<budget>.keras. Each stage has a deadline, so partial results still come back.
 # First run (2026-11-29, H200): the speed stage found the augmentation's RandomRotation/RandomShear switching the

@@ -176,7 +176,7 @@ def read_independent_check(ref: str | os.PathLike | dict) -> dict | None:
 
 
 def load_independent_check(path: str | os.PathLike) -> dict | None:
-    """An independent check's figures from a JSON file (e.g. `make_starter.py --independent-check FILE`): the
+    """An independent check's figures from a JSON file (e.g. `python -m training package --independent-check FILE`): the
     object itself, or its `independent_check` member (a whole card.json); `null` means none. A clear error when
     it is not such an object."""
     data = json.loads(Path(path).read_text())

@@ -1,7 +1,6 @@
 """The independent check on new patients: the cards' slot, the card text written from it, and Classify showing it
 before the cross-validated figures (issue 22, item 1)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,10 @@ CHECK = {"data": "cells of other patients", "cells": 96, "patients": 45, "all": 
          "ece": 0.17, "run_by": "outside this repository", "summary": SENTENCE, "cv_overstated_by_weighted_f1": 0.17}
 
 
-def _make_starter():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import make_starter
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return make_starter
+def _packager():
+    from training import package  # `python -m training package`: the packager of shipped models
+
+    return package
 
 
 def test_starter_card_json_holds_the_independent_check():
@@ -49,8 +45,8 @@ def test_starter_card_md_puts_the_check_before_the_cross_validation():
                  "ECE 0.17", "95 of 96 cells assessed", "50 `all`, 46 `hem`", f"**{SENTENCE}**",
                  "overstated this by about 0.17 weighted F1", "review band does not catch them"):
         assert part.lower() in section.lower(), part
-    # the card is what make_starter writes from card.json (one source for both)
-    assert _make_starter().card_markdown(read_card("starter")) == md
+    # the card is what `training package` writes from card.json (one source for both)
+    assert _packager().card_markdown(read_card("starter")) == md
 
 
 def test_smear_card_keeps_the_slot_and_loads():
@@ -95,19 +91,20 @@ def _starter_card(check=None) -> dict:
     return card
 
 
-def test_make_starter_card_keeps_the_slot():
-    ms = _make_starter()
+def test_packager_card_keeps_the_slot():
+    ms = _packager()
     md = ms.card_markdown(_starter_card(None))
     assert CHECK_HEADING in md and CHECK_PENDING in md and md.index(CHECK_HEADING) < md.index("## Data")
     md = ms.card_markdown(_starter_card(CHECK))
     assert SENTENCE in md and "weighted F1 0.656" in md and "not yet run" not in md
 
 
-def test_make_starter_refuses_a_bad_check_file_before_training(tmp_path, capsys):
+def test_packager_refuses_a_bad_check_file_before_training(tmp_path, capsys):
     bad = tmp_path / "check.json"
     bad.write_text("[1, 2]")
-    assert _make_starter().main([str(tmp_path), "--bench", str(tmp_path / "none"),
-                                 "--independent-check", str(bad)]) == 2
+    from training.cli import main
+
+    assert main(["package", str(tmp_path), "--bench", str(tmp_path / "none"), "--independent-check", str(bad)]) == 2
     assert "--independent-check" in capsys.readouterr().err
 
 

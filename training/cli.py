@@ -350,6 +350,12 @@ def cmd_smear_model(args) -> int:
     return 0
 
 
+def cmd_package(args) -> int:
+    from training.package import run
+
+    return run(args)
+
+
 def cmd_report(args) -> int:
     from training.report import write_report
     from training.store import RunStore
@@ -501,6 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "cache_dir)")
     s.add_argument("--folds", type=int, default=5, help="cross-validation folds over photos (rule and card)")
     s.set_defaults(func=cmd_smear_model)
+
+    from training import package
+
+    s = sub.add_parser("package", help="train, calibrate and package a shipped single-cell model folder (the "
+                                       "starter) from a bench_real.py result, with its card",
+                       description=package.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    package.add_arguments(s)
+    s.set_defaults(func=cmd_package)
 
     s = sub.add_parser("report", help="one self-contained HTML report of a completed run (figures inline)")
     s.add_argument("run_id", metavar="RUN_ID")

@@ -1,8 +1,8 @@
-"""Train, calibrate and package the shipped starter model from a `bench_real.py` result (re-runnable by anyone
-with the data).
+"""Package a shipped single-cell model (the starter): train, calibrate and write its model folder and card from a
+`bench_real.py` result (re-runnable by anyone with the data). A product feature: `python -m training package`.
 
     python benchmarks/bench_real.py data/real --out runs/bench_real/main      # measure first (about 1 h)
-    python benchmarks/make_starter.py data/real --bench runs/bench_real/main --recipe cross_patient_texture
+    python -m training package data/real --bench runs/bench_real/main --recipe cross_patient_texture
 
 1. Trains the recipe on every cell of DATA (split `all`: fixed epochs, the last kept) with the very budget the
    benchmark measured (read from its results.json), as an ordinary run in the run store; one run per seed the
@@ -21,10 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
 CITATION = ("Gupta A., Gupta R. (eds.), ISBI 2019 C-NMC Challenge: Classification in Cancer Cell Imaging, "
             "Springer 2019; data: C-NMC 2019, The Cancer Imaging Archive (TCIA)")
@@ -146,7 +144,7 @@ def reproduce(spec: str, specs: list[tuple[str, int]], b: dict, quantize: str | 
     if len(parts) > 1:
         cmds.append(f"python benchmarks/bench_real.py DATA --rescore --out BENCH_{parts[0]} --merge "
                     + " ".join(f"BENCH_{r}" for r in parts[1:]) + f" --ensemble {spec}")
-    cmds.append(f"python benchmarks/make_starter.py DATA --bench BENCH_{parts[0]} --recipe {spec}"
+    cmds.append(f"python -m training package DATA --bench BENCH_{parts[0]} --recipe {spec}"
                 + (f" --quantize {quantize}" if quantize else ""))
     if quantize:
         cmds.append(f"python benchmarks/bench_quantize.py " + " ".join(f"BENCH_{r}" for r in parts))
@@ -200,8 +198,13 @@ def starter_gate(model, cells, cfg, cache_dir: str, fit_cells: int = 600, seed: 
     return gate
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def member_columns(columns, spec: str) -> list[str]:
+    """The out-of-fold columns of every member (one per recipe and seed, no TTA) of `a` or of a mixture `a+b`."""
+    return [c for r in spec.split("+") for c in columns if c.startswith(f"{r}#s") and not c.endswith("+tta")]
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The `package` command's options (CLI: `python -m training package DATA --bench DIR ...`)."""
     ap.add_argument("data")
     ap.add_argument("--bench", required=True, help="a bench_real.py --out folder (results.json, oof_predictions.csv)")
     ap.add_argument("--recipe", default="cross_patient_texture")
@@ -230,7 +233,18 @@ def main(argv: list[str] | None = None) -> int:
                          "without it the card says the check is not yet run")
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--cache-dir", default="cache")
-    args = ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` as the `package` command does and run it."""
+    ap = argparse.ArgumentParser(prog="python -m training package", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or take) the members, fit the decision rule and gate, write the model folder and its card."""
 
     from core.calibration import DecisionRule, expected_calibration_error
     from core.dataset import index
@@ -257,8 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     oof = pd.read_csv(bench / "oof_predictions.csv", dtype={"subject": "str"})
     # the members: one per recipe and seed the benchmark trained (`recipe#sN` columns); `a+b` mixes recipes
-    from bench_real import member_columns  # the benchmark's own rule (this script's folder is on sys.path)
-
     member_cols = member_columns(oof.columns, args.recipe) or [args.recipe]
     specs = [(c.split("#s")[0], int(c.split("#s")[1])) if "#s" in c else (args.recipe, b["seed"]) for c in member_cols]
 
@@ -372,6 +384,3 @@ def main(argv: list[str] | None = None) -> int:
           f"threshold {rule.threshold:.3f}, band {rule.band}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
