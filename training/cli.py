@@ -405,6 +405,27 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_backup(args) -> int:
+    from training.store import RunStore
+
+    out = RunStore(args.runs_dir).backup(args.out)
+    print(f"run store {Path(args.runs_dir) / 'runs.sqlite'} backed up to {out} (integrity check ok)")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from training.store import restore
+
+    try:
+        saved = restore(args.file, args.runs_dir, force=args.force)
+    except (FileExistsError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"restored {args.file} into {Path(args.runs_dir) / 'runs.sqlite'}"
+          + (f"; the store it replaced is kept as {saved}" if saved else ""))
+    return 0
+
+
 def _stain_flag(parser) -> None:
     """predict --fields and segment share one stain option (one wording, one default)."""
     parser.add_argument("--normalize-stain", action="store_true",
@@ -534,6 +555,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="CSV to write (default: print)")
     s.add_argument("--runs-dir", default="runs")
     s.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("backup", help="copy the run store (runs, audit trail, label reviews) into one SQLite file; "
+                                      "safe while the dashboard and workers write")
+    s.add_argument("--runs-dir", default="runs")
+    s.add_argument("--out", required=True, help="the backup file to write")
+    s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("restore", help="put a backup back as the run store (checks it first; the replaced store is "
+                                       "kept beside it)")
+    s.add_argument("file", help="a file written by `backup`")
+    s.add_argument("--runs-dir", default="runs")
+    s.add_argument("--force", action="store_true", help="replace an existing store (refused while its runs are "
+                                                        "queued or running)")
+    s.set_defaults(func=cmd_restore)
     return p
 
 

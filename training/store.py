@@ -4,11 +4,19 @@ One writer process per run (the worker) and many readers (the dashboard, the CLI
 one short transaction, so a worker killed at any instant leaves a consistent database; readers detect dead
 workers (on this host by pid and process start time, elsewhere by a silent heartbeat) and report their runs as
 failed.
+
+Several users at once: every call opens its own connection (so any thread of the Streamlit server, and any
+worker process, may call any method), waits up to 30 s for another writer (`busy_timeout`), writes in a
+`BEGIN IMMEDIATE` transaction (the write lock is taken first, so a transaction never fails half-way for a lock)
+and retries a transaction refused with "database is locked". Audit records and label reviews carry a
+client-made `uid` under a UNIQUE index, so a retried write never lands twice. `backup()` copies the live store
+with SQLite's online backup API; `restore()` puts a backup back.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sqlite3
 import time
@@ -56,6 +64,15 @@ CREATE TABLE IF NOT EXISTS classifications (
     out_of_distribution INTEGER, ood_reason TEXT, error TEXT, rule TEXT
 );
 """
+# added after the first release: old stores gain them on open (old code ignores them; a NULL uid never clashes)
+_ADDED_COLUMNS = {"runs": [("pid_start", "TEXT")], "label_reviews": [("uid", "TEXT")],
+                  "classifications": [("uid", "TEXT")]}
+_INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS label_reviews_uid ON label_reviews (uid);
+CREATE UNIQUE INDEX IF NOT EXISTS classifications_uid ON classifications (uid);
+"""
+BUSY_TIMEOUT_S = 30.0  # how long one write waits for another writer before "database is locked"
+LOCK_RETRIES = 5  # a transaction refused as locked is tried again this many times (with a short random pause)
 AUDIT_COLUMNS = ["at", "source", "model", "model_sha256", "file_name", "file_sha256", "prediction",
                  "prob_all_calibrated", "review", "out_of_distribution", "ood_reason", "error", "rule"]
 
@@ -95,29 +112,58 @@ class RunStore:
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(_SCHEMA)
-            columns = {r["name"] for r in con.execute("PRAGMA table_info(runs)")}
-            if "pid_start" not in columns:  # a store made before workers were identified by their start time
-                con.execute("ALTER TABLE runs ADD COLUMN pid_start TEXT")
+        if self._missing_columns():  # a store made by an older version: one migration, whoever opens it first
+            def migrate(con):
+                for table, column, kind in self._missing_columns(con):
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            self._transaction(migrate)
+        with self._connect() as con:
+            con.executescript(_INDEXES)
+
+    def _missing_columns(self, con: sqlite3.Connection | None = None) -> list[tuple[str, str, str]]:
+        if con is None:
+            with self._connect() as con:
+                return self._missing_columns(con)
+        missing = []
+        for table, added in _ADDED_COLUMNS.items():
+            have = {r["name"] for r in con.execute(f"PRAGMA table_info({table})")}
+            missing += [(table, c, kind) for c, kind in added if c not in have]
+        return missing
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+        con = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
-            con.execute("PRAGMA busy_timeout=30000")
+            con.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
             con.row_factory = sqlite3.Row
             yield con
         finally:
             con.close()
 
+    def _transaction(self, work):
+        """`work(con)` in one `BEGIN IMMEDIATE` transaction: all of it or none. A transaction refused as locked
+        or busy (past the busy timeout, or SQLite's deadlock guard) is rolled back and tried again; callers make
+        their inserts idempotent (a uid) where a second try could otherwise duplicate a row."""
+        for attempt in range(LOCK_RETRIES + 1):
+            with self._connect() as con:
+                try:
+                    con.execute("BEGIN IMMEDIATE")
+                    try:
+                        out = work(con)
+                        con.execute("COMMIT")
+                        return out
+                    except BaseException:
+                        if con.in_transaction:
+                            con.execute("ROLLBACK")
+                        raise
+                except sqlite3.OperationalError as exc:
+                    text = str(exc).lower()
+                    if attempt == LOCK_RETRIES or not ("locked" in text or "busy" in text):
+                        raise
+            time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
+
     def _write(self, sql: str, params: tuple = ()) -> None:
-        with self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                con.execute(sql, params)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        self._transaction(lambda con: con.execute(sql, params))
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def run_dir(self, run_id: str) -> Path:
@@ -164,34 +210,43 @@ class RunStore:
     # --- metrics -------------------------------------------------------------------------------------------
     def log_epoch(self, run_id: str, epoch: int, logs: dict[str, float], seconds: float) -> None:
         vals = [logs.get(k) for k in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")]
-        self._write("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, epoch, *[None if v is None else float(v) for v in vals], float(seconds), time.time()))
-        self._write("UPDATE runs SET heartbeat_at=? WHERE id=?", (time.time(), run_id))
+        now = time.time()
+
+        def work(con):
+            con.execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (run_id, epoch, *[None if v is None else float(v) for v in vals], float(seconds), now))
+            con.execute("UPDATE runs SET heartbeat_at=? WHERE id=?", (now, run_id))
+        self._transaction(work)
 
     def set_progress(self, run_id: str, epoch: int, step: int, steps: int, phase: str = "train") -> None:
         now = time.time()
-        with self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
+
+        def work(con):
             con.execute("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?, ?, ?)",
                         (run_id, epoch, step, steps, now, phase))
             con.execute("UPDATE runs SET heartbeat_at=? WHERE id=?", (now, run_id))
-            con.execute("COMMIT")
+        self._transaction(work)
+
+    def set_phase(self, run_id: str, phase: str) -> None:
+        """Say what the run is doing (e.g. why it waits) without touching its epoch/step progress."""
+        self._write("INSERT INTO progress (run_id, epoch, step, steps, updated_at, phase) VALUES (?, 0, 0, 0, ?, ?) "
+                    "ON CONFLICT (run_id) DO UPDATE SET phase=excluded.phase, updated_at=excluded.updated_at",
+                    (run_id, time.time(), phase))
 
     # --- audit trail ---------------------------------------------------------------------------------------
-    def log_classifications(self, records: list[dict[str, Any]]) -> None:
-        """Append one audit record per classified file (all in one transaction: all or none)."""
+    def log_classifications(self, records: list[dict[str, Any]]) -> list[str]:
+        """Append one audit record per classified file (all in one transaction: all or none); returns their uids.
+
+        A record's `uid` (made here when absent) makes the write idempotent: a record already stored under it
+        is not stored again (a retried transaction, or a caller sending the same records twice)."""
         if not records:
-            return
-        cols = AUDIT_COLUMNS
-        with self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                con.executemany(f"INSERT INTO classifications ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                                [tuple(r.get(c) for c in cols) for r in records])
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+            return []
+        cols = [*AUDIT_COLUMNS, "uid"]
+        uids = [str(r.get("uid") or uuid.uuid4().hex) for r in records]
+        rows = [tuple(r.get(c) for c in AUDIT_COLUMNS) + (uid,) for r, uid in zip(records, uids)]
+        self._transaction(lambda con: con.executemany(
+            f"INSERT OR IGNORE INTO classifications ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", rows))
+        return uids
 
     def classifications(self, limit: int | None = None) -> pd.DataFrame:
         """The audit trail, newest first, with times as ISO strings."""
@@ -204,8 +259,9 @@ class RunStore:
 
     # --- label reviews --------------------------------------------------------------------------------------
     def record_review(self, name: str, original_label: str, decision: str, reviewer: str, note: str = "",
-                      run_id: str | None = None, path: str | None = None) -> None:
-        """A reviewer's decision on a cell's dataset label; kept forever (the latest per cell counts)."""
+                      run_id: str | None = None, path: str | None = None, uid: str | None = None) -> str:
+        """A reviewer's decision on a cell's dataset label; kept forever (the latest per cell counts). Returns its
+        uid; giving the same `uid` again (a retried or double-sent decision) stores it once."""
         from core.labels import CLASSES, DECISIONS
 
         if decision not in DECISIONS:
@@ -214,9 +270,11 @@ class RunStore:
             raise ValueError(f"{name}: label {original_label!r} is not a class")
         if not reviewer.strip():
             raise ValueError("a review needs the reviewer's name")
-        self._write("INSERT INTO label_reviews (at, reviewer, run_id, name, path, original_label, decision, note) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (time.time(), reviewer.strip(), run_id, name, path, original_label, decision, note or ""))
+        uid = str(uid or uuid.uuid4().hex)
+        self._write("INSERT OR IGNORE INTO label_reviews (at, reviewer, run_id, name, path, original_label, decision, "
+                    "note, uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (time.time(), reviewer.strip(), run_id, name, path, original_label, decision, note or "", uid))
+        return uid
 
     def reviews(self) -> pd.DataFrame:
         """Every label decision, oldest first, with times as ISO strings."""
@@ -295,3 +353,86 @@ class RunStore:
             self._write("UPDATE runs SET status='failed', finished_at=?, error=? WHERE id=? AND status IN "
                         "('queued', 'running')", (now, why, run_id))
         return [d[0] for d in dead]
+
+    # --- backups -------------------------------------------------------------------------------------------
+    def backup(self, dest: str | os.PathLike) -> Path:
+        """A consistent copy of the store in one self-contained SQLite file (no -wal beside it), taken with
+        SQLite's online backup API: safe while workers and the dashboard write (in WAL mode the copy reads one
+        snapshot and writers are not held up). Written to a temporary name, checked (`integrity_check`) and
+        renamed, so `dest` is never a half-written file. Run folders (models, logs) are plain files: copy them
+        with any file tool."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        part.unlink(missing_ok=True)
+        with self._connect() as src:
+            out = sqlite3.connect(part)
+            try:
+                src.backup(out)  # every page in one step: one read transaction, one snapshot
+                out.execute("PRAGMA journal_mode=DELETE")
+                check = out.execute("PRAGMA integrity_check").fetchone()[0]
+            finally:
+                out.close()
+        if check != "ok":
+            part.unlink(missing_ok=True)
+            raise RuntimeError(f"the backup of {self.db_path} failed its integrity check: {check}")
+        os.replace(part, dest)
+        return dest
+
+
+def check_store_file(path: str | os.PathLike) -> str:
+    """'ok' if `path` is a sound SQLite run store (`PRAGMA integrity_check` passes and it holds a runs table),
+    else what is wrong with it. The file is opened read-only."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path} is not a file"
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = [r[0] for r in con.execute("PRAGMA integrity_check").fetchall()]
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        return f"{path} is not a readable SQLite database ({exc})"
+    if rows != ["ok"]:
+        return f"{path} fails SQLite's integrity check: " + "; ".join(rows[:5])
+    if "runs" not in tables:
+        return f"{path} is a SQLite database but not a run store (no runs table)"
+    return "ok"
+
+
+def restore(backup: str | os.PathLike, root: str | os.PathLike, force: bool = False) -> Path | None:
+    """Put a backup (`RunStore.backup`) back as the run store at `root`.
+
+    Refused when the backup fails its integrity check; when a store exists at `root` and `force` is not given;
+    and, even with `force`, while runs of that store are queued or running (stop them first; also stop the
+    dashboard, whose sessions would otherwise keep writing into the store being replaced). The replaced store is
+    first saved beside it (`runs.sqlite.before-restore-<time>`, returned; None when there was none). The copy goes
+    through SQLite's backup API into the store itself, so its WAL files stay consistent. A backup made by an
+    older version is brought up to this version's schema."""
+    problem = check_store_file(backup)
+    if problem != "ok":
+        raise ValueError(f"not restoring: {problem}")
+    root = Path(root)
+    target = root / "runs.sqlite"
+    saved = None
+    if target.exists():
+        if not force:
+            raise FileExistsError(f"{target} exists; give --force to replace it (it is saved beside it first)")
+        current = RunStore(root)
+        active = current.list_runs()
+        active = active[active["status"].isin(ACTIVE)]
+        if len(active):
+            raise RuntimeError(f"not restoring: {target} is in use, runs {', '.join(active['id'])} are "
+                               f"{'/'.join(sorted(set(active['status'])))}; cancel them or let them finish first")
+        saved = current.backup(root / f"runs.sqlite.before-restore-{time.strftime('%Y%m%d-%H%M%S')}")
+    store = RunStore(root)
+    src = sqlite3.connect(f"file:{Path(backup)}?mode=ro", uri=True)
+    try:
+        with store._connect() as con:
+            src.backup(con)
+    finally:
+        src.close()
+    RunStore(root)  # WAL and any columns added since the backup was made
+    return saved

@@ -245,13 +245,23 @@ class DeviceQueue:
     """One job at a time per device per machine, whatever the run store: an exclusive flock on a file in the
     user's cache folder (`lock_dir()`), released by the kernel when the worker dies."""
 
-    def __init__(self, key: str, stop: StopFlag, run_id: str = ""):
+    def __init__(self, key: str, stop: StopFlag, run_id: str = "", on_wait=None):
         self.path, self.stop, self.run_id = lock_dir() / f"device-{key}.lock", stop, run_id
+        self.key, self.on_wait = key, on_wait  # on_wait(reason): told why this run waits, again when that changes
         self.fh = None
+
+    def holder(self) -> str:
+        """Why a run waits: the run (and process) holding the device, as the holder wrote it in the lock file."""
+        try:
+            pid, _, run = self.path.read_text().strip().partition(" ")
+        except OSError:
+            pid, run = "", ""
+        who = f"run {run.strip()}" if run.strip() else "another run"
+        return f"waiting for {who}{f' (process {pid})' if pid else ''} on this device ({self.key})"
 
     def __enter__(self):
         self.fh = open(self.path, "a+")
-        announced = False
+        said = None
         while True:
             try:
                 fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -260,9 +270,16 @@ class DeviceQueue:
                 if self.stop:
                     self.fh.close()
                     raise Cancelled("cancelled while queued")
-                if not announced:
-                    log.info("device busy with another run (%s): queued", self.path)
-                    announced = True
+                why = self.holder()
+                if why != said:
+                    if said is None:
+                        log.info("device busy with another run (%s): queued, %s", self.path, why)
+                    if self.on_wait is not None:
+                        try:
+                            self.on_wait(why)
+                        except Exception:  # noqa: BLE001 - a message that cannot be shown never stops the queue
+                            log.exception("could not record why run %s waits", self.run_id)
+                    said = why
                 time.sleep(0.5)
         self.fh.seek(0)
         self.fh.truncate()
@@ -410,7 +427,7 @@ def _run(config: RunConfig, store: RunStore, run_id: str | None, resume: bool, s
             acc = hardware.detect()
             # a non-chief worker queues on its own key: the chief may share its machine (one lock per host)
             key = device_key(acc) + (f"-worker{hardware.worker_role()[0]}" if worker else "")
-            with DeviceQueue(key, stop, run_id):
+            with DeviceQueue(key, stop, run_id, on_wait=lambda why: store.set_phase(run_id, why)):
                 _train(cfg, store, run_id, run_dir, resume, stop, acc)
     except Cancelled as exc:
         log.info("run %s cancelled (%s)", run_id, exc)
