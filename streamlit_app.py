@@ -1,12 +1,18 @@
 """C-NMC leukemia workbench dashboard: `streamlit run streamlit_app.py` (or `make run`)."""
 import streamlit as st
 
+from dashboard import auth
 from dashboard.settings import RESEARCH_BANNER
 
 
 def main() -> None:
     st.set_page_config(page_title="C-NMC leukemia workbench", page_icon=":material/biotech:", layout="wide")
     st.warning(RESEARCH_BANNER, icon=":material/warning:")
+    gate = auth.gate_page()  # sign-in configured: the sign-in page until signed in, with a role (nothing else runs)
+    if gate is not None:
+        st.navigation([st.Page(gate, title="Sign in", default=True)], position="hidden").run()
+        return
+    auth.sidebar_ui(auth.current_actor())
     pages = [
         st.Page("pages/classify.py", title="Classify", icon=":material/biotech:", default=True),
         st.Page("pages/train.py", title="Train", icon=":material/model_training:"),

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from core.preprocessing import load_crop
+from dashboard.auth import Actor, PermissionDenied, require  # noqa: F401 - PermissionDenied: what pages catch
 from training.config import RunConfig
 from training.store import RunStore
 
@@ -153,7 +154,9 @@ def load_uploaded_bundle(name: str, data: bytes) -> ModelBundle:
     return ModelBundle([model], DecisionRule(), int(shape[1]), f"uploaded model {name}", model_sha256=sha256_of(data))
 
 
-def audit_trail(runs_dir: str | Path) -> pd.DataFrame:
+def audit_trail(runs_dir: str | Path, *, actor: Actor) -> pd.DataFrame:
+    """Every classification recorded (the admin role: it names files and who classified them)."""
+    require(actor, "audit")
     return RunStore(runs_dir).classifications()
 
 
@@ -201,7 +204,8 @@ def upload_limits() -> str:
 
 def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False,
                      runs_dir: str | Path | None = None, as_fields: bool = False,
-                     normalize_stain: bool = False, field_bundle: ModelBundle | None = None) -> Classified:
+                     normalize_stain: bool = False, field_bundle: ModelBundle | None = None, *,
+                     actor: Actor) -> Classified:
     """Classify uploaded cells; a file that cannot be read (or is over the upload limit) gets its own error row
     and the others go on.
 
@@ -210,7 +214,9 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     the cells' model without one) (`core.fields`; `normalize_stain` brings the cells' crops toward C-NMC's stain
     first), and read out per field and pooled over the upload (`Classified.field_readout`; with `as_fields` an
     unreadable upload is a field that cannot be judged). Each cell gets an audit record in the run store at
-    `runs_dir` (name and SHA-256 of the uploaded file only; pixels are not kept)."""
+    `runs_dir` (name and SHA-256 of the uploaded file only; pixels are not kept), its source naming the signed-in
+    `actor` (needs the viewer role)."""
+    require(actor, "classify")
     from core.explain import overlay
     from core.fields import classify_field, fields_readout
     from core.gate import REASONS
@@ -264,11 +270,11 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
         from training.audit import record
 
         store = RunStore(runs_dir)
-        record(store, judged, data, bundle.description, bundle.model_sha256, bundle.rule, source="dashboard")
+        record(store, judged, data, bundle.description, bundle.model_sha256, bundle.rule, source=actor.audit_source)
         for fc in field_calls:
             if len(fc.table):  # each cell under its own name, with the SHA-256 of the field it came from
                 record(store, fc.table.rename(columns={"cell_name": "name"}), dict.fromkeys(fc.table["cell_name"],
-                       data[fc.name]), fb.description, fb.model_sha256, fb.rule, source="dashboard field")
+                       data[fc.name]), fb.description, fb.model_sha256, fb.rule, source=actor.audit_source.replace("dashboard", "dashboard field", 1))
     overlays = {name: overlay(crops[name], h) for name, h in heat.items()}
     known = table[table["subject"].notna() & table["prediction"].notna()]  # refused and failed images have no call
     subjects = subject_readout(known.assign(path=known["file"], prob_all=known["calibrated_prob_blast"]),
@@ -285,7 +291,8 @@ def review_order(table: pd.DataFrame, threshold: float) -> pd.DataFrame:
     return review_queue(table, threshold, prob="calibrated_prob_blast")
 
 
-def launch_demo(settings) -> str:
+def launch_demo(settings, *, actor: Actor) -> str:
+    require(actor, "launch")
     from training import jobs
     from training.cli import demo_config
 
@@ -354,20 +361,23 @@ def run_estimate(cfg: RunConfig, runs_dir: str | Path, time_now: bool = False) -
     return None if found is None else found.text(cfg)
 
 
-def launch_run(cfg: RunConfig) -> str:
+def launch_run(cfg: RunConfig, *, actor: Actor) -> str:
+    require(actor, "launch")
     from training import jobs
 
     return jobs.launch(cfg, RunStore(cfg.runs_dir))
 
 
-def cancel_run(runs_dir: str | Path, run_id: str) -> bool:
+def cancel_run(runs_dir: str | Path, run_id: str, *, actor: Actor) -> bool:
+    require(actor, "cancel")
     from training import jobs
 
     return jobs.cancel(run_id, RunStore(runs_dir))
 
 
-def resume_run(runs_dir: str | Path, run_id: str, epochs: int | None = None) -> None:
+def resume_run(runs_dir: str | Path, run_id: str, epochs: int | None = None, *, actor: Actor) -> None:
     """Continue a stopped run from its checkpoint; `epochs` extends its schedule (also for a completed run)."""
+    require(actor, "resume")
     from training import jobs
 
     jobs.resume(run_id, RunStore(runs_dir), epochs=epochs)
@@ -449,7 +459,7 @@ def evaluation(runs_dir: str | Path, run_ids: list[str], refresh: bool = False, 
 
     store = RunStore(runs_dir)
     if with_overrides:
-        return evaluate(store, run_ids, n_boot=n_boot, label_overrides=str(export_overrides(runs_dir)))
+        return evaluate(store, run_ids, n_boot=n_boot, label_overrides=str(_freeze_overrides(runs_dir)))
     path = store.run_dir(run_ids[0]) / "metrics.json"
     if len(run_ids) == 1 and path.exists() and not refresh:
         return json.loads(path.read_text())
@@ -510,9 +520,12 @@ def label_in_name(name: str) -> str | None:
     return parsed.label if parsed else None
 
 
-def record_review(runs_dir: str | Path, name: str, original_label: str, decision: str, reviewer: str,
-                  note: str = "", run_id: str | None = None, path: str | None = None) -> None:
-    RunStore(runs_dir).record_review(name, original_label, decision, reviewer, note, run_id, path)
+def record_review(runs_dir: str | Path, name: str, original_label: str, decision: str, note: str = "",
+                  run_id: str | None = None, path: str | None = None, *, actor: Actor) -> None:
+    """A label review, recorded under the actor's identity (the signed-in one; in local mode the name typed in
+    the sidebar, `Actor.named`); needs the reviewer role."""
+    require(actor, "review")
+    RunStore(runs_dir).record_review(name, original_label, decision, actor.identity, note, run_id, path)
 
 
 def label_reviews(runs_dir: str | Path) -> pd.DataFrame:
@@ -523,9 +536,17 @@ def label_overrides(runs_dir: str | Path) -> pd.DataFrame:
     return RunStore(runs_dir).label_overrides()
 
 
-def export_overrides(runs_dir: str | Path) -> Path:
+def export_overrides(runs_dir: str | Path, *, actor: Actor) -> Path:
     """The reviewers' corrections frozen as `<runs>/label_overrides/overrides-<sha>.csv` (content-addressed:
-    a run's `label_overrides` keeps naming exactly what it trained on, whatever is reviewed later)."""
+    a run's `label_overrides` keeps naming exactly what it trained on, whatever is reviewed later); needs the
+    reviewer role."""
+    require(actor, "export_overrides")
+    return _freeze_overrides(runs_dir)
+
+
+def _freeze_overrides(runs_dir: str | Path) -> Path:
+    """`export_overrides` without the check: Evaluate's scoring against the corrected labels (any viewer may
+    see it) writes the same content-addressed copy."""
     import hashlib
 
     from core.labels import save_overrides

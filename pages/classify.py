@@ -1,7 +1,7 @@
 """Classify: upload cells, pick a model, get classes, blast probabilities, review flags and Grad-CAM."""
 import streamlit as st
 
-from dashboard import services, widgets
+from dashboard import auth, services, widgets
 from dashboard.field_view import field_options_ui, fields_ui
 from dashboard.settings import MAX_UPLOAD_FILES, Settings
 
@@ -32,7 +32,7 @@ def uploaded_bundle(name: str, data: bytes):
 STARTER, RUN, UPLOAD = "Starter model (real cells)", "Completed run", "Upload a .keras file"
 
 
-def model_ui(settings: Settings):
+def model_ui(settings: Settings, actor: auth.Actor):
     sources = ([STARTER] if services.starter_available() else []) + [RUN, UPLOAD]
     source = st.radio("Model", sources, horizontal=True)
     if source == STARTER:
@@ -56,9 +56,9 @@ def model_ui(settings: Settings):
                 "on a CPU) or train your own on the Train page.")
         if st.button("Train the demo model"):
             try:
-                run_id = services.launch_demo(settings)
+                run_id = services.launch_demo(settings, actor=actor)
                 st.success(f"Demo training started as run {run_id}; follow it on the Train page.")
-            except FileNotFoundError as exc:
+            except (FileNotFoundError, services.PermissionDenied) as exc:
                 st.error(str(exc))
         return None
     labels = {services.run_label(r): r["id"] for r in runs.to_dict("records")}
@@ -72,7 +72,7 @@ def upload_ui():
     return files or [], gradcam, field_options_ui()
 
 
-def results_ui(result, gradcam: bool, threshold: float, runs_dir) -> None:
+def results_ui(result, gradcam: bool, threshold: float, runs_dir, actor: auth.Actor) -> None:
     for row in result.table[result.table["error"].notna()].itertuples():
         st.error(f"{row.file}: {row.error}")
     read = result.table[result.table["error"].isna()]
@@ -101,11 +101,14 @@ def results_ui(result, gradcam: bool, threshold: float, runs_dir) -> None:
     if not result.subjects.empty:
         st.subheader("Per subject (from UID_ file names)")
         st.dataframe(result.subjects, hide_index=True)
-    widgets.cell_cards_ui(read, result.crops, result.overlays if gradcam else {}, runs_dir, MAX_CARDS)
+    widgets.cell_cards_ui(read, result.crops, result.overlays if gradcam else {}, runs_dir, MAX_CARDS, actor)
 
 
-def audit_ui(settings: Settings) -> None:
-    trail = services.audit_trail(settings.runs_dir)
+def audit_ui(settings: Settings, actor: auth.Actor) -> None:
+    if not actor.can("audit"):
+        st.caption(actor.refusal("audit"))
+        return
+    trail = services.audit_trail(settings.runs_dir, actor=actor)
     st.download_button(f"Download the audit trail ({len(trail)} classifications, CSV)", trail.to_csv(index=False),
                        "audit_trail.csv", "text/csv", help="every classification made here or with the CLI: time, "
                        "model and its hash, file name and SHA-256, result, rule; uploaded pixels are not kept")
@@ -113,9 +116,10 @@ def audit_ui(settings: Settings) -> None:
 
 def main() -> None:
     settings = Settings.from_env()
+    actor = auth.current_actor()  # signed in (or local mode), else the sign-in page and a stop
     st.title("Classify cells")
-    widgets.reviewer_ui()
-    bundle = model_ui(settings)
+    widgets.reviewer_ui(actor)
+    bundle = model_ui(settings, actor)
     files, gradcam, (as_fields, normalize, use_smear) = upload_ui()
     if bundle is None or not files:
         return
@@ -126,7 +130,7 @@ def main() -> None:
     with st.spinner(f"Classifying {len(files)} cells…"):
         result = services.classify_uploads(bundle, [(f.name, f.getvalue()) for f in files], gradcam,
                                            runs_dir=settings.runs_dir, as_fields=as_fields,
-                                           normalize_stain=normalize, field_bundle=field_bundle)
+                                           normalize_stain=normalize, field_bundle=field_bundle, actor=actor)
     rule = bundle.rule
     st.caption(f"Model: {bundle.description}. Decision rule: threshold {rule.threshold:.2f} on calibrated "
                f"P(blast) (temperature {rule.temperature:.2f}, fitted on {rule.fitted_on}); cells within "
@@ -135,10 +139,10 @@ def main() -> None:
                   if bundle.gate is not None else "This model has no out-of-distribution gate: it judges every "
                   "image, even ones unlike its training cells."))
     if len(result.table):
-        results_ui(result, gradcam, rule.threshold, settings.runs_dir)
+        results_ui(result, gradcam, rule.threshold, settings.runs_dir, actor)
     if result.fields or not result.field_readout.empty:
         fields_ui(result.fields, gradcam, result.overlays, result.field_readout, field_note)
-    audit_ui(settings)
+    audit_ui(settings, actor)
 
 
 main()

@@ -1,7 +1,7 @@
 """Data: what a dataset holds (the report's Table 1), subjects, class balance, indexer problems, samples."""
 import streamlit as st
 
-from dashboard import charts, services
+from dashboard import auth, charts, services
 from dashboard.settings import Settings
 
 
@@ -24,6 +24,7 @@ def overrides_ui(settings: Settings, manifest) -> None:
 
 
 def main() -> None:
+    auth.current_actor()  # signed in (or local mode), else the sign-in page and a stop
     settings = Settings.from_env()
     st.title("Data")
     datasets = settings.datasets()

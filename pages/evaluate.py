@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, services
+from dashboard import auth, charts, services
 from dashboard.settings import Settings
 
 KEYS = {"weighted_f1": "Weighted F1 (challenge)", "balanced_accuracy": "Balanced accuracy",
@@ -88,6 +88,7 @@ def threshold_ui(settings: Settings, run_id: str, result: dict) -> None:
 
 
 def main() -> None:
+    auth.current_actor()  # signed in (or local mode), else the sign-in page and a stop
     settings = Settings.from_env()
     st.title("Evaluate")
     run_ids = runs_ui(settings)

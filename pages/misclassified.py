@@ -3,7 +3,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard import services, widgets
+from dashboard import auth, services, widgets
 from dashboard.settings import Settings
 
 PAGE = 24
@@ -36,8 +36,9 @@ def filters_ui(table):
 
 def main() -> None:
     settings = Settings.from_env()
+    actor = auth.current_actor()  # signed in (or local mode), else the sign-in page and a stop
     st.title("Misclassified cells")
-    widgets.reviewer_ui()
+    widgets.reviewer_ui(actor)
     runs = services.completed_runs(settings.runs_dir)
     if runs.empty:
         st.info("No completed run yet.")
@@ -57,10 +58,13 @@ def main() -> None:
     view = filters_ui(table)
     st.download_button("Export this list (CSV)", view.to_csv(index=False), f"errors_{run_id}.csv", "text/csv")
     overrides = services.label_overrides(settings.runs_dir)
-    st.download_button(f"Export label overrides ({len(overrides)} corrected labels, CSV)",
-                       overrides.to_csv(index=False), "label_overrides.csv", "text/csv",
-                       help="every cell whose latest review says 'label is wrong', with its corrected label: "
-                            "train with it (Train page, or `run --label-overrides FILE`)")
+    if not actor.can("export_overrides"):
+        st.caption(actor.refusal("export_overrides"))
+    else:
+        st.download_button(f"Export label overrides ({len(overrides)} corrected labels, CSV)",
+                           overrides.to_csv(index=False), "label_overrides.csv", "text/csv",
+                           help="every cell whose latest review says 'label is wrong', with its corrected label: "
+                                "train with it (Train page, or `run --label-overrides FILE`)")
     gradcam = st.toggle("Grad-CAM overlay", value=False)
     if view.empty:
         st.success("No misclassified cells match the filters.")
@@ -78,7 +82,8 @@ def main() -> None:
             st.image(over if gradcam else crop, width="stretch", caption=caption)
             if st.button("Enlarge", key=f"big-{i}"):
                 enlarge(row.path, str(settings.runs_dir), run_id)
-            widgets.review_label_ui(settings.runs_dir, Path(row.path).name, row.label, str(i), run_id, row.path)
+            widgets.review_label_ui(settings.runs_dir, Path(row.path).name, row.label, str(i), run_id, row.path,
+                                    actor)
     if len(view) > PAGE:
         st.caption(f"Showing {PAGE} of {len(view)}; narrow the filters or export the list.")
 

@@ -5,7 +5,7 @@ import json
 
 import streamlit as st
 
-from dashboard import charts, services
+from dashboard import auth, charts, services
 from dashboard.services import RunConfig, RunStore
 from dashboard.settings import Settings
 
@@ -122,7 +122,7 @@ def estimate_ui(cfg: RunConfig, runs_dir: str) -> None:
         st.info(text)
 
 
-def config_ui(settings: Settings) -> RunConfig | None:
+def config_ui(settings: Settings, actor: auth.Actor) -> RunConfig | None:
     datasets = settings.datasets()
     name = preset_ui()
     data = st.selectbox("Data source", list(datasets), help="the demo set or a folder under the data roots")
@@ -139,7 +139,8 @@ def config_ui(settings: Settings) -> RunConfig | None:
     c1, c2, c3 = st.columns(3)
     preview = c1.button("Preview augmentation")
     show_split = c2.button("Preview split")
-    launch = c3.button("Launch training", type="primary")
+    launch = c3.button("Launch training", type="primary", disabled=not actor.can("launch"),
+                       help=actor.refusal("launch"))
     if preview:
         with st.spinner("Augmenting sample cells…"):
             st.image(services.augmentation_preview(cfg.data_dir, cfg), width=120)
@@ -151,7 +152,8 @@ def config_ui(settings: Settings) -> RunConfig | None:
             return None
         split_preview_ui(cfg)  # what the run will train, validate and test on, said before it starts
         if use_over:  # a frozen copy: later reviews do not change what this run trained on
-            cfg = dataclasses.replace(cfg, label_overrides=str(services.export_overrides(settings.runs_dir)))
+            cfg = dataclasses.replace(cfg, label_overrides=str(services.export_overrides(settings.runs_dir,
+                                                                                         actor=actor)))
         return cfg
     return None
 
@@ -186,8 +188,18 @@ def jobs_ui(store: RunStore) -> str | None:
     return st.selectbox("Follow run", ids, index=ids.index(current) if current in ids else 0)
 
 
+def _act(what, *args, **kwargs) -> bool:
+    """A service call that may be refused: the refusal said on the page, never a traceback."""
+    try:
+        what(*args, **kwargs)
+    except services.PermissionDenied as exc:
+        st.error(str(exc))
+        return False
+    return True
+
+
 @st.fragment(run_every=2)
-def live_ui(runs_dir: str, run_id: str) -> None:
+def live_ui(runs_dir: str, run_id: str, actor: auth.Actor) -> None:
     store = RunStore(runs_dir)
     info = services.progress_info(store, run_id)
     st.progress(info["fraction"], text=info["text"])
@@ -195,17 +207,19 @@ def live_ui(runs_dir: str, run_id: str) -> None:
     if len(epochs):
         st.plotly_chart(charts.training_curves(epochs), key=f"curves-{run_id}")
     c1, c2, c3 = st.columns(3)
-    if info["status"] in ("queued", "running") and c1.button("Cancel", key=f"cancel-{run_id}"):
-        services.cancel_run(runs_dir, run_id)
+    if info["status"] in ("queued", "running") and c1.button("Cancel", key=f"cancel-{run_id}",
+                                                             disabled=not actor.can("cancel")) \
+            and _act(services.cancel_run, runs_dir, run_id, actor=actor):
         st.toast("Stop requested: the run writes a checkpoint after the current batch; Resume continues there.")
-    if info["status"] in ("cancelled", "failed") and c2.button("Resume", key=f"resume-{run_id}"):
-        services.resume_run(runs_dir, run_id)
+    if info["status"] in ("cancelled", "failed") and c2.button("Resume", key=f"resume-{run_id}",
+                                                               disabled=not actor.can("resume")) \
+            and _act(services.resume_run, runs_dir, run_id, actor=actor):
         st.toast("Resuming from the last checkpoint.")
-    if info["status"] in ("completed", "cancelled", "failed"):
+    if info["status"] in ("completed", "cancelled", "failed") and actor.can("resume"):
         planned = int(store.get_run(run_id)["epochs_planned"] or 1)
         more = c3.number_input("Extend to epochs", planned + 1, 1000, planned + 1, key=f"epochs-{run_id}")
-        if c3.button("Extend", key=f"extend-{run_id}"):
-            services.resume_run(runs_dir, run_id, epochs=int(more))
+        if c3.button("Extend", key=f"extend-{run_id}") and _act(services.resume_run, runs_dir, run_id,
+                                                                epochs=int(more), actor=actor):
             st.toast(f"Continuing to {int(more)} epochs from the last checkpoint.")
     st.caption(f"TensorBoard: `tensorboard --logdir {runs_dir}/{run_id}/tensorboard`")
     if info["status"] == "failed" and info["error"]:
@@ -215,15 +229,18 @@ def live_ui(runs_dir: str, run_id: str) -> None:
 
 def main() -> None:
     settings = Settings.from_env()
+    actor = auth.current_actor()  # signed in (or local mode), else the sign-in page and a stop
     st.title("Train")
     store = RunStore(settings.runs_dir)
     st.caption("Research use only: not a diagnostic device.")
+    if not actor.can("launch"):
+        st.info(f"{actor.refusal('launch')} You can follow the runs below.")
     st.subheader("New run")
-    cfg = config_ui(settings)
+    cfg = config_ui(settings, actor)
     if cfg is not None:
         try:
-            run_id = services.launch_run(cfg)
-        except ValueError as e:  # a setting the architecture cannot take: said before anything starts
+            run_id = services.launch_run(cfg, actor=actor)
+        except (ValueError, services.PermissionDenied) as e:  # a setting the architecture cannot take: said before anything starts
             st.error(f"Not launched: {e}")
         else:
             st.session_state["selected_run"] = run_id
@@ -231,7 +248,7 @@ def main() -> None:
     st.subheader("Runs")
     run_id = jobs_ui(store)
     if run_id:
-        live_ui(str(settings.runs_dir), run_id)
+        live_ui(str(settings.runs_dir), run_id, actor)
 
 
 main()
