@@ -91,6 +91,25 @@ def test_every_writer_checks_the_role_in_the_service_layer(tmp_path):
     assert viewer.named("someone else").identity == VIEWER  # a signed-in identity cannot be renamed
 
 
+@pytest.mark.parametrize("script", ["streamlit_app.py", "pages/classify.py", "pages/train.py", "pages/evaluate.py",
+                                    "pages/misclassified.py", "pages/data.py"])
+def test_sign_in_configured_and_signed_out_every_page_shows_only_sign_in(script, tmp_path, monkeypatch):
+    """Each page, reached through the app or run on its own: the sign-in button and nothing else (AppTest)."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CNMC_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(REPO / script), default_timeout=120)
+    at.secrets["auth"] = {"redirect_uri": "http://127.0.0.1:8501/oauth2callback", "cookie_secret": "s" * 32,
+                          "client_id": "c", "client_secret": "x",
+                          "server_metadata_url": "http://127.0.0.1:9/.well-known/openid-configuration"}
+    at.run()
+    assert not at.exception, at.exception
+    assert [b.label for b in at.button] == ["Sign in"]
+    assert [t.value for t in at.title] == ["C-NMC leukemia workbench"]
+    assert not at.text_input and not at.get("file_uploader") and not at.selectbox and not at.dataframe
+    assert not (tmp_path / "runs").exists()  # nothing written, not even an empty run store
+
+
 # --- the real thing: a provider, the app and Chromium ----------------------------------------------------------
 def free_port() -> int:
     import socket
