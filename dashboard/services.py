@@ -205,7 +205,7 @@ def upload_limits() -> str:
 def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False,
                      runs_dir: str | Path | None = None, as_fields: bool = False,
                      normalize_stain: bool = False, field_bundle: ModelBundle | None = None, *,
-                     actor: Actor) -> Classified:
+                     actor: Actor, upload_keys: dict[str, str] | None = None) -> Classified:
     """Classify uploaded cells; a file that cannot be read (or is over the upload limit) gets its own error row
     and the others go on.
 
@@ -215,7 +215,8 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     first), and read out per field and pooled over the upload (`Classified.field_readout`; with `as_fields` an
     unreadable upload is a field that cannot be judged). Each cell gets an audit record in the run store at
     `runs_dir` (name and SHA-256 of the uploaded file only; pixels are not kept), its source naming the signed-in
-    `actor` (needs the viewer role)."""
+    `actor` (needs the viewer role); with `upload_keys` (file name -> what identifies that upload, e.g. the
+    uploader's file id) the same upload classified again on a rerun is recorded once."""
     require(actor, "classify")
     from core.explain import overlay
     from core.fields import classify_field, fields_readout
@@ -270,11 +271,16 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
         from training.audit import record
 
         store = RunStore(runs_dir)
-        record(store, judged, data, bundle.description, bundle.model_sha256, bundle.rule, source=actor.audit_source)
+        mode = f"fields={as_fields};stain={normalize_stain}"
+        keys = None if upload_keys is None else {n: f"{k};{mode}" for n, k in upload_keys.items()}
+        record(store, judged, data, bundle.description, bundle.model_sha256, bundle.rule, source=actor.audit_source,
+               action=keys)
         for fc in field_calls:
             if len(fc.table):  # each cell under its own name, with the SHA-256 of the field it came from
                 record(store, fc.table.rename(columns={"cell_name": "name"}), dict.fromkeys(fc.table["cell_name"],
-                       data[fc.name]), fb.description, fb.model_sha256, fb.rule, source=actor.audit_source.replace("dashboard", "dashboard field", 1))
+                       data[fc.name]), fb.description, fb.model_sha256, fb.rule,
+                       source=actor.audit_source.replace("dashboard", "dashboard field", 1),
+                       action=None if keys is None else keys.get(fc.name))
     overlays = {name: overlay(crops[name], h) for name, h in heat.items()}
     known = table[table["subject"].notna() & table["prediction"].notna()]  # refused and failed images have no call
     subjects = subject_readout(known.assign(path=known["file"], prob_all=known["calibrated_prob_blast"]),

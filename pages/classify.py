@@ -130,7 +130,8 @@ def main() -> None:
     with st.spinner(f"Classifying {len(files)} cells…"):
         result = services.classify_uploads(bundle, [(f.name, f.getvalue()) for f in files], gradcam,
                                            runs_dir=settings.runs_dir, as_fields=as_fields,
-                                           normalize_stain=normalize, field_bundle=field_bundle, actor=actor)
+                                           normalize_stain=normalize, field_bundle=field_bundle, actor=actor,
+                                           upload_keys={f.name: f.file_id for f in files})
     rule = bundle.rule
     st.caption(f"Model: {bundle.description}. Decision rule: threshold {rule.threshold:.2f} on calibrated "
                f"P(blast) (temperature {rule.temperature:.2f}, fitted on {rule.fitted_on}); cells within "

@@ -256,6 +256,12 @@ def test_classify_refuses_non_cells_and_keeps_an_audit_trail(monkeypatch, demo_r
     assert mine.loc[cell.name, "file_sha256"] == hashlib.sha256(cell.read_bytes()).hexdigest()
     assert mine.loc[cell.name, "model"].startswith(f"run {rid}") and len(mine.loc[cell.name, "model_sha256"]) == 64
     assert any(b.label.startswith("Download the audit trail") for b in at.get("download_button"))
+    # a rerun (any click on the page) shows the same calls again: the upload stays recorded once
+    count = lambda: int(store.classifications()["file_name"].isin([f[0] for f in files]).sum())  # noqa: E731
+    before = count()
+    at.run()
+    assert not at.exception, at.exception
+    assert count() == before
 
 
 def test_classify_defaults_to_the_starter_with_its_card(monkeypatch, tmp_path, synth_small, cell_dir):

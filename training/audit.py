@@ -56,10 +56,13 @@ def rule_text(rule) -> str:
 
 
 def record(store: RunStore, table: pd.DataFrame, sources: dict[str, object], model: str, model_sha256: str | None,
-           rule, source: str) -> int:
+           rule, source: str, action: str | dict[str, str] | None = None) -> int:
     """Append the rows of a classification table (`classify` output; name or path column) to the audit trail.
 
-    `sources` maps each row's name to its path or bytes (hashed here). Returns the number of records.
+    `sources` maps each row's name to its path or bytes (hashed here). `action` names the classification action
+    (one for all rows, or one per row's name: e.g. a dashboard upload's file id): every record then gets a uid
+    from it, the model, the rule and the file, so showing the same calls again (a page rerun) stores nothing new,
+    while a new upload or another model is recorded. Returns the number of records.
     """
     name_col = "name" if "name" in table else "path" if "path" in table else "file"
     prob_col = next(c for c in ("prob_all_calibrated", "calibrated_prob_blast") if c in table)
@@ -84,5 +87,9 @@ def record(store: RunStore, table: pd.DataFrame, sources: dict[str, object], mod
             "ood_reason": row.get("ood_reason") if isinstance(row.get("ood_reason"), str) else None,
             "error": row.get("error") if isinstance(row.get("error"), str) else None, "rule": text,
         })
+        act = action.get(str(name)) if isinstance(action, dict) else action
+        if act is not None:
+            key = "\x1f".join(map(str, (act, source, model, model_sha256, text, name, digest)))
+            records[-1]["uid"] = hashlib.sha256(key.encode()).hexdigest()
     store.log_classifications(records)
     return len(records)
