@@ -202,7 +202,10 @@ def sign_in_ui() -> None:
     for provider in providers():
         label = "Sign in" if provider is None else f"Sign in with {provider}"
         if st.button(label, type="primary", key=f"sign-in-{provider or ''}"):
-            st.login(provider) if provider else st.login()
+            if provider is None:
+                st.login()
+            else:
+                st.login(provider)
     st.stop()
 
 
@@ -258,8 +261,10 @@ def current_actor() -> Actor:
     if not auth_enabled():
         return LOCAL
     actor, why = _signed_in_actor()
-    if actor is None:
-        sign_in_ui() if why is None else refused_ui(why)
+    if actor is None:  # both stop the script
+        if why is None:
+            sign_in_ui()
+        refused_ui(why)
     return actor
 
 
