@@ -4,14 +4,13 @@ service-layer checks without a browser."""
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from helpers import free_port, serve_app
 
 from dashboard import auth
 
@@ -111,14 +110,6 @@ def test_sign_in_configured_and_signed_out_every_page_shows_only_sign_in(script,
 
 
 # --- the real thing: a provider, the app and Chromium ----------------------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def provider():
     """oidc-provider-mock on loopback: its authorization page lets the browser choose the subject; the claims of
@@ -161,27 +152,9 @@ server_metadata_url = "{provider}/.well-known/openid-configuration"
 """)
     roles = tmp_path / "roles.toml"
     roles.write_text(ROLES)
-    env = dict(os.environ, CNMC_RUNS_DIR=str(runs), CNMC_DEMO_DATA=str(data), CNMC_DATA_ROOTS=str(tmp_path),
-               CNMC_ROLES=str(roles), PYTHONPATH=str(REPO), AUTHLIB_INSECURE_TRANSPORT="1")
-    log = tmp_path / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true",
-                             "--secrets.files", str(secrets)],
-                            cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    end = time.time() + 60
-    while time.time() < end:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the app did not start:\n" + log.read_text())
-    yield url, runs, roles
-    proc.terminate()
-    proc.wait(timeout=20)
+    with serve_app(runs, data, tmp_path, port=port, env={"CNMC_ROLES": str(roles), "AUTHLIB_INSECURE_TRANSPORT": "1"},
+                   args=("--secrets.files", str(secrets))) as url:
+        yield url, runs, roles
 
 
 def sign_in(page, url: str, sub: str) -> None:

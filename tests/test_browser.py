@@ -1,14 +1,9 @@
 """One real-browser end-to-end test: Debian's Chromium driven by Playwright against the running app."""
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import serve_app
 
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parent.parent
@@ -18,16 +13,11 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def server(demo_run, tmp_path):
     store, _, data = demo_run
-    yield from _serve(store.root, data, tmp_path)
+    with serve_app(store.root, data, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture()
@@ -37,30 +27,8 @@ def own_server(demo_run, tmp_path):
 
     store, _, data = demo_run
     runs = shutil.copytree(store.root, tmp_path / "runs")
-    yield from _serve(runs, data, tmp_path)
-
-
-def _serve(runs, data, tmp_path):
-    port = free_port()
-    env = dict(os.environ, CNMC_RUNS_DIR=str(runs), CNMC_DEMO_DATA=str(data),
-               CNMC_DATA_ROOTS=str(tmp_path), PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true"],
-                            cwd=REPO, env=env, stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    end = time.time() + 60
-    while time.time() < end:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the app did not start:\n" + (tmp_path / "server.log").read_text())
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    with serve_app(runs, data, tmp_path) as url:
+        yield url
 
 
 def test_upload_a_cell_and_see_the_prediction(server, cell_dir):
