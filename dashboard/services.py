@@ -358,12 +358,10 @@ def cheap_to_time(cfg: RunConfig) -> bool:
 def run_estimate(cfg: RunConfig, runs_dir: str | Path, time_now: bool = False) -> str | None:
     """'About N minutes on this machine …' and where the speed comes from (an earlier run here, or batches timed
     now); None when no earlier run matches and `time_now` is off."""
-    from training import estimate
+    from training.estimate import estimate
 
     cfg = cfg.resolved()
-    found = estimate.measured(cfg, RunStore(runs_dir), estimate.device_label(cfg))
-    if found is None and time_now:
-        found = estimate.timed(cfg)
+    found = estimate(cfg, RunStore(runs_dir), time_now=time_now)
     return None if found is None else found.text(cfg)
 
 

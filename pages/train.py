@@ -31,6 +31,19 @@ def preset_ui() -> str:
     return name
 
 
+# (field, label, upper bound, step) of the jitter sliders, each from 0 (off)
+STAIN_SLIDERS = [("hed_sigma", "HED jitter", 0.3, 0.01), ("brightness", "Brightness", 0.5, 0.05),
+                 ("contrast", "Contrast", 0.5, 0.05), ("saturation", "Saturation", 0.5, 0.05),
+                 ("hue", "Hue", 0.2, 0.01)]
+TEXTURE_SLIDERS = [("sharpness", "Sharpness jitter", 2.0, 0.1), ("noise_std", "Noise (grey levels)", 20.0, 1.0),
+                   ("mixstyle", "MixStyle probability", 1.0, 0.1), ("subject_correction", "Subject correction", 1.0, 0.1)]
+
+
+def _sliders(cols, base: RunConfig, specs, k) -> dict:
+    return {f: float(c.slider(label, 0.0, hi, float(getattr(base, f)), step, key=k(f), help=HELP[f]))
+            for c, (f, label, hi, step) in zip(cols, specs)}
+
+
 def advanced_ui(base: RunConfig, key: str) -> dict:
     """Every other knob, its current (preset) value visible; widgets keyed by preset so a new preset resets them."""
     k = lambda f: f"{key}-{f}"  # noqa: E731
@@ -78,26 +91,11 @@ def advanced_ui(base: RunConfig, key: str) -> dict:
     v["salt_pepper"] = float(c4.slider("Salt-and-pepper rate", 0.0, 0.1, base.salt_pepper, 0.005, key=k("sp"),
                                        help=HELP["salt_pepper"]))
     st.markdown("**Stain and colour** (generalising across patients; the report's presets: all off)")
-    c1, c2, c3, c4, c5, c6 = st.columns(6)
-    v["cell_standardize"] = c1.checkbox("Standardise cells", base.cell_standardize, key=k("std"),
-                                        help=HELP["cell_standardize"])
-    v["hed_sigma"] = float(c2.slider("HED jitter", 0.0, 0.3, base.hed_sigma, 0.01, key=k("hed"), help=HELP["hed_sigma"]))
-    v["brightness"] = float(c3.slider("Brightness", 0.0, 0.5, base.brightness, 0.05, key=k("bright"),
-                                      help=HELP["brightness"]))
-    v["contrast"] = float(c4.slider("Contrast", 0.0, 0.5, base.contrast, 0.05, key=k("contrast"),
-                                    help=HELP["contrast"]))
-    v["saturation"] = float(c5.slider("Saturation", 0.0, 0.5, base.saturation, 0.05, key=k("sat"),
-                                      help=HELP["saturation"]))
-    v["hue"] = float(c6.slider("Hue", 0.0, 0.2, base.hue, 0.01, key=k("hue"), help=HELP["hue"]))
-    c1, c2, c3, c4 = st.columns(4)
-    v["sharpness"] = float(c1.slider("Sharpness jitter", 0.0, 2.0, base.sharpness, 0.1, key=k("sharp"),
-                                     help=HELP["sharpness"]))
-    v["noise_std"] = float(c2.slider("Noise (grey levels)", 0.0, 20.0, base.noise_std, 1.0, key=k("noise"),
-                                     help=HELP["noise_std"]))
-    v["mixstyle"] = float(c3.slider("MixStyle probability", 0.0, 1.0, base.mixstyle, 0.1, key=k("mixstyle"),
-                                    help=HELP["mixstyle"]))
-    v["subject_correction"] = float(c4.slider("Subject correction", 0.0, 1.0, base.subject_correction, 0.1,
-                                              key=k("subj"), help=HELP["subject_correction"]))
+    cols = st.columns(6)
+    v["cell_standardize"] = cols[0].checkbox("Standardise cells", base.cell_standardize, key=k("std"),
+                                             help=HELP["cell_standardize"])
+    v |= _sliders(cols[1:], base, STAIN_SLIDERS, k)
+    v |= _sliders(st.columns(4), base, TEXTURE_SLIDERS, k)
     return v
 
 

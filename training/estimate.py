@@ -97,11 +97,13 @@ def timed(cfg: RunConfig, batches: int = 3) -> Estimate:
                     f"{1 / per_cell:,.0f} cells/s")
 
 
-def estimate(cfg: RunConfig, store: RunStore | None = None, batches: int = 3) -> Estimate:
-    """The run's duration: from an earlier run's measured speed when the store has one, else timed now."""
+def estimate(cfg: RunConfig, store: RunStore | None = None, batches: int = 3,
+             time_now: bool = True) -> Estimate | None:
+    """The run's duration: from an earlier run's measured speed when the store has one, else timed now (None when
+    there is no earlier run and `time_now` is off: timing a large network's batches waits for its compile)."""
     cfg = cfg.resolved()
     if store is not None:
         found = measured(cfg, store, device_label(cfg))
         if found is not None:
             return found
-    return timed(cfg, batches)
+    return timed(cfg, batches) if time_now else None
