@@ -29,18 +29,28 @@ as one cell, unchanged.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 FRAME = 450  # C-NMC tile side
 CNMC_PX_PER_UM = 25.0  # median C-NMC cell, 228 px, taken as a ~9 µm lymphoid cell
 RBC_UM = 7.5
 RBC_TARGET_PX = RBC_UM * CNMC_PX_PER_UM  # a red cell's diameter at C-NMC scale (~190 px)
-MIN_SIDE = 300  # a field smaller than this cannot hold a white cell with context
+MIN_SIDE = 200  # a photo smaller than this a side is not a field (judged by its red cells from here up)
+MIN_SIDE_NO_RULER = 300  # ... and one with no red cell to measure must be at least this large
+MIN_RBC_PX = 8.0  # red cells narrower than this (in the photo's pixels) are too coarse to judge white cells
+MAX_UPSAMPLE = 4.0  # a small photo is enlarged at most this much for the ruler and detection
+RULER_VIOLET_SHARE = 0.75  # a red-cell candidate less violet (`_violet`) than this share of the field's strongest stain
+RULER_MAX_OVER_TYPICAL = 2.0  # a red-cell candidate at most this many times the median candidate's diameter
+PURPLE_SHARE = 0.5  # a white cell is at least this share as purple (`_purple`) as the field's most purple one
 WORK_SIDE = 1024  # without a ruler, detection runs on a copy at most this large (speed)
 RULER_SIDE = 800  # the red-cell ruler is read on a copy at most this large
+RULER_MIN_SIDE = 480  # ... and at least this large (a smaller photo is enlarged for it)
 WORK_RBC_PX = 32.0  # with a ruler, detection runs on a copy where a red cell is this wide (any magnification)
 MIN_WBC_AREA = 0.35  # the smallest white cell (or cell fragment) kept, in red-cell areas
 NUCLEUS_CONTRAST = 30.0  # a white cell's violet score above the field's median (`_violet`)
@@ -112,11 +122,20 @@ class FieldResult:
 def segment_field(img: np.ndarray, name: str = "image", normalize_stain: bool = False) -> FieldResult:
     """White cells of an RGB smear field as C-NMC-like crops; see the module docstring for the method.
     `normalize_stain` brings each crop's colours toward C-NMC's stain (`core.stain.reinhard`); a C-NMC-style
-    tile is left as it is."""
-    img = _check(img, name)
-    if _black_background(img):
-        return _single_cell(img)
-    result = _segment(img, name)
+    tile is left as it is. Never raises on an image: a photo that cannot be judged (too small, not colour, red
+    cells too coarse, or an unexpected failure) comes back with no cells and `message` saying why, so a batch
+    goes on with that photo's `cannot judge` row."""
+    try:
+        img = _check(img, name)
+        if _black_background(img):
+            return _single_cell(img)
+        result = _segment(img, name)
+    except Exception as exc:  # noqa: BLE001 - one photo's failure is that photo's row, never the batch's
+        shape = getattr(img, "shape", None)
+        log.warning("segmentation of %s failed", name, exc_info=not isinstance(exc, ValueError))
+        why = str(exc) if isinstance(exc, ValueError) else f"{name}: segmentation failed ({type(exc).__name__}: {exc})"
+        return FieldResult([], np.zeros(shape[:2] if shape is not None and len(shape) >= 2 else (0, 0), np.int32),
+                           None, 1.0, 0, "field", why)
     if normalize_stain:
         from core.stain import reinhard
 
@@ -128,7 +147,7 @@ def segment_field(img: np.ndarray, name: str = "image", normalize_stain: bool = 
 
 def _resized(img: np.ndarray, f: float) -> np.ndarray:
     """`img` scaled by `f` (area averaging when shrinking: PIL's box filter, far cheaper than a Gaussian
-    anti-aliasing pass over a 5-megapixel photo)."""
+    anti-aliasing pass over a 5-megapixel photo; bilinear when enlarging a small photo)."""
     from PIL import Image
 
     if f == 1.0:
@@ -154,6 +173,12 @@ def _violet(x: np.ndarray) -> np.ndarray:
     return (r + b) / 2 - g + (b - r)
 
 
+def _purple(x: np.ndarray) -> np.ndarray:
+    """Violet minus green alone: what tells a stained nucleus (well above zero in every lab's stain) from the
+    blue-grey red cells of a bluish stain (Aria's photos), which score high on blue minus red only."""
+    return (x[..., 0] + x[..., 2]) / 2 - x[..., 1]
+
+
 def _white_cell_mask(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(white-cell pixels, the same before closing and filling) of a float RGB image: the white cells are the
     pixels whose violet score (`_violet`) stands `NUCLEUS_CONTRAST` above the field's median (the background
@@ -171,48 +196,116 @@ def _white_cell_mask(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return wbc, raw
 
 
-def _segment(img: np.ndarray, name: str) -> FieldResult:
-    from scipy import ndimage as ndi
-    from skimage import measure, morphology, segmentation
+@dataclass
+class _Scale:
+    """Where detection runs: the red-cell ruler in field pixels (None without one), the factor from the field to
+    the detection copy `small` (above 1 for a small photo: upsampled), and a red cell's diameter there."""
 
+    rbc_full: float | None
+    f: float
+    small: np.ndarray
+    wbc: np.ndarray
+    raw: np.ndarray
+
+    @property
+    def rbc_d(self) -> float | None:
+        return self.rbc_full * self.f if self.rbc_full else None
+
+    @property
+    def ref_area(self) -> float | None:
+        return np.pi * (self.rbc_d / 2) ** 2 if self.rbc_d else None
+
+
+class _Refusal(ValueError):
+    """A photo the segmentation cannot judge, with the measured reason."""
+
+
+def _segment(img: np.ndarray, name: str) -> FieldResult:
+    """The four steps: the ruler sets the scale, detection finds the white-cell pixels, touching cells are split,
+    and the cells go back to full resolution as crops. A photo refused on the way gets no cells and the reason."""
+    try:
+        sc = _ruler_and_scale(img, name)
+        wbc, r_close = _detect(sc)
+    except _Refusal as why:
+        return _empty(img, str(why), getattr(why, "rbc", None))
+    if not wbc.any():
+        return _empty(img, f"{name}: no white cells found", sc.rbc_full)
+    labels = _split_touching(wbc, sc)
+    return _back_to_full_resolution(img, labels, sc, r_close, name)
+
+
+def _refusal(message: str, rbc: float | None = None) -> _Refusal:
+    exc = _Refusal(message)
+    exc.rbc = rbc
+    return exc
+
+
+def _ruler_and_scale(img: np.ndarray, name: str) -> _Scale:
+    """Step 1: the red-cell ruler, read on a copy `RULER_SIDE` px a side (upsampled when the photo is smaller, so
+    the ruler's pixel rules hold on a 224-px photo), and the detection copy where a red cell spans `WORK_RBC_PX`
+    pixels whatever the camera and magnification (at most `MAX_UPSAMPLE` times the photo). A photo whose red
+    cells are too coarse, or a small photo with no red cell to measure, is refused with the measured reason."""
     h, w = img.shape[:2]
-    # 1. the ruler, on a coarse copy
-    f0 = min(1.0, RULER_SIDE / max(h, w))
+    f0 = RULER_SIDE / max(h, w) if max(h, w) > RULER_SIDE else min(MAX_UPSAMPLE, max(1.0, RULER_MIN_SIDE / max(h, w)))
     coarse = _resized(img, f0)
     xc = coarse.astype(np.float32)
     if np.ptp(xc.mean(-1)) < 20:
-        return _empty(img, f"{name}: no white cells found (the image is nearly uniform)")
+        raise _refusal(f"{name}: no white cells found (the image is nearly uniform)")
     wbc, raw = _white_cell_mask(xc)
-    d0 = _red_cell_ruler(xc, wbc)
+    # a red-cell candidate covers at least 30 px of the photo itself (an enlarged speck is still a speck)
+    d0 = _red_cell_ruler(xc, wbc, 30.0 * max(1.0, f0) ** 2)
     rbc_full = d0 / f0 if d0 else None
-    # 2. detection on a copy where a red cell spans WORK_RBC_PX pixels, whatever the camera and magnification
-    f = min(1.0, WORK_RBC_PX / rbc_full) if rbc_full else min(1.0, WORK_SIDE / max(h, w))
-    small = coarse if abs(f - f0) < 1e-9 else _resized(img, f)
-    if small is not coarse:
-        wbc, raw = _white_cell_mask(small.astype(np.float32))
-    rbc_d = rbc_full * f if rbc_full else None
+    if rbc_full is not None and rbc_full < MIN_RBC_PX:
+        raise _refusal(f"{name}: red cells {rbc_full:.0f} px across: too coarse to judge white cells (at least "
+                       f"{MIN_RBC_PX:.0f} px needed)", rbc_full)
+    if rbc_full is None and min(h, w) < MIN_SIDE_NO_RULER:
+        raise _refusal(f"{name}: no red cell found to measure the scale, and at {w}x{h} px the photo is too small "
+                       f"to judge white cells without one (at least {MIN_SIDE_NO_RULER} px a side)")
+    f = min(MAX_UPSAMPLE, WORK_RBC_PX / rbc_full) if rbc_full else min(1.0, WORK_SIDE / max(h, w))
+    if abs(f - f0) < 1e-9:
+        return _Scale(rbc_full, f, coarse, wbc, raw)
+    small = _resized(img, f)
+    wbc, raw = _white_cell_mask(small.astype(np.float32))
+    return _Scale(rbc_full, f, small, wbc, raw)
+
+
+def _detect(sc: _Scale) -> tuple[np.ndarray, int]:
+    """Step 2: the white cells on the detection copy: lobes joined, then what is too small (platelets, debris) or
+    too little stained (red cells of a bluish stain) dropped. Returns (mask, closing radius)."""
+    from scipy import ndimage as ndi
+    from skimage import measure, morphology
+
+    wbc, rbc_d, ref_area = sc.wbc, sc.rbc_d, sc.ref_area
     r_close = max(1, int(0.1 * rbc_d)) if rbc_d is not None else 0
     if r_close:  # a white cell's nucleus may come in lobes: join what lies within a fifth of a red cell
         wbc = ndi.binary_fill_holes(ndi.binary_closing(wbc, morphology.disk(r_close)))
-
     wbc_labels = measure.label(wbc)
-    comp = measure.regionprops(wbc_labels)
-    ref_area = np.pi * (rbc_d / 2) ** 2 if rbc_d else None
-    min_area = MIN_WBC_AREA * ref_area if ref_area else 0.0005 * small.shape[0] * small.shape[1]
+    comp = measure.regionprops(wbc_labels, intensity_image=_purple(sc.small.astype(np.float32)))
+    min_area = MIN_WBC_AREA * ref_area if ref_area else 0.0005 * sc.small.shape[0] * sc.small.shape[1]
     largest = max((p.area for p in comp), default=0)
     keep = np.zeros(wbc_labels.max() + 1, bool)
     for p in comp:  # without a ruler, white cells come in one size class: far smaller than the largest is debris
         keep[p.label] = p.area >= (min_area if ref_area else max(min_area, 0.25 * largest))
-    wbc = keep[wbc_labels]
-    if not wbc.any():
-        return _empty(img, f"{name}: no white cells found", rbc_full)
+    # a nucleus is purple in every lab's stain; the blue-grey red cells of a bluish stain pass the violet score
+    # but are far less purple than the field's white cells
+    purple = {p.label: float(np.median(p.image_intensity[p.image])) for p in comp if keep[p.label]}
+    top = max(purple.values(), default=0.0)
+    for label, value in purple.items():
+        keep[label] = value >= PURPLE_SHARE * top
+    return keep[wbc_labels], r_close
 
-    # 3. split touching white cells. Markers: deep maxima of the distance transform of the white-cell pixels
-    # *before* closing and filling (the pale seams between packed cells are still gaps there; the filled mask
-    # of a compact cluster has one peak in its middle); the watershed then runs on the filled mask. Only what
-    # is too big for one white cell is split (with a ruler, more than 1.35 times a 1.25-red-cell white cell;
-    # otherwise 1.6 times the field's median blob: a lobed nucleus is one cell), and a piece with less stain
-    # than a small nucleus gives its marker up (the split is redone without it).
+
+def _split_touching(wbc: np.ndarray, sc: _Scale) -> np.ndarray:
+    """Step 3: touching white cells split. Markers: deep maxima of the distance transform of the white-cell
+    pixels *before* closing and filling (the pale seams between packed cells are still gaps there; the filled
+    mask of a compact cluster has one peak in its middle); the watershed then runs on the filled mask. Only what
+    is too big for one white cell is split (with a ruler, more than 1.35 times a 1.25-red-cell white cell;
+    otherwise 1.6 times the field's median blob: a lobed nucleus is one cell), and a piece with less stain than
+    a small nucleus gives its marker up (the split is redone without it). Returns the label image."""
+    from scipy import ndimage as ndi
+    from skimage import measure, morphology, segmentation
+
+    rbc_d, ref_area, raw = sc.rbc_d, sc.ref_area, sc.raw
     blobs = measure.label(wbc)
     areas = np.bincount(blobs.ravel())[1:]
     props = measure.regionprops(blobs)
@@ -223,38 +316,59 @@ def _segment(img: np.ndarray, name: str) -> FieldResult:
     solid = np.array([p.solidity for p in props])
     big = np.isin(blobs, 1 + np.nonzero((areas > single) & (solid < SPLIT_SOLIDITY))[0])
     labels = blobs.copy()
-    if big.any():
-        seams = ndi.distance_transform_edt(raw & big)
-        # markers: maxima standing at least a fifth of a white-cell radius above the saddle to any other (two
-        # packed round cells meet at a neck well below their centres; the bumps of one irregular cell do not)
-        tops = measure.label(morphology.h_maxima(seams, SPLIT_DEPTH * radius) & big)
-        peaks = np.array([np.round(p.centroid).astype(int) for p in measure.regionprops(tops)]).reshape(-1, 2)
-        for _ in range(2):
-            markers = np.zeros(wbc.shape, np.int32)
-            markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-            split = segmentation.watershed(-seams, markers, mask=big)
-            # counted in stained pixels before filling: the lobes of one nucleus are small there
-            small_piece = np.bincount(split[raw], minlength=len(peaks) + 1)[1:] < SPLIT_MIN_PIECE * (
-                ref_area if ref_area else np.median(areas))
-            if not small_piece.any():
-                break
-            peaks = peaks[~small_piece]
-        labels[big] = 0
-        labels[split > 0] = split[split > 0] + labels.max()
-        orphan = big & (split == 0)  # a big blob whose markers all went: one cell
-        if orphan.any():
-            rest = measure.label(orphan)
-            labels[rest > 0] = rest[rest > 0] + labels.max()
-    labels = segmentation.relabel_sequential(labels)[0]
+    if not big.any():
+        return segmentation.relabel_sequential(labels)[0]
+    # only the big blobs' bounding box is worked on (the h-maxima transform is the costly step)
+    rows, cols = np.nonzero(big)
+    win = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    seams = np.zeros(wbc.shape)
+    seams[win] = ndi.distance_transform_edt(np.pad(raw[win] & big[win], 1))[1:-1, 1:-1]
+    # markers: maxima standing at least a fifth of a white-cell radius above the saddle to any other (two packed
+    # round cells meet at a neck well below their centres; the bumps of one irregular cell do not)
+    tops = np.zeros(wbc.shape, bool)
+    tops[win] = morphology.h_maxima(seams[win], SPLIT_DEPTH * radius)
+    tops = measure.label(tops & big)
+    peaks = np.array([np.round(p.centroid).astype(int) for p in measure.regionprops(tops)], int).reshape(-1, 2)
+    split = np.zeros(wbc.shape, np.int32)
+    for _ in range(2):
+        if not len(peaks):  # no marker left (a lone blob with no deep peak): the blob stays one cell
+            break
+        markers = np.zeros(wbc.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+        split = segmentation.watershed(-seams, markers, mask=big)
+        # counted in stained pixels before filling: the lobes of one nucleus are small there
+        small_piece = np.bincount(split[raw], minlength=len(peaks) + 1)[1:] < SPLIT_MIN_PIECE * (
+            ref_area if ref_area else np.median(areas))
+        if not small_piece.any():
+            break
+        peaks = peaks[~small_piece]
+        if not len(peaks):
+            split = np.zeros(wbc.shape, np.int32)
+    labels[big] = 0
+    labels[split > 0] = split[split > 0] + labels.max()
+    orphan = big & (split == 0)  # a big blob whose markers all went: one cell
+    if orphan.any():
+        rest = measure.label(orphan)
+        labels[rest > 0] = rest[rest > 0] + labels.max()
+    return segmentation.relabel_sequential(labels)[0]
 
-    # 4. back to field resolution; a cell cut by the border is kept when enough of it is in the field
+
+def _back_to_full_resolution(img: np.ndarray, labels: np.ndarray, sc: _Scale, r_close: int,
+                             name: str) -> FieldResult:
+    """Step 4: the labels back at the photo's resolution; a cell cut by the border is kept when enough of it is in
+    the field; each kept cell becomes its crop and context window."""
+    from skimage import measure
+
+    h, w = img.shape[:2]
+    f, ref_area, rbc_full = sc.f, sc.ref_area, sc.rbc_full
     full = labels if f == 1.0 else _nearest(labels, (h, w)).astype(np.int32)
-    m = int(np.ceil((3 + r_close) / f))  # within reach of the border (the morphology erodes a mask's last pixels)
+    m = max(1, int(np.ceil((3 + r_close) / f)))  # within reach of the border (morphology erodes a mask's edge)
     border = set(np.unique(np.concatenate([full[:m].ravel(), full[-m:].ravel(), full[:, :m].ravel(),
                                            full[:, -m:].ravel()])).tolist())
     scale = RBC_TARGET_PX / rbc_full if rbc_full else _scale_by_size(full)
     cells, kept = [], np.zeros_like(full)
     dropped = 0
+    min_area = MIN_WBC_AREA * ref_area if ref_area else 0.0005 * sc.small.shape[0] * sc.small.shape[1]
     min_full = min_area / f / f
     for p in measure.regionprops(full):
         if p.area < min_full:
@@ -272,12 +386,15 @@ def _segment(img: np.ndarray, name: str) -> FieldResult:
         cells.append(SegmentedCell(number, box, int(p.area), crop, mask, bool(at_border),
                                    context_window(img, box)))
     notes = [] if rbc_full else ["no red cells found to measure: crops scaled by the white cells' own size"]
+    if f > 1.0:
+        notes.append(f"a small photo: white cells found on a copy enlarged {f:.1f}x (red cells {rbc_full:.0f} px "
+                     "across here)")
     msg = "" if cells else f"{name}: no white cells found" + (
         f" ({dropped} cut by the image border)" if dropped else "")
     return FieldResult(cells, kept, rbc_full, float(scale), dropped, "field", msg, notes)
 
 
-def _red_cell_ruler(x: np.ndarray, wbc: np.ndarray) -> float | None:
+def _red_cell_ruler(x: np.ndarray, wbc: np.ndarray, min_area: float = 30.0) -> float | None:
     """A red cell's diameter in `x`'s pixels, or None. Three masks of red cells are tried: (1) the middle class of
     a three-class Otsu on green (background / red cells / white cells: right where many dark white cells pull a
     two-class threshold between them and everything else, as on ALL-IDB1's 1712×1368 photos); (2) the objects
@@ -302,13 +419,26 @@ def _red_cell_ruler(x: np.ndarray, wbc: np.ndarray) -> float | None:
     except ValueError:  # too few grey levels for three classes
         pass
     masks.append((objects & ~near_wbc, 3))
+    # (4) the same without the white cells pulling the threshold: where a few very dark nuclei sit on a pale
+    # field (Aria's photos), a two-class Otsu over every pixel splits them from everything else, red cells included
+    rest = grey[~near_wbc]
+    if rest.size and np.ptp(rest) > 0:
+        masks.append(((grey < filters.threshold_otsu(rest)) & ~near_wbc, 3))
     red_excess = -blue_excess
     masks.append((red_excess > (float(np.median(red_excess[~objects])) + 8.0 if (~objects).any() else 8.0), 3))
+    # a round object stained like the field's white cells is one: where the white-cell mask misses cells (a dense
+    # field of blasts), they must not be taken for red cells (far larger ones)
+    v = _violet(x)
+    too_violet = RULER_VIOLET_SHARE * float(np.percentile(v, 99.9))
     singles, clumps = [], []
     for rbc, need in masks:
         rbc = ndi.binary_fill_holes(ndi.binary_opening(rbc, morphology.disk(2)))
-        props = [p for p in measure.regionprops(measure.label(rbc)) if p.area >= 30 and p.solidity > 0.9
-                 and p.eccentricity < 0.75]
+        props = [p for p in measure.regionprops(measure.label(rbc), intensity_image=v) if p.area >= min_area
+                 and p.solidity > 0.9 and p.eccentricity < 0.75 and np.median(p.image_intensity[p.image]) < too_violet]
+        # a round object over twice the typical one is a clump of red cells (or a missed white cell), not one
+        if props:
+            typical = float(np.median([p.equivalent_diameter_area for p in props]))
+            props = [p for p in props if p.equivalent_diameter_area <= RULER_MAX_OVER_TYPICAL * typical]
         # area-weighted: platelets, specks and pallor fragments are round too and may outnumber the red cells
         if len(props) >= need and sum(p.area for p in props) >= 0.05 * rbc.sum():
             singles.append(_weighted_median([p.equivalent_diameter_area for p in props], [p.area for p in props]))

@@ -84,13 +84,80 @@ def test_field_without_white_cells_says_so():
     assert "no white cells" in segment_field(blank, "blank.png").message
 
 
-def test_bad_input_gets_a_clear_message():
-    with pytest.raises(ValueError, match="too small"):
-        segment_field(np.zeros((120, 200, 3), np.uint8), "tiny.png")
-    with pytest.raises(ValueError, match="colour"):
-        segment_field(np.zeros((400, 400), np.uint8), "grey.png")
-    with pytest.raises(ValueError, match="8-bit"):
-        segment_field(np.zeros((400, 400, 3), np.float64), "float.tif")
+def test_bad_input_gets_a_clear_message_and_no_cells():
+    """Segmentation never raises on an image: what it cannot judge comes back with no cells and the reason."""
+    for img, name, why in [(np.zeros((120, 200, 3), np.uint8), "tiny.png", "too small"),
+                           (np.zeros((400, 400), np.uint8), "grey.png", "colour"),
+                           (np.zeros((400, 400, 3), np.float64), "float.tif", "8-bit")]:
+        result = segment_field(img, name)
+        assert result.cells == [] and why in result.message and name in result.message
+
+
+def _lone_cell(side: int = 400, r: float = 30.0) -> np.ndarray:
+    """One white cell on a plain background: no red cell, and a blob whose distance transform has a single top."""
+    img = np.full((side, side, 3), BACKGROUND, np.uint8)
+    yy, xx = np.mgrid[:side, :side]
+    img[(yy - side / 2) ** 2 + (xx - side / 2) ** 2 < r * r] = (110, 60, 150)
+    return img
+
+
+@pytest.mark.parametrize("case", ["lone cell", "all background", "200 px", "1-px strip", "noise", "red cells only"])
+def test_edge_photos_never_raise_and_each_gets_a_row(case, tmp_path):
+    """The inputs that raised or sit at the edge each give a result (cells, or none with the reason) and, through
+    `segment_files`, a row of their own while the batch goes on."""
+    from PIL import Image
+
+    from core.segmentation import segment_files
+
+    rng = np.random.default_rng(0)
+    img = {"lone cell": _lone_cell(),
+           "all background": np.full((480, 640, 3), BACKGROUND, np.uint8),
+           "200 px": synth_field(200, 200, wbc=1, rbc=6, platelets=0, touching_pairs=0, border_cells=0,
+                                 rbc_px=24.0, seed=2)[0],
+           "1-px strip": np.full((1, 640, 3), 128, np.uint8),
+           "noise": rng.integers(0, 256, (300, 300, 3)).astype(np.uint8),
+           "red cells only": synth_field(wbc=0, touching_pairs=0, border_cells=0, seed=5)[0]}[case]
+    result = segment_field(img, "edge.png")
+    assert result.cells or result.message, case
+    assert result.labels.shape[:2] == img.shape[:2] or not result.cells
+    good, _ = synth_field(seed=1, wbc=3, touching_pairs=0, border_cells=0)
+    Image.fromarray(img).save(tmp_path / "edge.png")
+    Image.fromarray(good).save(tmp_path / "good.png")
+    table = segment_files([tmp_path / "edge.png", tmp_path / "good.png"], tmp_path / "crops")
+    assert (table["field"] == str(tmp_path / "good.png")).sum() >= 3  # the batch went on
+    edge = table[table["field"] == str(tmp_path / "edge.png")]
+    assert len(edge) >= 1 and (edge["error"].notna().all() or edge["cell"].notna().all())
+
+
+def test_a_blob_without_a_deep_peak_does_not_raise():
+    """The fourth lab's crash (`IndexError: arrays used as indices must be of integer (or boolean) type`): a blob
+    too big and concave for one cell, stained only at its outline (two touching rings), has no distance-transform
+    top deep enough to be a marker; the empty marker array was used as indices. It now stays one cell."""
+    img, _ = synth_field(wbc=0, touching_pairs=0, border_cells=0, platelets=0, rbc=25, seed=7)
+    yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
+    ring = np.zeros(img.shape[:2], bool)
+    for cx in (305, 395):
+        d = np.hypot(yy - 300, xx - cx)
+        ring |= (d > 40) & (d < 45)
+    img[ring] = (110, 60, 150)
+    result = segment_field(img, "rings.png")
+    assert len(result.cells) == 1 and result.message == ""
+
+
+def test_a_small_photo_is_judged_by_its_red_cells():
+    """A 224-px photo with red cells about 12 px across is enlarged internally and its white cells found; one
+    whose red cells measure 5 px is refused with the measured reason."""
+    img, truth = synth_field(224, 224, wbc=2, rbc=25, platelets=0, touching_pairs=0, border_cells=0, rbc_px=12.0,
+                             seed=3)
+    result = segment_field(img, "small.png")
+    assert result.rbc_diameter_px is not None and 9 <= result.rbc_diameter_px <= 15, result.rbc_diameter_px
+    m = match([c.box for c in result.cells], truth)
+    assert m["hits"] == len(truth), (m, result.message)
+    assert any("enlarged" in n for n in result.notes)
+    coarse, _ = synth_field(224, 224, wbc=2, rbc=60, platelets=0, touching_pairs=0, border_cells=0, rbc_px=5.0,
+                            seed=3)
+    refused = segment_field(coarse, "coarse.png")
+    assert refused.cells == [] and "px across: too coarse to judge white cells" in refused.message, refused.message
 
 
 def test_segment_and_predict_fields_from_the_cli(tmp_path):
