@@ -7,10 +7,13 @@ from dashboard.settings import RESEARCH_BANNER
 
 def main() -> None:
     st.set_page_config(page_title="C-NMC leukemia workbench", page_icon=":material/biotech:", layout="wide")
-    st.warning(RESEARCH_BANNER, icon=":material/warning:")
-    gate = auth.gate_page()  # sign-in configured: the sign-in page until signed in, with a role (nothing else runs)
+    refused = auth.auth_mode().mode == "refused"  # an unsafe configuration: one error, nothing else on the page
+    if not refused:
+        st.warning(RESEARCH_BANNER, icon=":material/warning:")
+    gate = auth.gate_page()  # refused, or sign-in configured: the sign-in page until signed in, with a role
     if gate is not None:
-        st.navigation([st.Page(gate, title="Sign in", default=True)], position="hidden").run()
+        title = "Not served" if refused else "Sign in"
+        st.navigation([st.Page(gate, title=title, default=True)], position="hidden").run()
         return
     auth.sidebar_ui(auth.current_actor())
     pages = [

@@ -4,6 +4,8 @@ CNMC_RUNS_DIR    run store (default: runs)
 CNMC_DATA_ROOTS  os.pathsep-separated folders whose sub-folders may be chosen as datasets (default: data)
 CNMC_DEMO_DATA   the synthetic demo dataset (default: data/demo)
 CNMC_ROLES       who may do what once sign-in is on (default: roles.toml; see dashboard/auth.py, docs/lab-server.md)
+CNMC_LOCAL_MODE  1: serve unauthenticated local single-user mode even beyond loopback or behind a proxy (never
+                 over a configured [auth]); see dashboard/auth.py, docs/lab-server.md
 The Train page offers only the demo dataset and folders under the data roots, never an arbitrary server path.
 """
 from __future__ import annotations

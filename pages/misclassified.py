@@ -4,6 +4,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard import auth, services, widgets
+from dashboard.csv_export import safe_csv
 from dashboard.settings import Settings
 
 PAGE = 24
@@ -56,13 +57,13 @@ def main() -> None:
         st.warning(f"{int(table['missing'].sum())} of these cells are missing from disk (moved or deleted); "
                    "a moved dataset is found again when it lies under one of the data roots (CNMC_DATA_ROOTS).")
     view = filters_ui(table)
-    st.download_button("Export this list (CSV)", view.to_csv(index=False), f"errors_{run_id}.csv", "text/csv")
+    st.download_button("Export this list (CSV)", safe_csv(view), f"errors_{run_id}.csv", "text/csv")
     overrides = services.label_overrides(settings.runs_dir)
     if not actor.can("export_overrides"):
         st.caption(actor.refusal("export_overrides"))
     else:
         st.download_button(f"Export label overrides ({len(overrides)} corrected labels, CSV)",
-                           overrides.to_csv(index=False), "label_overrides.csv", "text/csv",
+                           safe_csv(overrides, services.OVERRIDE_FREE_TEXT), "label_overrides.csv", "text/csv",
                            help="every cell whose latest review says 'label is wrong', with its corrected label: "
                                 "train with it (Train page, or `run --label-overrides FILE`)")
     gradcam = st.toggle("Grad-CAM overlay", value=False)

@@ -33,15 +33,20 @@ default = "none"
 
 
 # --- roles and the service-layer checks (no browser) ----------------------------------------------------------
+def verified(email: str) -> dict:
+    """An ID token's claims for a person whose email the provider verified."""
+    return {"iss": "https://idp.lab.test", "sub": f"sub-{email.lower()}", "email": email, "email_verified": True}
+
+
 def test_roles_file_maps_identities_and_groups_to_the_highest_role(tmp_path):
     path = tmp_path / "roles.toml"
     path.write_text(ROLES + '"cnmc-admins" = "admin"\n')
     roles = auth.load_roles(path)
-    assert auth.actor_from_claims({"email": VIEWER.upper()}, roles).role == "viewer"  # emails without case
-    rita = auth.actor_from_claims({"email": REVIEWER, "groups": ["cnmc-reviewers", "x"]}, roles)
+    assert auth.actor_from_claims(verified(VIEWER.upper()), roles).role == "viewer"  # emails without case
+    rita = auth.actor_from_claims({**verified(REVIEWER), "groups": ["cnmc-reviewers", "x"]}, roles)
     assert (rita.identity, rita.role, rita.signed_in) == (REVIEWER, "reviewer", True)
-    assert auth.actor_from_claims({"email": VIEWER, "groups": "cnmc-admins"}, roles).role == "admin"  # highest
-    assert auth.actor_from_claims({"email": STRANGER}, roles).role == "none"
+    assert auth.actor_from_claims({**verified(VIEWER), "groups": "cnmc-admins"}, roles).role == "admin"  # highest
+    assert auth.actor_from_claims(verified(STRANGER), roles).role == "none"
     assert auth.load_roles(tmp_path / "absent.toml").role_of(VIEWER) == "none"  # no roles file: nobody is let in
     path.write_text('[users]\n"a@b" = "superuser"\n')
     with pytest.raises(ValueError, match="'superuser' is not a role"):
@@ -125,9 +130,10 @@ def provider():
     os.environ["AUTHLIB_INSECURE_TRANSPORT"] = "1"  # plain http on loopback
     with oidc_provider_mock.run_server_in_thread() as server:
         url = f"http://localhost:{server.server_port}"
-        for sub, claims in {VIEWER: {"email": VIEWER, "name": "Vera Viewer"},
-                            REVIEWER: {"email": REVIEWER, "name": "Rita Reviewer", "groups": ["cnmc-reviewers"]},
-                            STRANGER: {"email": STRANGER}}.items():
+        for sub, claims in {VIEWER: {"email": VIEWER, "email_verified": True, "name": "Vera Viewer"},
+                            REVIEWER: {"email": REVIEWER, "email_verified": True, "name": "Rita Reviewer",
+                                       "groups": ["cnmc-reviewers"]},
+                            STRANGER: {"email": STRANGER, "email_verified": True}}.items():
             req = urllib.request.Request(f"{url}/users/{quote(sub)}", method="PUT",
                                          data=__import__("json").dumps(claims).encode(),
                                          headers={"Content-Type": "application/json"})
@@ -246,7 +252,7 @@ def test_sign_in_as_viewer_and_reviewer_in_chromium(signed_in_app, cell_dir):
         sign_out(page, url)
 
         # the same refusal from the service itself, for the viewer the roles file makes of the same claims
-        viewer = auth.actor_from_claims({"email": VIEWER, "name": "Vera Viewer"}, auth.load_roles(roles_file))
+        viewer = auth.actor_from_claims({**verified(VIEWER), "name": "Vera Viewer"}, auth.load_roles(roles_file))
         with pytest.raises(auth.PermissionDenied, match=f"Relabelling needs the reviewer role; you are signed in "
                                                         f"as {VIEWER} as viewer"):
             services.record_review(runs, cell.name, "hem", "label is wrong", actor=viewer)
