@@ -1,29 +1,31 @@
-"""Benchmark: smear photos to per-cell calls and a field call, on ALL-IDB1's even photos, by cross-validation over
-photos, side by side with two baselines in one run.
+"""Benchmark: smear photos of three labs to a photo call, per lab, in one run: the product by cross-validation
+over photos, the product with that lab left out, a lab teaching it k of its photos, and a plain whole-photo
+baseline; then the speed of a 224-px photo and a 2592x1944 field.
 
-    python benchmarks/bench_fields.py data/allidb [--folds 5] [--cache cache] [--out runs/bench_fields]
+    python benchmarks/bench_fields.py --allidb data/allidb --aria data/aria --bccd data/bccd \
+        [--folds 5] [--cache cache] [--out runs/bench_fields] [--curve 10,25,50,100] [--repeats 3] [--model smear]
 
-Data: ALL-IDB (Labati, Piuri, Scotti, "ALL-IDB: the acute lymphoblastic leukemia image database for image
-processing", IEEE ICIP 2011), ALL-IDB1 even-numbered photos only (`core.allidb`; the odd ones are reserved for an
-independent check), blast centroids from the dataset, other annotated objects from AngeloUNIMI/ALL-IDB-Patches.
-Folds: stratified by the cells' labels, grouped by photo (no photo's cells on both sides).
+Data (each only from the repository its issue names; see docs/smear-fields.md):
+- ALL-IDB1 even-numbered photos (Labati, Piuri, Scotti, ICIP 2011): blast centres per cell;
+- Aria et al.'s photos (Ghaderzadeh et al., Int J Intell Syst 2022), even-numbered only: labelled per photo
+  (Benign, Normal -> no blasts; Early, Pre, Pro -> blasts). **No patient ids: every split of it mixes patients**
+  (89 patients, about 36 photos each), so its cross-validated figures overstate new patients;
+- BCCD (Shenggan/BCCD_Dataset): normal donors; every photo no blasts.
 
-Methods (each finds its own cells, so "found" is per method):
-- **product**: `core.segmentation` + the smear network (ImageNet EfficientNet-Lite0, frozen, reading each cell on
-  black and in its context window; logistic head on 128 principal components, fitted on the 8 dihedral views of
-  the training photos' cells) + its gate (feature novelty, threshold from held-out folds), threshold 0.5;
-- **starter**: the same cells, stain-normalised toward C-NMC's, judged by the shipped C-NMC starter with its own
-  rule and gate (today's field path with `--normalize-stain`); nothing is fitted on ALL-IDB;
-- **plain**: the issue's plain baseline: violet-minus-green Otsu threshold + distance watershed for finding, a square
-  window around each object (with its surroundings, not masked), frozen Lite0 features of one view + logistic
-  regression, no gate.
+Methods:
+- **product**: `core.segmentation` + the smear network (frozen ImageNet Lite0 on each cell on black and in its
+  context; projection + multiple-instance head; gate; field rule fitted on out-of-fold cell scores), 5-fold
+  cross-validation by photo over the three labs together (nested field rule);
+- **lab left out**: the same trained on the two other labs only, judging every photo of the left-out lab;
+- **lab teaches it k photos**: the left-out model's head refitted on its training cells plus k photos of the lab
+  (stratified by label, `--repeats` draws), judging the lab's other photos (the refit of `smear-model --base`,
+  with the base's gate threshold and field rule);
+- **plain whole-photo baseline**: frozen ImageNet Lite0 features of the whole photo (224 px) + logistic
+  regression, the same folds; it judges every photo (no gate, no cells).
 
-Figures: annotated blasts found one-to-one (centroid inside one found box), found objects on no annotated object
-(platelets, debris, red-cell clumps, and also real white cells the annotators did not mark: an upper bound on
-non-white-cell finds), judged share, cell-level sensitivity / specificity / ROC AUC (judged cells; label `all` = a
-found box holding a blast centroid), share of `all` calls on an annotated blast, share of found blasts called
-`all`, field-level calls (core.fields.CallRule: `blasts` on ALL photos, `no blasts` on healthy ones), seconds per
-field (segmentation + classification, product only).
+Figures per lab: photos judged, the field call's balanced accuracy over judged photos (one class: its accuracy),
+blasts photos called `blasts`, no-blasts photos called `blasts`; for ALL-IDB also the cell figures on annotated
+cells. Speed: segmentation + network, median of 5, on this machine (2 cores).
 """
 from __future__ import annotations
 
@@ -39,194 +41,220 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def cell_metrics(table: pd.DataFrame, photos: pd.DataFrame) -> dict:
-    """The figures of one method from its per-cell table: photo, label, annotation, judged, prediction, p."""
-    from core.fields import CallRule, field_readout
+def _say(*a) -> None:
+    print(*a, flush=True)
 
-    from training.smear import cell_figures
 
-    out = {
-        "annotated_blasts": int(photos["blasts"].sum()),
-        "blasts_found": int(photos["blasts_found"].sum()),
-        "found": int(len(table)),
-        "found_on_no_annotation": int((table["annotation"] == "none").sum()),
-        **cell_figures(table),
-    }
-    cells = table.assign(field=table["photo"], prob_all_calibrated=table["p"], uncertain=False,
-                         ood_reason=np.where(table["judged"], None, "refused"), error=None)
-    cells.loc[~table["judged"], "prediction"] = None
-    read = field_readout(cells, list(photos["photo"]), {}, CallRule(), pooled=False).set_index("field")
-    calls = read.loc[photos["photo"], "call"].to_numpy()
-    is_all = (photos["photo_label"] == "all").to_numpy()
-    out["fields_blasts_all_photos"] = f"{int((calls[is_all] == 'blasts').sum())}/{int(is_all.sum())}"
-    out["fields_blasts_healthy_photos"] = f"{int((calls[~is_all] == 'blasts').sum())}/{int((~is_all).sum())}"
-    out["fields_cannot_judge"] = int((calls == "cannot judge").sum())
-    out["field_accuracy"] = float(((calls == "blasts") == is_all).mean())
+def product(cs, folds: int) -> tuple[dict, object]:
+    from training.smear_model import fit_smear, lab_figures
+
+    fit = fit_smear(cs, folds, progress=_say)
+    return lab_figures(fit.oof, cs.photos), fit
+
+
+def left_out(cs, lab: str, folds: int):
+    """(figures on the lab, the fit on the other labs)."""
+    from training.smear_model import figures_with_rule, cell_figures, fit_smear
+
+    mine = cs.photos[cs.photos["lab"] == lab]
+    fit = fit_smear(cs.photo_subset(cs.photos.loc[cs.photos["lab"] != lab, "photo"]), folds)
+    target = cs.photo_subset(mine["photo"])
+    scored = fit.score(target)
+    figs = figures_with_rule(scored, mine, *fit.field_rule)[lab]
+    if int(mine["blasts"].fillna(0).sum()):
+        figs.update({f"cell_{k}": v for k, v in cell_figures(scored).items()})
+    return figs, fit
+
+
+def _sample(photos: pd.DataFrame, k: int, rng) -> list[str]:
+    """k photos, each label in proportion (at least one of each where the lab has both)."""
+    out = []
+    labels = photos["label"].unique()
+    for i, label in enumerate(labels):
+        pool = photos.loc[photos["label"] == label, "photo"].to_numpy()
+        n = k - len(out) if i == len(labels) - 1 else max(1, round(k * len(pool) / len(photos)))
+        out += list(rng.choice(pool, min(n, len(pool)), replace=False))
     return out
 
 
-def starter(fc) -> pd.DataFrame:
-    from core.inference import classify
-    from core.model_folder import load_model_folder
-    from core.stain import reinhard
+def adaptation_curve(cs, lab: str, fit, ks: list[int], repeats: int, seed: int = 0) -> list[dict]:
+    """The left-out model taught k of the lab's photos, scored on the lab's other photos."""
+    from training.smear_model import ZSet, figures_with_rule, novelty_distance, fit_mil, head_probs
 
-    mf = load_model_folder("starter")
-    items = [(f"{r.photo}_cell{r.cell:02d}.png", np.rint(reinhard(c)).astype(np.uint8))
-             for r, c in zip(fc.table.itertuples(), fc.crops)]
-    res = classify(mf.models, items, mf.size, mf.rule, gate=mf.gate, margin=mf.crop_margin)
-    judged = res["prediction"].notna().to_numpy()
-    return fc.table.assign(p=res["prob_all_calibrated"].fillna(0.0).to_numpy(), judged=judged,
-                           prediction=res["prediction"].to_numpy())
-
-
-def plain_cells(img: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """The plain baseline's finding: Otsu on violet minus green at quarter size, holes filled, small objects
-    dropped, touching objects split by a distance watershed; boxes in field pixels."""
-    from scipy import ndimage as ndi
-    from skimage import filters, measure, morphology, segmentation
-    from skimage.feature import peak_local_max
-    from skimage.transform import rescale
-
-    x = rescale(img.astype(np.float32), 0.25, channel_axis=-1, anti_aliasing=True)
-    v = (x[..., 0] + x[..., 2]) / 2 - x[..., 1]
-    # Otsu, but never inside the background / red-cell mode (a healthy photo's one white cell is too few pixels
-    # for Otsu to find alone)
-    cut = max(filters.threshold_otsu(v), float(np.median(v)) + 25.0)
-    mask = ndi.binary_fill_holes(ndi.binary_opening(v > cut, morphology.disk(2)))
-    lab = measure.label(mask)
-    areas = np.bincount(lab.ravel())[1:]
-    if not len(areas):
-        return []
-    # platelets and debris: far smaller than the field's large objects
-    mask = np.isin(lab, 1 + np.nonzero(areas >= 0.25 * np.percentile(areas, 90))[0])
-    dist = ndi.distance_transform_edt(mask)
-    r = max(3, int(np.sqrt(np.percentile(areas, 90) / np.pi)))
-    peaks = peak_local_max(dist, min_distance=r, labels=measure.label(mask), exclude_border=False)
-    markers = np.zeros(mask.shape, int)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    lab = segmentation.watershed(-dist, markers, mask=mask)
-    return [(p.bbox[1] * 4, p.bbox[0] * 4, p.bbox[3] * 4, p.bbox[2] * 4) for p in measure.regionprops(lab)]
+    mine = cs.photos[cs.photos["lab"] == lab]
+    keep = fit.target >= 0
+    base = ZSet(fit.zs.view0()[keep], np.arange(int(keep.sum())), np.zeros(int(keep.sum()), int),
+                fit.zs.table[keep].assign(label=np.where(fit.target[keep] == 1, "all", "hem")).reset_index(drop=True))
+    rows = []
+    for k in ks:
+        if k > len(mine) - 10:
+            continue
+        figs = []
+        for r in range(repeats):
+            rng = np.random.default_rng(seed + r)
+            teach = _sample(mine, k, rng)
+            test = mine[~mine["photo"].isin(teach)]
+            zs = ZSet.concat([base, ZSet.of(cs.photo_subset(teach), fit.proj)])
+            lr, _ = fit_mil(zs.z, zs.row_cell, zs.table, row_view=zs.row_view)
+            rest = cs.photo_subset(test["photo"])
+            z = fit.proj.pool(rest.view0())
+            dist = novelty_distance(zs.view0(), z)
+            p = head_probs(lr, z)
+            scored = rest.table.assign(p=p, novelty=dist, judged=dist <= fit.novelty_threshold,
+                                       prediction=np.where(p >= 0.5, "all", "hem"))
+            figs.append(figures_with_rule(scored, test, *fit.field_rule)[lab])
+        rows.append({"lab": lab, "k": k, "repeats": repeats, "test_photos": int(len(mine) - k),
+                     "balanced_accuracy": float(np.nanmean([f["balanced_accuracy"] for f in figs])),
+                     "balanced_accuracy_min": float(np.nanmin([f["balanced_accuracy"] for f in figs])),
+                     "judged_share": float(np.mean([f["judged_share"] for f in figs]))})
+        _say(f"  {lab} taught {k} photos: balanced accuracy {rows[-1]['balanced_accuracy']:.3f} "
+             f"(worst draw {rows[-1]['balanced_accuracy_min']:.3f}), judged {rows[-1]['judged_share']:.1%}")
+    return rows
 
 
-def plain(root, photos_df, fold_of_photo: dict, model) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from core.allidb import centroids
-    from core.imageio import read_image
-
-    from sklearn.linear_model import LogisticRegression
-
-    from training.smear import PAIR_TILE, label_cells, pooled_features
+def whole_photo_features(photos: pd.DataFrame, cache: Path) -> np.ndarray:
+    """Frozen ImageNet Lite0 features of each whole photo at 224 px (cached)."""
+    import hashlib
 
     from PIL import Image
 
-    rows, crops, stats = [], [], []
-    for p in photos_df.itertuples():
-        img = read_image(p.path)
-        boxes = plain_cells(img)
-        pts = centroids(root, p.photo)
-        ann = label_cells(boxes, pts["blasts"], pts["others"])
-        h, w = img.shape[:2]
-        for (x0, y0, x1, y1), a in zip(boxes, ann):
-            cx, cy, s = (x0 + x1) // 2, (y0 + y1) // 2, int(0.75 * max(x1 - x0, y1 - y0)) + 8
-            win = img[max(0, cy - s):min(h, cy + s), max(0, cx - s):min(w, cx + s)]
-            crops.append(np.asarray(Image.fromarray(win).resize((PAIR_TILE, PAIR_TILE), Image.Resampling.BILINEAR)))
-            rows.append({"photo": p.photo, "photo_label": p.label, "annotation": a,
-                         "label": "all" if a == "blast" else "hem"})
-        stats.append({"photo": p.photo, "photo_label": p.label, "blasts": len(pts["blasts"]),
-                      "blasts_found": ann.count("blast"), "cells_found": len(boxes)})
-    table = pd.DataFrame(rows)
-    feats = pooled_features(model, [np.stack(crops)], layer="pool")[:, 0]
-    y = (table["label"] == "all").to_numpy().astype(int)
-    fold = table["photo"].map(fold_of_photo).to_numpy()
-    p = np.zeros(len(y))
-    for k in np.unique(fold):
-        tr, te = fold != k, fold == k
-        lr = LogisticRegression(C=1.0, max_iter=3000).fit(feats[tr], y[tr])
-        p[te] = lr.predict_proba(feats[te])[:, 1]
-    table = table.assign(p=p, judged=True, prediction=np.where(p >= 0.5, "all", "hem"))
-    return table, pd.DataFrame(stats)
-
-
-def seconds_per_field(photos_df, model, head, n: int = 6) -> float:
-    """Segmentation + network on whole photos (the 2592x1944 ones first), median of `n`."""
     from core.imageio import read_image
-    from core.segmentation import segment_field
+    from core.pretrained import imagenet_backbone
 
-    from training.smear import network_inputs, pooled_features
+    key = hashlib.sha256("".join(photos["path"]).encode()).hexdigest()[:12]
+    path = cache / f"whole-photo-lite0-{key}.npy"
+    if path.exists():
+        return np.load(path)
+    net = imagenet_backbone(include_top=False)
+    x = np.stack([np.asarray(Image.fromarray(read_image(p)).resize((224, 224), Image.Resampling.BILINEAR))
+                  for p in photos["path"]])
+    f = np.concatenate([np.asarray(net.predict_on_batch(x[s:s + 64])) for s in range(0, len(x), 64)])
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, f)
+    return f
 
-    big = photos_df.sort_values("width", ascending=False).head(n)
-    times = []
-    for p in big.itertuples():
-        img = read_image(p.path)
-        t0 = time.perf_counter()
-        res = segment_field(img, p.photo)
-        if res.cells:
-            head.probs(pooled_features(model, [network_inputs(crops=[c.crop for c in res.cells],
-                                                              contexts=[c.context for c in res.cells])]))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+
+def plain_baseline(photos: pd.DataFrame, folds: int, cache: Path) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    from training.smear_model import call_figures, photo_folds
+
+    f = whole_photo_features(photos, cache)
+    y = (photos["label"] == "blasts").to_numpy().astype(int)
+    fold = photos["photo"].map(photo_folds(photos, folds)).to_numpy()
+    p = np.zeros(len(y))
+    for k in range(folds):
+        tr, te = fold != k, fold == k
+        p[te] = LogisticRegression(C=0.1, class_weight="balanced", max_iter=5000).fit(f[tr], y[tr]).predict_proba(
+            f[te])[:, 1]
+    calls = pd.Series(np.where(p >= 0.5, "blasts", "no blasts"), index=photos["photo"])
+    return call_figures(calls, photos)
+
+
+def speed(photos: pd.DataFrame, model_ref: str, n: int = 5) -> dict:
+    """Segmentation + network (`core.fields.classify_field`, as Classify and `predict` run it) on a 224-px Aria
+    photo and on a 2592x1944 ALL-IDB photo: median seconds of `n` runs after a warm-up."""
+    from core.fields import classify_field
+    from core.imageio import read_image
+    from core.model_folder import load_model_folder
+
+    mf = load_model_folder(model_ref)
+    out = {}
+    for what, pick in (("224 px (Aria)", photos[photos["lab"] == "aria"]),
+                       ("2592x1944 (ALL-IDB1)", photos[photos["lab"] == "allidb"])):
+        if pick.empty:
+            continue
+        imgs = [read_image(p) for p in pick["path"]]
+        if what.startswith("2592"):
+            imgs = [i for i in imgs if i.shape[1] == 2592][:n] or imgs[:n]
+        else:
+            imgs = imgs[:n]
+        classify_field(mf.models, imgs[0], "warm-up", mf.size, mf.rule, mf.gate, mf.crop_margin)
+        times, cells = [], []
+        for i, img in enumerate(imgs):
+            t0 = time.perf_counter()
+            fc = classify_field(mf.models, img, f"photo{i}", mf.size, mf.rule, mf.gate, mf.crop_margin)
+            times.append(time.perf_counter() - t0)
+            cells.append(len(fc.table))
+        out[what] = {"seconds_median": float(np.median(times)), "seconds_max": float(np.max(times)),
+                     "photos": len(times), "cells_median": float(np.median(cells)),
+                     "shape": f"{imgs[0].shape[1]}x{imgs[0].shape[0]}"}
+        _say(f"speed {what}: median {out[what]['seconds_median']:.2f} s (max {out[what]['seconds_max']:.2f} s, "
+             f"{out[what]['cells_median']:.0f} cells)")
+    return out
+
+
+def _row(method: str, lab: str, f: dict) -> dict:
+    return {"method": method, "lab": lab, "photos": f["photos"], "judged": f["judged_share"],
+            "balanced_accuracy": f["balanced_accuracy"], "blasts_called_blasts": f["blasts_photos_called_blasts"],
+            "no_blasts_called_blasts": f["no_blasts_photos_called_blasts"],
+            "cell_sens": f.get("cell_sensitivity"), "cell_spec": f.get("cell_specificity"),
+            "cell_auc": f.get("cell_roc_auc"), "blasts_found": f.get("blasts_found_one_to_one")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data", help="the ALL-IDB folder (ALL_IDB1/ with im/, xyc/, other/)")
-    ap.add_argument("--folds", type=int, default=5)
     from training.config import RunConfig
 
-    ap.add_argument("--cache", default=RunConfig().cache_dir, help="where the segmented cells are cached")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--allidb", default=None)
+    ap.add_argument("--aria", default=None)
+    ap.add_argument("--bccd", default=None)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--cache", default=RunConfig().cache_dir, help="where cells' features are cached")
     ap.add_argument("--out", default="runs/bench_fields")
-    ap.add_argument("--skip", default="", help="comma-separated methods to skip (starter, plain)")
+    ap.add_argument("--curve", default="10,25,50,100", help="k photos a left-out lab teaches it")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", default="smear", help="the model folder timed for speed")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: left-out, curve, plain, speed")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
-    from core.allidb import read_allidb1
+    from core.labs import read_labs
+    from training.smear import collect_cells
 
-    from training.smear import collect_field_cells, cross_validate, dihedral_features, fit_head, photo_folds, \
-        smear_network
-
+    photos = read_labs(args.allidb, args.aria, args.bccd)
+    if photos.empty:
+        ap.error("give at least one lab (--allidb, --aria, --bccd)")
+    t0 = time.time()
+    cs = collect_cells(photos, args.cache, progress=_say)
+    _say(f"{len(cs.photos)} photos, {len(cs.table)} cells ({time.time() - t0:.0f} s to segment and read them, "
+         "or to load them from the cache)")
+    rows, result = [], {"labs": sorted(photos["lab"].unique())}
+    figs, _ = product(cs, args.folds)
+    result["product"] = figs
+    rows += [_row("product (CV by photo)", lab, f) for lab, f in figs.items()]
+    curve = []
+    labs = list(photos["lab"].unique())
+    if len(labs) > 1 and "left-out" not in skip:
+        result["left_out"] = {}
+        for lab in labs:
+            f, fit = left_out(cs, lab, args.folds)
+            result["left_out"][lab] = f
+            rows.append(_row("lab left out", lab, f))
+            if "curve" not in skip:
+                curve += adaptation_curve(cs, lab, fit, [int(k) for k in args.curve.split(",")], args.repeats)
+        result["adaptation_curve"] = curve
+    if "plain" not in skip:
+        figs = plain_baseline(photos, args.folds, Path(args.cache))
+        result["plain"] = figs
+        rows += [_row("plain whole-photo baseline", lab, f) for lab, f in figs.items()]
+    if "speed" not in skip:
+        result["speed"] = speed(photos, args.model)
+    table = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    fc = collect_field_cells(args.data, args.cache)
-    print(f"{len(fc.photos)} even photos, {len(fc.table)} cells found ({(fc.table['label'] == 'all').sum()} on an "
-          f"annotated blast) in {time.time() - t0:.0f} s")
-    model = smear_network()
-    feats = dihedral_features(model, fc)
-    fold = photo_folds(fc.table, args.folds)
-    fold_of_photo = dict(zip(fc.table["photo"], fold))
-    photos_df = read_allidb1(args.data).photos
-    # photos with no cell found get a fold too (they still count in the field figures)
-    for i, ph in enumerate(photos_df["photo"]):
-        fold_of_photo.setdefault(ph, i % args.folds)
-
-    results, tables = {}, {}
-    tables["product"] = cross_validate(fc, feats, fold)
-    results["product"] = cell_metrics(tables["product"], fc.photos)
-    y = (fc.table["label"] == "all").to_numpy().astype(int)
-    results["product"]["seconds_per_field"] = seconds_per_field(photos_df, model, fit_head(feats, y))
-    if "starter" not in skip:
-        tables["starter"] = starter(fc)
-        results["starter"] = cell_metrics(tables["starter"], fc.photos)
-    if "plain" not in skip:
-        from core.models import imagenet_backbone
-
-        tables["plain"], plain_photos = plain(args.data, photos_df, fold_of_photo,
-                                              imagenet_backbone("efficientnet_lite0", include_top=False))
-        results["plain"] = cell_metrics(tables["plain"], plain_photos)
-
-    keys = ["blasts_found", "found", "found_on_no_annotation", "judged_share", "sensitivity", "specificity", "roc_auc",
-            "all_calls_on_blast", "found_blasts_called_all", "fields_blasts_all_photos",
-            "fields_blasts_healthy_photos", "fields_cannot_judge", "field_accuracy", "seconds_per_field"]
-    frame = pd.DataFrame({m: {k: r.get(k, "") for k in keys} for m, r in results.items()})
-    frame.loc["blasts_found"] = [f"{r['blasts_found']}/{r['annotated_blasts']} = "
-                                 f"{r['blasts_found'] / max(1, r['annotated_blasts']):.3f}" for r in results.values()]
-    print(f"ALL-IDB1 even photos, {args.folds}-fold cross-validation over photos:")
-    print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
-    for m, t in tables.items():
-        t.to_csv(out / f"cells_{m}.csv", index=False)
-    print(f"written to {out}")
+    (out / "bench_fields.json").write_text(json.dumps(result, indent=2, default=float))
+    table.to_csv(out / "bench_fields.csv", index=False)
+    if curve:
+        pd.DataFrame(curve).to_csv(out / "adaptation_curve.csv", index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        _say(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        if curve:
+            _say(pd.DataFrame(curve).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    _say("Aria: no patient ids, every split mixes patients (its figures overstate new patients).")
+    _say(f"written to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -337,6 +337,7 @@ def fields_readout(field_calls: Iterable[FieldCalls], rule: CallRule | None = No
     table = field_readout(cells, names, problems, rule)
     models = {fc.name: fc.model for fc in field_calls if fc.model}
     table["model"] = [m if isinstance(m, str) and m else models.get(f) for f, m in zip(table["field"], table["model"])]
+    table.attrs["rule"] = (rule or CallRule()).describe()  # the page says which rule made the calls
     return table
 
 

@@ -5,6 +5,8 @@
     <folder>/decision_rule.json   `core.calibration.DecisionRule`: temperature, threshold, review band, fitted on
     <folder>/gate.json            `core.gate.Gate`: what images it may judge (image bands, feature novelty)
     <folder>/card.json, card.md   what it was trained on, how it was measured, its limits
+    <folder>/field_rule.json      (smear models) how a photo's call follows from its cells' calls, fitted with it
+    <folder>/training_cells.npz   (smear models) the training cells as components: what a lab's refit adds to
 
 Whatever loads a model (Classify, `predict`, `evaluate`) loads the folder, so the rule can never be lost on the
 way. Two folders ship with the project, named by a word anywhere a model is asked for (`SHIPPED`): `starter`
@@ -24,6 +26,7 @@ from typing import Any
 
 MODEL_FILE, RULE_FILE, CARD_JSON, CARD_MD = "model.keras", "decision_rule.json", "card.json", "card.md"
 GATE_FILE = "gate.json"
+FIELD_RULE_FILE = "field_rule.json"  # a smear model's field call rule (`core.fields.CallRule`), fitted with it
 MEMBER_GLOB = "member-*.keras"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 STARTER_DIR = MODELS_DIR / "starter"
@@ -66,6 +69,11 @@ class ModelFolder:
         return card_crop_margin(self.card)
 
     @property
+    def field_rule(self):
+        """The folder's field call rule (`core.fields.CallRule`), or the default rule for a folder without one."""
+        return read_field_rule(self.folder)
+
+    @property
     def card_markdown(self) -> str:
         p = self.folder / CARD_MD
         return p.read_text() if p.exists() else ""
@@ -86,6 +94,19 @@ def is_model_folder(ref: str | os.PathLike) -> bool:
 def folder_of(ref: str | os.PathLike) -> Path:
     """A shipped name (`starter`, `smear`) -> its folder; anything else is taken as a path."""
     return shipped().get(str(ref), Path(ref))
+
+
+def read_field_rule(ref: str | os.PathLike):
+    """The `core.fields.CallRule` a model folder was fitted with (`field_rule.json`); the default rule without
+    one, so every caller (CLI, Classify) reads a model's fields the same way."""
+    from core.fields import CallRule
+
+    path = folder_of(ref) / FIELD_RULE_FILE
+    if not path.is_file():
+        return CallRule()
+    data = json.loads(path.read_text())
+    return CallRule(**{k: data[k] for k in ("min_blasts", "min_blast_prob", "min_judged", "min_judged_fraction")
+                       if k in data})
 
 
 def read_card(ref: str | os.PathLike) -> dict:

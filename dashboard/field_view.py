@@ -9,6 +9,7 @@ import streamlit as st
 
 from core.fields import CALL_COLOURS, POOLED, CallRule
 from dashboard import services
+from dashboard.csv_export import safe_csv
 
 TABLE_COLUMNS = ["cell", "call", "prediction", "calibrated_prob_blast", "ood_reason", "x0", "y0", "x1", "y1",
                  "mask_area_px"]
@@ -18,18 +19,24 @@ LEGEND = {"blast": "blast", "normal": "normal", "review": "review: judged, near 
 CALL_MARK = {"blasts": "red", "no blasts": "green", "cannot judge": "gray"}
 
 
-def field_options_ui() -> tuple[bool, bool, bool]:
-    """(treat every upload as a field, normalise the crops' stain toward C-NMC's, judge field cells with the
-    shipped smear model when it is installed)."""
+def field_options_ui() -> tuple[bool, bool, bool, str | None]:
+    """(treat every upload as a field, normalise the crops' stain toward C-NMC's, judge field cells with a smear
+    model when one is installed, which one: the shipped one or a lab's refit)."""
     as_fields = st.toggle("Uploads are smear fields: find and classify every white cell", value=False,
                           help="fields the out-of-distribution gate recognises are segmented in any case")
     normalize = st.toggle("Bring the field cells' stain toward C-NMC's (Reinhard colour transfer)", value=False,
                           help="other labs' stains differ from C-NMC's; the gate still judges every cell")
     use_smear = services.smear_available() and st.toggle(
         "Judge field cells with the shipped smear model", value=True,
-        help="trained on white cells cut from smear photos (ALL-IDB) by the same segmentation; single cells go "
-             "to the model chosen above")
-    return as_fields, normalize, use_smear
+        help="trained on white cells cut from smear photos (ALL-IDB, Aria's, BCCD) by the same segmentation; "
+             "single cells go to the model chosen above")
+    models = services.smear_models() if use_smear else {}
+    choice = None
+    if len(models) > 1:  # a lab's refits beside the shipped model
+        choice = models[st.selectbox("Smear model for field cells", list(models),
+                                     help="the shipped model, or a version refitted for a lab's own photos "
+                                          "(`python -m training smear-model --base ...`)")]
+    return as_fields, normalize, use_smear, choice
 
 
 def _legend() -> str:
@@ -70,8 +77,8 @@ def readout_ui(readout: pd.DataFrame) -> None:
     st.dataframe(readout, hide_index=True, width="stretch", column_config={
         c: st.column_config.NumberColumn(format="%.3f") for c in
         ("blast_fraction", "blast_fraction_low", "blast_fraction_high")})
-    st.caption(f"Call rule: {CallRule().describe()}.")
-    st.download_button("Download the per-field read-out (CSV)", readout.to_csv(index=False), "fields.csv",
+    st.caption(f"Call rule: {readout.attrs.get('rule') or CallRule().describe()}.")
+    st.download_button("Download the per-field read-out (CSV)", safe_csv(readout), "fields.csv",
                        "text/csv", key="field-readout-csv")
 
 
@@ -111,7 +118,7 @@ def fields_ui(fields: list, gradcam: bool, overlays: dict, readout: pd.DataFrame
             for row in table[table["out_of_distribution"] == True].itertuples():  # noqa: E712
                 st.warning(f"cell {row.cell}: not judged: {row.ood_reason}")
             st.dataframe(table[[c for c in TABLE_COLUMNS if c in table]], hide_index=True, width="stretch")
-            st.download_button("Download this field's cells (CSV)", table.to_csv(index=False),
+            st.download_button("Download this field's cells (CSV)", safe_csv(table),
                                f"{fc.name}-cells.csv", "text/csv", key=f"field-csv-{fc.name}")
             gallery_ui(table, fc.crops, overlays if gradcam else {})
     for name, row in rows.items():  # uploads meant as fields that could not be read

@@ -16,6 +16,7 @@ import pandas as pd
 
 from core.preprocessing import load_crop
 from dashboard.auth import Actor, PermissionDenied, require  # noqa: F401 - PermissionDenied: what pages catch
+from dashboard.csv_export import escape_cells
 from training.config import RunConfig
 from training.store import RunStore
 
@@ -31,6 +32,7 @@ class ModelBundle:
     model_path: str | None = None
     model_sha256: str | None = None  # for the audit trail
     margin: int = 100  # the crop margin the model was trained with (RunConfig.crop_margin)
+    field_rule: Any = None  # core.fields.CallRule a smear model folder was fitted with (None: the default rule)
     _cam: Any = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -70,11 +72,14 @@ def load_shipped_bundle(name: str) -> tuple[ModelBundle, str]:
     model card (markdown); the crop margin is the one its card names."""
     from core.model_folder import MODEL_FILE, load_model_folder
 
+    from core.model_folder import shipped
+
     mf = load_model_folder(name)
     label = mf.card.get("name", name)
-    what = f"shipped {name} model {label}" + (f" (an ensemble of {len(mf.models)})" if len(mf.models) > 1 else "")
+    what = (f"shipped {name} model {label}" if str(name) in shipped() else f"smear model {label} ({mf.folder.name})") \
+        + (f" (an ensemble of {len(mf.models)})" if len(mf.models) > 1 else "")
     return ModelBundle(mf.models, mf.rule, mf.size, what, mf.gate, str(mf.folder / MODEL_FILE),
-                       margin=mf.crop_margin), mf.card_markdown
+                       margin=mf.crop_margin, field_rule=mf.field_rule), mf.card_markdown
 
 
 def load_starter_bundle() -> tuple[ModelBundle, str]:
@@ -84,11 +89,28 @@ def load_starter_bundle() -> tuple[ModelBundle, str]:
     return load_shipped_bundle(STARTER)
 
 
-def load_smear_bundle() -> tuple[ModelBundle, str]:
-    """The shipped smear model (white cells cut from ALL-IDB smear photos) and its model card (markdown)."""
+def load_smear_bundle(ref: str | None = None) -> tuple[ModelBundle, str]:
+    """A smear model (the shipped one, or a lab's refit: `smear_models`) and its model card (markdown)."""
     from core.model_folder import SMEAR
 
-    return load_shipped_bundle(SMEAR)
+    return load_shipped_bundle(ref or SMEAR)
+
+
+def smear_models() -> dict[str, str]:
+    """The smear models Classify offers for field cells, label -> folder: the shipped one first, then every
+    other folder under models/ made by `python -m training smear-model` (a lab's refit is a new folder there)."""
+    import core.model_folder as mf
+
+    out = {}
+    if smear_available():
+        out[f"shipped smear model ({mf.read_card(mf.SMEAR).get('name', 'smear')})"] = mf.SMEAR
+    if mf.MODELS_DIR.is_dir():
+        for folder in sorted(p for p in mf.MODELS_DIR.iterdir() if p.is_dir()):
+            if folder.resolve() == mf.SMEAR_DIR.resolve() or not (folder / mf.MODEL_FILE).is_file():
+                continue
+            if (folder / mf.FIELD_RULE_FILE).is_file():
+                out[f"{mf.read_card(folder).get('name', folder.name)} (models/{folder.name})"] = str(folder)
+    return out
 
 
 def model_quality(name: str) -> str:
@@ -263,7 +285,7 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     empty = {fc.name for fc in field_calls if not len(fc.table)}
     judged = table[~is_field | table["file"].isin(empty)]  # a field without cells keeps its own record
     failed = {r.file: r.error for r in table[table["error"].notna()].itertuples()} if as_fields else {}
-    readout = fields_readout(field_calls, failed=failed, order=[f for f in table["file"] if
+    readout = fields_readout(field_calls, fb.field_rule, failed=failed, order=[f for f in table["file"] if
                                                                f in failed or f in {fc.name for fc in field_calls}]) \
         if field_calls or failed else pd.DataFrame()
     table = table[~is_field].reset_index(drop=True)
@@ -514,6 +536,7 @@ def run_report(runs_dir: str | Path, run_id: str) -> str:
 
 # --- label review -------------------------------------------------------------------------------------------------
 REVIEW_DECISIONS = ("label is wrong", "label is right", "unsure")  # as core.labels.DECISIONS (tested equal)
+OVERRIDE_FREE_TEXT = ("reviewer", "note")  # typed by people: escaped in CSV; name and label stay exact for training
 
 
 def label_in_name(name: str) -> str | None:
@@ -559,7 +582,7 @@ def _freeze_overrides(runs_dir: str | Path) -> Path:
     digest = hashlib.sha256(table[["name", "label"]].to_csv(index=False).encode()).hexdigest()[:12]
     folder = Path(runs_dir) / "label_overrides"
     folder.mkdir(parents=True, exist_ok=True)
-    return save_overrides(table, folder / f"overrides-{digest}.csv")
+    return save_overrides(escape_cells(table, OVERRIDE_FREE_TEXT), folder / f"overrides-{digest}.csv")
 
 
 def predictions(runs_dir: str | Path, run_id: str, split: str = "test") -> pd.DataFrame:

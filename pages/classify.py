@@ -2,6 +2,7 @@
 import streamlit as st
 
 from dashboard import auth, services, widgets
+from dashboard.csv_export import safe_csv
 from dashboard.field_view import field_options_ui, fields_ui
 from dashboard.settings import MAX_UPLOAD_FILES, Settings
 
@@ -15,8 +16,8 @@ def starter_bundle():
 
 
 @st.cache_resource(show_spinner="Loading the smear model…")
-def smear_bundle():
-    return services.load_smear_bundle()[0]
+def smear_bundle(ref: str | None = None):
+    return services.load_smear_bundle(ref)[0]
 
 
 @st.cache_resource(show_spinner="Loading model…")
@@ -96,7 +97,7 @@ def results_ui(result, gradcam: bool, threshold: float, runs_dir, actor: auth.Ac
                  column_config={"prob_blast": st.column_config.ProgressColumn("P(blast)", min_value=0, max_value=1),
                                 "calibrated_prob_blast": st.column_config.NumberColumn("calibrated P(blast)",
                                                                                        format="%.3f")})
-    st.download_button("Download results (CSV)", result.table.to_csv(index=False), "classification.csv",
+    st.download_button("Download results (CSV)", safe_csv(result.table), "classification.csv",
                        "text/csv")
     if not result.subjects.empty:
         st.subheader("Per subject (from UID_ file names)")
@@ -109,7 +110,7 @@ def audit_ui(settings: Settings, actor: auth.Actor) -> None:
         st.caption(actor.refusal("audit"))
         return
     trail = services.audit_trail(settings.runs_dir, actor=actor)
-    st.download_button(f"Download the audit trail ({len(trail)} classifications, CSV)", trail.to_csv(index=False),
+    st.download_button(f"Download the audit trail ({len(trail)} classifications, CSV)", safe_csv(trail),
                        "audit_trail.csv", "text/csv", help="every classification made here or with the CLI: time, "
                        "model and its hash, file name and SHA-256, result, rule; uploaded pixels are not kept")
 
@@ -120,13 +121,13 @@ def main() -> None:
     st.title("Classify cells")
     widgets.reviewer_ui(actor)
     bundle = model_ui(settings, actor)
-    files, gradcam, (as_fields, normalize, use_smear) = upload_ui()
+    files, gradcam, (as_fields, normalize, use_smear, smear_ref) = upload_ui()
     if bundle is None or not files:
         return
     if len(files) > MAX_UPLOAD_FILES:
         st.error(f"{len(files)} files uploaded; only the first {MAX_UPLOAD_FILES} are classified.")
         files = files[:MAX_UPLOAD_FILES]
-    field_bundle, field_note = services.field_model(bundle, smear_bundle, use_smear)
+    field_bundle, field_note = services.field_model(bundle, lambda: smear_bundle(smear_ref), use_smear)
     with st.spinner(f"Classifying {len(files)} cells…"):
         result = services.classify_uploads(bundle, [(f.name, f.getvalue()) for f in files], gradcam,
                                            runs_dir=settings.runs_dir, as_fields=as_fields,

