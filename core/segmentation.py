@@ -433,8 +433,10 @@ def _red_cell_ruler(x: np.ndarray, wbc: np.ndarray, min_area: float = 30.0) -> f
     singles, clumps = [], []
     for rbc, need in masks:
         rbc = ndi.binary_fill_holes(ndi.binary_opening(rbc, morphology.disk(2)))
+        # cheapest tests first: a convex hull per candidate (solidity) is the costly one
         props = [p for p in measure.regionprops(measure.label(rbc), intensity_image=v) if p.area >= min_area
-                 and p.solidity > 0.9 and p.eccentricity < 0.75 and np.median(p.image_intensity[p.image]) < too_violet]
+                 and p.eccentricity < 0.75 and np.median(p.image_intensity[p.image]) < too_violet
+                 and p.solidity > 0.9]
         # a round object over twice the typical one is a clump of red cells (or a missed white cell), not one
         if props:
             typical = float(np.median([p.equivalent_diameter_area for p in props]))

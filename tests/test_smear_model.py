@@ -97,3 +97,21 @@ def test_head_weights_balance_classes_then_labs(monkeypatch):
     w = seen["w"]
     assert np.isclose(w[y == 1].sum(), w[y == 0].sum())
     assert np.isclose(w[(y == 0) & (labs == "big")].sum(), w[(y == 0) & (labs == "small")].sum())
+
+
+def test_training_cells_round_trip_small_and_close(tmp_path):
+    """A folder keeps its training cells' components as int8 with a scale per component: back within half a
+    step of each component's range, the bag cells left out are not kept, labels from the final targets."""
+    from training.smear_model import ZSet, _save_training_cells, load_training_cells
+
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(0, 5, (50, 128)), rng.uniform(100, 900, (50, 1))], axis=1)
+    table = pd.DataFrame({"photo": [f"p{i}" for i in range(50)], "lab": "x", "label": ""})
+    target = np.array([1, 0, -1, 0, 1] * 10)
+    _save_training_cells(tmp_path / "training_cells.npz", ZSet(z, np.arange(50), np.zeros(50, int), table), target)
+    back = load_training_cells(tmp_path)
+    keep = target >= 0
+    step = np.abs(z[keep, :-1]).max(0) / 127
+    assert len(back.table) == keep.sum() and list(back.table["label"][:2]) == ["all", "hem"]
+    assert (np.abs(back.z[:, :-1] - z[keep, :-1]) <= step / 2 + 1e-9).all()
+    assert np.allclose(back.z[:, -1], z[keep, -1], rtol=1e-3)

@@ -366,23 +366,31 @@ def field_rule_dict(t: float, k: int, decision_rule, fitted_on: str) -> dict:
 
 
 def _save_training_cells(path: Path, zs: ZSet, target: np.ndarray) -> None:
-    """The cells the head was fitted on, as their components (view 0, float16) with the label each finally had
-    (a bag cell left out is not kept): what a lab's refit adds its cells to."""
+    """The cells the head was fitted on, as their components (view 0) with the label each finally had (a bag cell
+    left out is not kept): what a lab's refit adds its cells to. The components are stored as int8 with a scale
+    per component (abs-max / 127: a step far below the cells' spread), the subspace distance as float16, so a
+    shipped folder stays small."""
     z0 = zs.view0()
     keep = target >= 0
-    np.savez_compressed(path, z=z0[keep].astype(np.float16), target=target[keep].astype(np.int8),
+    comps = z0[keep, :-1]
+    scale = np.maximum(np.abs(comps).max(0), 1e-12) / 127.0 if len(comps) else np.ones(comps.shape[1])
+    np.savez_compressed(path, z_q=np.rint(comps / scale).astype(np.int8), scale=scale.astype(np.float32),
+                        resid=z0[keep, -1].astype(np.float16), target=target[keep].astype(np.int8),
                         lab=zs.table["lab"].to_numpy()[keep].astype(str),
                         photo=zs.table["photo"].to_numpy()[keep].astype(str))
 
 
 def load_training_cells(folder: str | Path) -> ZSet:
+    """A model folder's training cells (`TRAINING_CELLS`) as a `ZSet` with labels all / hem."""
     path = Path(folder) / TRAINING_CELLS
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: {TRAINING_CELLS} not found; a lab refit needs a base smear model "
                                 "folder made by `python -m training smear-model`")
     z = np.load(path, allow_pickle=False)
+    comps = z["z_q"].astype("float64") * z["scale"].astype("float64")
     table = pd.DataFrame({"photo": z["photo"], "lab": z["lab"], "label": np.where(z["target"] == 1, "all", "hem")})
-    return ZSet(z["z"].astype("float64"), np.arange(len(table)), np.zeros(len(table), int), table)
+    return ZSet(np.concatenate([comps, z["resid"].astype("float64")[:, None]], axis=1), np.arange(len(table)),
+                np.zeros(len(table), int), table)
 
 
 def _fmt(x) -> str:
