@@ -19,7 +19,8 @@ Methods:
 - **lab left out**: the same trained on the two other labs only, judging every photo of the left-out lab;
 - **lab teaches it k photos**: the left-out model's head refitted on its training cells plus k photos of the lab
   (stratified by label, `--repeats` draws), judging the lab's other photos (the refit of `smear-model --base`,
-  with the base's gate threshold and field rule);
+  with the base's field rule; the gate: the other labs' Gaussians or one of the taught cells, whose threshold is
+  the median of theirs, as k photos are too few to cross-validate one);
 - **plain whole-photo baseline**: frozen ImageNet Lite0 features of the whole photo (224 px) + logistic
   regression, the same folds; it judges every photo (no gate, no cells).
 
@@ -98,9 +99,13 @@ def adaptation_curve(cs, lab: str, fit, ks: list[int], repeats: int, seed: int =
             lr, _ = fit_mil(zs.z, zs.row_cell, zs.table, row_view=zs.row_view)
             rest = cs.photo_subset(test["photo"])
             z = fit.proj.pool(rest.view0())
-            dist = novelty_distance(zs.view0(), z)
+            taught = fit.proj.pool(cs.photo_subset(teach).view0())
+            # the gate: the other labs' Gaussians, or one of the taught cells whose threshold is the median of
+            # theirs (too few photos here to cross-validate a threshold of its own)
+            yardstick = float(np.median([c["threshold"] for c in fit.gate.novelty.components]))
+            nov = np.minimum(fit.gate.novelty.score(z), novelty_distance(taught, z) / yardstick)
             p = head_probs(lr, z)
-            scored = rest.table.assign(p=p, novelty=dist, judged=dist <= fit.novelty_threshold,
+            scored = rest.table.assign(p=p, novelty=nov, judged=nov <= 1.0,
                                        prediction=np.where(p >= 0.5, "all", "hem"))
             figs.append(figures_with_rule(scored, test, *fit.field_rule)[lab])
         rows.append({"lab": lab, "k": k, "repeats": repeats, "test_photos": int(len(mine) - k),

@@ -174,7 +174,9 @@ class CallRule:
       `min_judged_fraction` of the cells found judged (when the model cannot judge most of what is on the field,
       neither a blast nor the absence of one means much there);
     - `blasts`: at least `min_blasts` judged cells called blast with calibrated P(blast) at or above
-      `min_blast_prob` (None: the model's own decision threshold, so every blast call counts);
+      `min_blast_prob` (None: the model's own decision threshold, so every blast call counts), and they are at
+      least `min_blast_fraction` of the judged cells (0: any share; a smear model fitted on photos of a few cells
+      each may ask for a share, `field_rule.json`);
     - `no blasts`: otherwise.
     """
 
@@ -182,14 +184,16 @@ class CallRule:
     min_blast_prob: float | None = None
     min_judged: int = 1
     min_judged_fraction: float = 0.5
+    min_blast_fraction: float = 0.0
 
     def describe(self) -> str:
         """The rule in one sentence, for a caption or a CLI note."""
         bar = "" if self.min_blast_prob is None else f" with calibrated P(blast) ≥ {self.min_blast_prob:.2f}"
+        share = f", at least {self.min_blast_fraction:.0%} of the judged cells" if self.min_blast_fraction else ""
         few = f"fewer than {self.min_judged} judged, " if self.min_judged > 1 else ""
         return (f"blasts: at least {self.min_blasts} judged cell{'s' if self.min_blasts > 1 else ''} called "
-                f"blast{bar}; cannot judge: no white cell, {few}or fewer than {self.min_judged_fraction:.0%} of the "
-                "white cells found judged; otherwise no blasts")
+                f"blast{bar}{share}; cannot judge: no white cell, {few}or fewer than {self.min_judged_fraction:.0%} "
+                "of the white cells found judged; otherwise no blasts")
 
 
 def _cells_frame(cells: pd.DataFrame) -> pd.DataFrame:
@@ -250,13 +254,18 @@ def field_call(n: dict, rule: CallRule, where: str = "") -> tuple[str, str]:
     among = f"among {_plural(judged, 'judged cell')}{where}"
     left = found - judged
     tail = f"; {left} of {found} white cells not judged" if left else ""
-    if bar >= rule.min_blasts:
+    short = bar >= rule.min_blasts and bar < rule.min_blast_fraction * judged  # enough cells, too small a share
+    if bar >= rule.min_blasts and not short:
         review = f" ({n['bar_review']} of them in the review band: look by eye)" if n["bar_review"] else ""
         what = (_plural(bar, "blast") if rule.min_blast_prob is None else
                 f"{_plural(bar, 'cell')} called blast with calibrated P(blast) ≥ {rule.min_blast_prob:.2f}")
         return "blasts", f"{what} {among}{review}{tail}"
     why = f"no blast {among}"
-    if n["blasts"]:  # called blast, but under the rule's bar (a stricter probability, or more blasts)
+    if short:
+        strict = "" if rule.min_blast_prob is None else f" with calibrated P(blast) ≥ {rule.min_blast_prob:.2f}"
+        why = (f"{_plural(bar, 'cell')} called blast{strict} {among}: {bar / judged:.0%}, under the "
+               f"{rule.min_blast_fraction:.0%} share the rule asks for")
+    elif n["blasts"]:  # called blast, but under the rule's bar (a stricter probability, or more blasts)
         strict = "" if rule.min_blast_prob is None else f" with calibrated P(blast) ≥ {rule.min_blast_prob:.2f}"
         why = (f"{_plural(n['blasts'], 'cell')} called blast {among}, none{strict}" if bar == 0 else
                f"{_plural(bar, 'cell')} called blast{strict} {among}, fewer than the {rule.min_blasts} the rule "

@@ -130,19 +130,45 @@ class ImageGate:
                    fitted_on=f"{fitted_on} ({len(stats)} cells)")
 
 
+def mahalanobis(features: np.ndarray, mean, precision) -> np.ndarray:
+    """Each row's Mahalanobis distance to a Gaussian (its mean and precision matrix)."""
+    d = np.asarray(features, dtype="float64") - np.asarray(mean)
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, np.asarray(precision), d), 0.0))
+
+
 @dataclass
 class FeatureNovelty:
-    """Mahalanobis distance of penultimate-layer features to the training cells' Gaussian."""
+    """Mahalanobis distance of penultimate-layer features to the training cells' Gaussian; or, with
+    `components` (one Gaussian per source of training cells, e.g. per lab: {name, mean, precision, threshold}),
+    the smallest of each component's distance over its own threshold, and `threshold` 1: a cell is judged when it
+    lies within what any one source's cells span (one Gaussian over several labs' cells would be broad where
+    none of them is, and tight around the largest lab)."""
 
     mean: list[float]
     precision: list[list[float]]
     threshold: float
     percentile: float = 99.0
     fitted_on: str = ""
+    components: list[dict] = field(default_factory=list)
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        d = np.asarray(features, dtype="float64") - np.asarray(self.mean)
-        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, np.asarray(self.precision), d), 0.0))
+        if self.components:
+            return np.min([mahalanobis(features, c["mean"], c["precision"]) / c["threshold"]
+                           for c in self.components], axis=0)
+        return mahalanobis(features, self.mean, self.precision)
+
+    @classmethod
+    def mixture(cls, parts: list[tuple[str, np.ndarray, float]], percentile: float = 99.0,
+                fitted_on: str = "") -> "FeatureNovelty":
+        """One Gaussian per (name, training features, threshold on its distances)."""
+        from sklearn.covariance import LedoitWolf
+
+        comps = []
+        for name, feats, threshold in parts:
+            lw = LedoitWolf().fit(np.asarray(feats, dtype="float64"))
+            comps.append({"name": name, "mean": lw.location_.tolist(), "precision": lw.precision_.tolist(),
+                          "threshold": float(threshold)})
+        return cls([], [], 1.0, percentile, fitted_on, comps)
 
     def novel(self, features: np.ndarray) -> np.ndarray:
         return self.score(features) > self.threshold

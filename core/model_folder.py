@@ -105,8 +105,8 @@ def read_field_rule(ref: str | os.PathLike):
     if not path.is_file():
         return CallRule()
     data = json.loads(path.read_text())
-    return CallRule(**{k: data[k] for k in ("min_blasts", "min_blast_prob", "min_judged", "min_judged_fraction")
-                       if k in data})
+    return CallRule(**{k: data[k] for k in ("min_blasts", "min_blast_prob", "min_judged", "min_judged_fraction",
+                                            "min_blast_fraction") if k in data})
 
 
 def read_card(ref: str | os.PathLike) -> dict:

@@ -96,7 +96,9 @@ def test_smear_model_learns_from_centroids_and_photo_labels_then_a_lab_refits_it
 
     folder = mf.load_model_folder(out)  # safe mode
     assert folder.crop_margin == 0 and folder.gate is not None and folder.gate.novelty is not None
-    assert len(folder.gate.novelty.mean) == folder.model.get_layer("pool").output.shape[-1]
+    comps = folder.gate.novelty.components  # one Gaussian per lab, each with its own threshold
+    assert [c["name"] for c in comps] == ["allidb", "lab"] and folder.gate.novelty.threshold == 1.0
+    assert all(len(c["mean"]) == folder.model.get_layer("pool").output.shape[-1] for c in comps)
     assert folder.gate.image is None  # paired crops are no cells on black: the feature novelty alone
     assert folder.field_rule.min_blasts == rule["min_blasts"]
 
@@ -120,6 +122,8 @@ def test_smear_model_learns_from_centroids_and_photo_labels_then_a_lab_refits_it
     assert set(card2["adaptation"]["before"]) == set(card2["adaptation"]["after"]) == {"mylab"}
     cells = np.load(refit / "training_cells.npz")
     assert set(cells["lab"]) >= {"allidb", "mylab"}
+    refit_gate = mf.load_model_folder(refit).gate.novelty  # the base's Gaussians kept, one added for the lab
+    assert [c["name"] for c in refit_gate.components] == ["allidb", "lab", "mylab"]
     assert main(["smear-model", "--base", str(out), "--photos", str(lab2), "--out", str(out), *cache]) == 2
 
     from dashboard import services

