@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -111,6 +112,48 @@ def to_rgb_uint8(im) -> np.ndarray:
     if mode != "RGB":
         im = im.convert("RGB")
     return np.asarray(im)
+
+
+# bytes per sample beyond 8 bits: decoding a 16-bit or 32-bit image costs that much more memory per pixel
+_SAMPLE_BYTES = {"I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "I": 4, "F": 4}
+
+
+def image_header(data: bytes) -> tuple[int, int, str] | None:
+    """(width, height, Pillow mode) from an image's header alone, nothing decoded: what a size check needs before
+    any pixel is unpacked (a PNG's IHDR, a BMP's or TIFF's header). None when Pillow does not recognise it (the
+    decoder then says why); a header whose size Pillow itself calls a bomb reports that size."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.width, im.height, im.mode
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours: its pixel count, as 1 row
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        return (int(found[1]) if found else 2**31, 1, "L")
+    except Exception:  # noqa: BLE001 - not an image Pillow knows: the decoder names the problem
+        return None
+
+
+def pixel_cost(width: int, height: int, mode: str) -> int:
+    """Pixels counted against a pixel limit: a 16-bit image counts twice, a 32-bit one four times (its decode
+    takes that much more memory, so a small 16-bit PNG of huge dimensions is the worse bomb)."""
+    return width * height * _SAMPLE_BYTES.get(mode, 1)
+
+
+def size_refusal(data: bytes, max_pixels: int, what: str = "an image") -> str | None:
+    """Why an image is too large to decode, read from its header before decoding; None when within the limit."""
+    head = image_header(data)
+    if head is None:
+        return None
+    width, height, mode = head
+    cost = pixel_cost(width, height, mode)
+    if cost <= max_pixels:
+        return None
+    depth = f" at {8 * _SAMPLE_BYTES[mode]} bits" if mode in _SAMPLE_BYTES else ""
+    return (f"image too large ({width}x{height} pixels{depth}, {cost / 1e6:.0f} megapixels counted; limit "
+            f"{max_pixels / 1e6:.0f} megapixels for {what}): refused before decoding as a possible decompression bomb")
 
 
 def read_image(source: str | os.PathLike | bytes | BinaryIO | np.ndarray, name: str | None = None) -> np.ndarray:

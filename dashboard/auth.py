@@ -8,7 +8,9 @@ Three modes (`auth_mode()`), failing closed:
   `CNMC_LOCAL_MODE=1` says so: single-user, unauthenticated; one actor, "local user", with every right (the
   sidebar says so). Label reviews carry the name typed in the sidebar.
 - **refused** otherwise (a secrets file that is not TOML, an incomplete `[auth]`, the example's cookie_secret, a
-  network-facing server without sign-in): one error naming the problem, nothing else.
+  network-facing server without sign-in): one error naming the problem, nothing else. Also, whatever the mode,
+  a session whose request's `Host` is not in `CNMC_ALLOWED_HOSTS` (when set): a DNS-rebinding page or a
+  misrouted proxy reaches the server under another name.
 
 Roles, each with the rights of the ones before it:
   viewer    classify cells, see runs, evaluations, errors and data
@@ -221,6 +223,7 @@ def actor_from_claims(claims: dict, roles: RolesConfig) -> Actor:
 
 # --- the server's mode: sign-in, local or refused (fail closed) ------------------------------------------------
 LOCAL_MODE_ENV = "CNMC_LOCAL_MODE"
+ALLOWED_HOSTS_ENV = "CNMC_ALLOWED_HOSTS"  # comma-separated host names (no port; "*.lab.example" for subdomains)
 LOOPBACK_NAMES = ("localhost",)
 PROXY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip", "x-forwarded-host")  # a proxy forwarded the request
 CONFIGURE = "Configure sign-in (docs/lab-server.md)"
@@ -345,12 +348,38 @@ def proxy_header(headers: dict[str, str]) -> str | None:
     return found[0] if found else None
 
 
+def allowed_hosts() -> list[str]:
+    """The host names this server answers to (CNMC_ALLOWED_HOSTS), lower case; empty: any."""
+    return [h.strip().lower() for h in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if h.strip()]
+
+
+def host_refusal(headers: dict[str, str], allowed: list[str]) -> str | None:
+    """Why a request's Host header is refused under the allow-list (port ignored; "*.x" matches subdomains of
+    x); None when allowed or when there is no list. A request without a Host header is refused under a list."""
+    if not allowed:
+        return None
+    host = headers.get("host", "").strip().lower()
+    name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 \
+        else host
+    for pattern in allowed:
+        if name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+            return None
+    return (f"This request names host {host or '(none)'!r}, which this server does not answer to "
+            f"({ALLOWED_HOSTS_ENV}: {', '.join(allowed)}). Use the server's own address (docs/deploy.md).")
+
+
 def auth_mode() -> AuthMode:
-    """This session's mode: the server's file-based decision (cached), and for unforced local mode the check,
-    per session, that the request did not come through a proxy (a loopback server behind a reverse proxy is
-    reachable from the network)."""
+    """This session's mode: the server's file-based decision (cached); refused for a request whose Host is not
+    in CNMC_ALLOWED_HOSTS (when set); and for unforced local mode the check, per session, that the request did
+    not come through a proxy (a loopback server behind a reverse proxy is reachable from the network)."""
     mode = _server_mode(_config_stamp())
-    header = proxy_header(_request_headers()) if mode.mode == "local" and not mode.forced else None
+    headers = _request_headers()
+    wrong_host = host_refusal(headers, allowed_hosts()) if mode.mode != "refused" else None
+    if wrong_host:
+        refused = AuthMode("refused", wrong_host)
+        _log_session_refusal(refused)
+        return refused
+    header = proxy_header(headers) if mode.mode == "local" and not mode.forced else None
     if header is None:
         return mode
     refused = AuthMode("refused", f"This request came through a proxy ({header} header), but the dashboard has no "

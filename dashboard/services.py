@@ -1,6 +1,8 @@
 """What the pages call: model bundles, classification of uploads, run progress, evaluations, data overviews.
 
-Everything here returns plain data (DataFrames, arrays, dicts); the pages only lay it out.
+Everything here returns plain data (DataFrames, arrays, dicts); the pages only lay it out. Every write a page
+asks for goes through `page_store` (a short lock budget, refused under maintenance: `StoreUnavailable` saying
+why) and names its actor.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from core.preprocessing import load_crop
 from dashboard.auth import Actor, PermissionDenied, require  # noqa: F401 - PermissionDenied: what pages catch
 from dashboard.csv_export import escape_cells
 from training.config import RunConfig
-from training.store import RunStore
+from training.store import RunStore, StoreUnavailable  # noqa: F401 - StoreUnavailable: what pages catch
 
 
 # --- models -----------------------------------------------------------------------------------------------------
@@ -176,6 +178,12 @@ def load_uploaded_bundle(name: str, data: bytes) -> ModelBundle:
     return ModelBundle([model], DecisionRule(), int(shape[1]), f"uploaded model {name}", model_sha256=sha256_of(data))
 
 
+def page_store(runs_dir: str | Path) -> RunStore:
+    """The run store as pages write it: "busy, try again" within seconds, never a page hanging for minutes
+    behind another writer; "under maintenance" while a restore holds its lock."""
+    return RunStore.for_page(runs_dir)
+
+
 def audit_trail(runs_dir: str | Path, *, actor: Actor) -> pd.DataFrame:
     """Every classification recorded (the admin role: it names files and who classified them)."""
     require(actor, "audit")
@@ -206,28 +214,31 @@ class Classified:
     field_readout: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def _too_large(files: list[tuple[str, bytes]]) -> dict[str, str]:
-    """Uploads over the server's per-file limit, name -> why: the server refuses them in a browser; anything
-    else that hands files over (a test, a script) gets the same limit in the same words."""
-    from dashboard.settings import max_upload_mb
+def upload_refusals(uploads, as_fields: bool = False) -> dict[str, str]:
+    """Uploads refused before decoding, label -> why (`dashboard.uploads.refusals` under this server's limits):
+    the server refuses the per-file bytes in a browser; anything else that hands files over (a test, a script)
+    meets the same limits in the same words."""
+    from core.imageio import MAX_PIXELS
+    from dashboard import uploads as up
+    from dashboard.settings import MAX_CELL_PIXELS, max_upload_mb, max_upload_total_mb
 
-    limit = max_upload_mb()
-    return {name: f"{len(data) / 2**20:.1f} MB, over the {limit} MB upload limit per file"  # MB as the server counts
-            for name, data in files if len(data) > limit * 1024 * 1024}
+    return up.refusals(uploads, as_fields, max_upload_mb(), max_upload_total_mb(), MAX_CELL_PIXELS, MAX_PIXELS)
 
 
 def upload_limits() -> str:
-    """The limits an upload meets, in the uploader's words (the server's bytes, the reader's pixels)."""
+    """The limits an upload meets, in the uploader's words (the server's bytes, the header's pixels)."""
     from core.imageio import MAX_PIXELS
-    from dashboard.settings import max_upload_mb
+    from dashboard.settings import MAX_CELL_PIXELS, max_upload_mb, max_upload_total_mb
 
-    return f"up to {max_upload_mb()} MB and {MAX_PIXELS / 1e6:.0f} megapixels per image"
+    return (f"up to {max_upload_mb()} MB per image and {max_upload_total_mb()} MB per upload; "
+            f"{MAX_CELL_PIXELS / 1e6:.0f} megapixels per cell, {MAX_PIXELS / 1e6:.0f} per smear field "
+            "(16-bit images count twice)")
 
 
 def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False,
                      runs_dir: str | Path | None = None, as_fields: bool = False,
                      normalize_stain: bool = False, field_bundle: ModelBundle | None = None, *,
-                     actor: Actor, upload_keys: dict[str, str] | None = None) -> Classified:
+                     actor: Actor, upload_keys: list[str] | dict[str, str] | None = None) -> Classified:
     """Classify uploaded cells; a file that cannot be read (or is over the upload limit) gets its own error row
     and the others go on.
 
@@ -237,8 +248,12 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     first), and read out per field and pooled over the upload (`Classified.field_readout`; with `as_fields` an
     unreadable upload is a field that cannot be judged). Each cell gets an audit record in the run store at
     `runs_dir` (name and SHA-256 of the uploaded file only; pixels are not kept), its source naming the signed-in
-    `actor` (needs the viewer role); with `upload_keys` (file name -> what identifies that upload, e.g. the
-    uploader's file id) the same upload classified again on a rerun is recorded once."""
+    `actor` (needs the viewer role); with `upload_keys` (per upload, in order: what identifies it, e.g. the
+    uploader's file id) the same upload classified again on a rerun is recorded once.
+
+    Uploads are told apart by position, never by name: two files named `cell.bmp` are two rows (`cell.bmp` and
+    `cell.bmp (2)`), two crops and two audit records, each under the user's name `cell.bmp` with its own SHA-256.
+    Bytes and pixels are checked before decoding (`upload_refusals`)."""
     require(actor, "classify")
     from core.explain import overlay
     from core.fields import classify_field, fields_readout
@@ -263,18 +278,25 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
                     cam_errors[model.description] = f"Grad-CAM is not available for {model.description}: {exc}"
         return keep
 
-    too_large = _too_large(files)
-    table = classify(bundle.models, [f for f in files if f[0] not in too_large], bundle.size, bundle.rule,
-                     on_chunk=keep_with(bundle), gate=bundle.gate, margin=bundle.margin)
-    if too_large:
-        refused = pd.DataFrame([{"name": n, "error": why} for n, why in too_large.items()], columns=RESULT_COLUMNS)
-        order = {name: i for i, (name, _) in enumerate(files)}
-        table = pd.concat([table, refused], ignore_index=True).sort_values(
+    uploads = _labelled(files, upload_keys)
+    refused = upload_refusals(uploads, as_fields)
+    from dashboard.settings import MAX_CELL_PIXELS
+    from dashboard.uploads import larger_than_a_cell
+
+    big = larger_than_a_cell([u for u in uploads if u.label not in refused], MAX_CELL_PIXELS)
+    table = classify(bundle.models, [(u.label, u.data) for u in uploads if u.label not in set(refused) | big],
+                     bundle.size, bundle.rule, on_chunk=keep_with(bundle), gate=bundle.gate, margin=bundle.margin)
+    if refused or big:  # too large for a cell: a field, never decoded as one cell
+        rows = pd.DataFrame([{"name": n, "error": why} for n, why in refused.items()]
+                            + [{"name": n, "out_of_distribution": True, "ood_reason": REASONS["field"]} for n in big],
+                            columns=RESULT_COLUMNS)
+        order = {u.label: i for i, u in enumerate(uploads)}
+        table = pd.concat([table, rows], ignore_index=True).sort_values(
             "name", key=lambda s: s.map(order)).reset_index(drop=True)
     table = table.rename(columns={"name": "file", "prob_all": "prob_blast",
                                   "prob_all_calibrated": "calibrated_prob_blast", "uncertain": "review_manually"})
     is_field = table["error"].isna() & (as_fields | (table["ood_reason"] == REASONS["field"]))
-    data = dict(files)
+    data = {u.label: u.data for u in uploads}
     field_calls = [classify_field(fb.models, read_image(data[name], name), name, fb.size, fb.rule, fb.gate,
                                   fb.margin, on_chunk=keep_with(fb) if gradcam else None,
                                   normalize_stain=normalize_stain, model=fb.description)
@@ -292,11 +314,11 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     if runs_dir is not None:
         from training.audit import record
 
-        store = RunStore(runs_dir)
+        store = page_store(runs_dir)
         mode = f"fields={as_fields};stain={normalize_stain}"
-        keys = None if upload_keys is None else {n: f"{k};{mode}" for n, k in upload_keys.items()}
+        keys = None if upload_keys is None else {u.label: f"{u.key};{mode}" for u in uploads}
         record(store, judged, data, bundle.description, bundle.model_sha256, bundle.rule, source=actor.audit_source,
-               action=keys)
+               action=keys, file_names={u.label: u.name for u in uploads})
         for fc in field_calls:
             if len(fc.table):  # each cell under its own name, with the SHA-256 of the field it came from
                 record(store, fc.table.rename(columns={"cell_name": "name"}), dict.fromkeys(fc.table["cell_name"],
@@ -309,6 +331,15 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
                                bundle.rule.threshold) if len(known) else pd.DataFrame()
     corrected = table.get("subject_corrected", pd.Series(dtype=object)).fillna(False).astype(bool).sum()
     return Classified(table, crops, overlays, subjects, field_calls, int(corrected), readout)
+
+
+def _labelled(files: list[tuple[str, bytes]], keys: list[str] | dict[str, str] | None):
+    """The uploads with their labels; `keys` per position, or (older callers) by file name."""
+    from dashboard.uploads import labelled
+
+    if isinstance(keys, dict):
+        keys = [keys.get(name) for name, _ in files]
+    return labelled(files, keys)
 
 
 # --- training ---------------------------------------------------------------------------------------------------
@@ -326,7 +357,8 @@ def launch_demo(settings, *, actor: Actor) -> str:
 
     if not (settings.demo_data / "synthetic_truth.csv").exists():
         raise FileNotFoundError(f"the demo dataset is missing at {settings.demo_data}: run `make demo-data`")
-    return jobs.launch(demo_config(settings.demo_data, settings.runs_dir))
+    return jobs.launch(demo_config(settings.demo_data, settings.runs_dir), page_store(settings.runs_dir),
+                       actor=actor.identity)
 
 
 def model_names() -> list[str]:
@@ -388,17 +420,34 @@ def run_estimate(cfg: RunConfig, runs_dir: str | Path, time_now: bool = False) -
 
 
 def launch_run(cfg: RunConfig, *, actor: Actor) -> str:
+    """Launch a run for the actor (trainer role) from offered paths only, recorded under the actor's identity."""
     require(actor, "launch")
     from training import jobs
 
-    return jobs.launch(cfg, RunStore(cfg.runs_dir))
+    check_run_paths(cfg)
+    return jobs.launch(cfg, page_store(cfg.runs_dir), actor=actor.identity)
+
+
+def check_run_paths(cfg: RunConfig) -> None:
+    """A page's run reads only what this server offers: a dataset of `Settings.datasets` and a start weights
+    file of `Settings.weights_files`; any other server path (typed, or forged in a request) is refused."""
+    from dashboard.settings import Settings
+
+    settings = Settings.from_env()
+    if not settings.is_allowed(Path(cfg.data_dir or ".")):
+        raise PermissionDenied(f"{cfg.data_dir}: not a dataset this server offers (the demo set, or a folder "
+                               "under the data roots, CNMC_DATA_ROOTS)")
+    if cfg.init not in (None, "none", "imagenet") and not settings.is_allowed_weights(cfg.init):
+        raise PermissionDenied(f"{cfg.init}: not a weights file this server offers (a .weights.h5 under the "
+                               "weights roots, CNMC_WEIGHTS_ROOTS)")
 
 
 def cancel_run(runs_dir: str | Path, run_id: str, *, actor: Actor) -> bool:
+    """Cancel for the actor (trainer role): the store's cancel flag, and a signal only to a proven local worker."""
     require(actor, "cancel")
     from training import jobs
 
-    return jobs.cancel(run_id, RunStore(runs_dir))
+    return jobs.cancel(run_id, page_store(runs_dir), actor=actor.identity)
 
 
 def resume_run(runs_dir: str | Path, run_id: str, epochs: int | None = None, *, actor: Actor) -> None:
@@ -406,7 +455,7 @@ def resume_run(runs_dir: str | Path, run_id: str, epochs: int | None = None, *, 
     require(actor, "resume")
     from training import jobs
 
-    jobs.resume(run_id, RunStore(runs_dir), epochs=epochs)
+    jobs.resume(run_id, page_store(runs_dir), epochs=epochs, actor=actor.identity)
 
 
 def progress_info(store: RunStore, run_id: str) -> dict[str, Any]:
@@ -552,7 +601,7 @@ def record_review(runs_dir: str | Path, name: str, original_label: str, decision
     """A label review, recorded under the actor's identity (the signed-in one; in local mode the name typed in
     the sidebar, `Actor.named`); needs the reviewer role."""
     require(actor, "review")
-    RunStore(runs_dir).record_review(name, original_label, decision, actor.identity, note, run_id, path)
+    page_store(runs_dir).record_review(name, original_label, decision, actor.identity, note, run_id, path)
 
 
 def label_reviews(runs_dir: str | Path) -> pd.DataFrame:

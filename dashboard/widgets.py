@@ -5,7 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard import services
+from dashboard import services, uploads
 from dashboard.auth import Actor, PermissionDenied
 
 
@@ -35,7 +35,7 @@ def review_label_ui(runs_dir: Path, name: str, label: str, key: str, run_id: str
                 return
             try:
                 services.record_review(runs_dir, name, label, decision, note, run_id, path, actor=who)
-            except PermissionDenied as exc:
+            except (PermissionDenied, services.StoreUnavailable) as exc:
                 st.error(str(exc))
             else:
                 st.toast(f"Saved: {name}: {decision} (reviewer {who.identity})")
@@ -59,3 +59,36 @@ def cell_cards_ui(read, crops: dict, overlays: dict, runs_dir: Path, max_cards: 
                 review_label_ui(runs_dir, row.file, label, f"classify-{i}", actor=actor)
     if len(read) > max_cards:
         st.caption(f"Cards shown for the first {max_cards} images; the table and CSV hold all {len(read)}.")
+
+
+def classify_once(bundle, files: list, runs_dir: Path, actor: Actor, **options):
+    """Classify's uploads classified once: a rerun with the same uploads (file ids), model and options shows
+    this session's last result again; one classification per session at a time; a store that is busy or under
+    maintenance is said on the page (no result without its audit record). None when nothing is shown."""
+    keys = [f.file_id for f in files]
+    named = [(f.name, f.getvalue()) for f in files]
+    key = uploads.result_key(uploads.labelled(named, keys), bundle.description, bundle.model_sha256,
+                             str(runs_dir), sorted((k, getattr(v, "description", v)) for k, v in options.items()))
+    hit = uploads.cached(st.session_state, key)
+    if hit is not None:
+        return hit
+    try:
+        with uploads.one_job(st.session_state):
+            result = services.classify_uploads(bundle, named, runs_dir=runs_dir, actor=actor, upload_keys=keys,
+                                               **options)
+    except (uploads.JobRunning, services.StoreUnavailable) as exc:
+        st.error(str(exc))
+        return None
+    uploads.keep(st.session_state, key, result)
+    return result
+
+
+def weights_ui(where, weights: dict, key: str) -> str:
+    """The start weights, chosen among the files under the weights roots (never a typed server path); "" when
+    there are none (a launch is then refused, saying where to put them)."""
+    if not weights:
+        where.caption("No .weights.h5 file under the weights roots (CNMC_WEIGHTS_ROOTS).")
+        return ""
+    label = where.selectbox("Weights file", list(weights), key=key,
+                            help="a .weights.h5 saved from the same architecture and size, under the weights roots")
+    return str(weights[label])

@@ -128,11 +128,11 @@ def main() -> None:
         st.error(f"{len(files)} files uploaded; only the first {MAX_UPLOAD_FILES} are classified.")
         files = files[:MAX_UPLOAD_FILES]
     field_bundle, field_note = services.field_model(bundle, lambda: smear_bundle(smear_ref), use_smear)
-    with st.spinner(f"Classifying {len(files)} cells…"):
-        result = services.classify_uploads(bundle, [(f.name, f.getvalue()) for f in files], gradcam,
-                                           runs_dir=settings.runs_dir, as_fields=as_fields,
-                                           normalize_stain=normalize, field_bundle=field_bundle, actor=actor,
-                                           upload_keys={f.name: f.file_id for f in files})
+    with st.spinner(f"Classifying {len(files)} cells…"):  # once per upload and options: a rerun shows it again
+        result = widgets.classify_once(bundle, files, settings.runs_dir, actor, gradcam=gradcam, as_fields=as_fields,
+                                       normalize_stain=normalize, field_bundle=field_bundle)
+    if result is None:
+        return
     rule = bundle.rule
     st.caption(f"Model: {bundle.description}. Decision rule: threshold {rule.threshold:.2f} on calibrated "
                f"P(blast) (temperature {rule.temperature:.2f}, fitted on {rule.fitted_on}); cells within "

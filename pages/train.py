@@ -5,7 +5,7 @@ import json
 
 import streamlit as st
 
-from dashboard import auth, charts, services
+from dashboard import auth, charts, services, widgets
 from dashboard.services import RunConfig, RunStore
 from dashboard.settings import Settings
 
@@ -44,22 +44,19 @@ def _sliders(cols, base: RunConfig, specs, k) -> dict:
             for c, (f, label, hi, step) in zip(cols, specs)}
 
 
-def advanced_ui(base: RunConfig, key: str) -> dict:
-    """Every other knob, its current (preset) value visible; widgets keyed by preset so a new preset resets them."""
+def advanced_ui(base: RunConfig, key: str, weights: dict | None) -> dict:
+    """Every other knob, its current (preset) value visible; widgets keyed by preset so a new preset resets them.
+    Start weights come from `weights` (files under the weights roots; None: not offered), never a typed path."""
     k = lambda f: f"{key}-{f}"  # noqa: E731
     v = {}
     c1, c2, c3, c4 = st.columns(4)
     archs = services.model_names()
     v["architecture"] = c1.selectbox("Architecture", archs, archs.index(base.architecture), key=k("arch"),
                                      help=HELP["architecture"])
-    inits = ["none", "imagenet", "weights file"]
-    init = base.init if base.init in ("none", "imagenet") else "weights file"
+    inits = ["none", "imagenet"] + (["weights file"] if weights is not None else [])
+    init = base.init if base.init in inits else "none"
     chosen = c2.selectbox("Start from (init)", inits, inits.index(init), key=k("init"), help=HELP["init"])
-    if chosen == "weights file":
-        v["init"] = c2.text_input("Weights file", "" if base.init in ("none", "imagenet", None) else base.init,
-                                  key=k("init_file"), help="a .weights.h5 saved from the same architecture and size")
-    else:
-        v["init"] = chosen
+    v["init"] = widgets.weights_ui(c2, weights or {}, k("init_file")) if chosen == "weights file" else chosen
     v["freeze_backbone"] = c3.checkbox("Freeze backbone", base.freeze_backbone, key=k("freeze"),
                                        help=HELP["freeze_backbone"])
     v["split"] = c4.selectbox("Split", list(SPLITS), list(SPLITS).index(base.split), format_func=SPLITS.get,
@@ -121,13 +118,14 @@ def estimate_ui(cfg: RunConfig, runs_dir: str) -> None:
 
 
 def config_ui(settings: Settings, actor: auth.Actor) -> RunConfig | None:
-    datasets = settings.datasets()
+    datasets, can = settings.datasets(), actor.can("launch")  # a viewer picks no server folder or file
     name = preset_ui()
-    data = st.selectbox("Data source", list(datasets), help="the demo set or a folder under the data roots")
+    data = st.selectbox("Data source", list(datasets), help="the demo set or a folder under the data roots") \
+        if can else next(iter(datasets))
     base = services.preset_config(name)
     with st.expander("Advanced: every setting of this preset", expanded=False):
         run_name = st.text_input("Run name", help=HELP["name"])
-        values = advanced_ui(base, name)
+        values = advanced_ui(base, name, settings.weights_files() if can else None)
         n_over = len(services.label_overrides(settings.runs_dir))
         use_over = st.checkbox(f"Train with the reviewers' label corrections ({n_over} cells)", False,
                                disabled=n_over == 0, help=HELP["label_overrides"])
@@ -190,7 +188,7 @@ def _act(what, *args, **kwargs) -> bool:
     """A service call that may be refused: the refusal said on the page, never a traceback."""
     try:
         what(*args, **kwargs)
-    except services.PermissionDenied as exc:
+    except (services.PermissionDenied, services.StoreUnavailable) as exc:
         st.error(str(exc))
         return False
     return True
@@ -238,7 +236,7 @@ def main() -> None:
     if cfg is not None:
         try:
             run_id = services.launch_run(cfg, actor=actor)
-        except (ValueError, services.PermissionDenied) as e:  # a setting the architecture cannot take: said before anything starts
+        except (ValueError, services.PermissionDenied, services.StoreUnavailable) as e:  # a setting the architecture cannot take: said before anything starts
             st.error(f"Not launched: {e}")
         else:
             st.session_state["selected_run"] = run_id

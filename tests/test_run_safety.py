@@ -237,8 +237,8 @@ def _heartbeat_init(every):
 
     original = getattr(Heartbeat.__init__, "original", Heartbeat.__init__)
 
-    def init(self, store, run_id, every_=None):
-        original(self, store, run_id, every)
+    def init(self, store, run_id, every_=None, stop=None):
+        original(self, store, run_id, every, stop)
 
     init.original = original
     return init

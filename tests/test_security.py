@@ -257,3 +257,54 @@ def test_label_overrides_escape_the_typed_text_only(tmp_path):
     frozen = pd.read_csv(services.export_overrides(runs, actor=reviewer), dtype=str)
     assert frozen["note"].tolist() == ["'=HYPERLINK(\"x\")"] and frozen["reviewer"].iloc[0].startswith("'=")
     assert (frozen["name"].iloc[0], frozen["label"].iloc[0]) == ("UID_1_1_1_all.bmp", "hem")  # exact: trains as is
+
+
+# --- a Host allow-list ------------------------------------------------------------------------------------------------
+def test_a_request_naming_another_host_is_refused(no_secrets, tmp_path, monkeypatch):
+    monkeypatch.setenv(auth.ALLOWED_HOSTS_ENV, "cnmc.lab.example, *.lab.test, 127.0.0.1")
+    monkeypatch.setattr(auth, "_request_headers", lambda: {"host": "rebound.attacker.example:8501"})
+    assert_only_an_error(run_app(tmp_path), "rebound.attacker.example", auth.ALLOWED_HOSTS_ENV)
+    for host, ok in (("cnmc.lab.example", True), ("CNMC.lab.example:443", True), ("a.lab.test", True),
+                     ("lab.test", False), ("127.0.0.1:8501", True), ("", False)):
+        assert (auth.host_refusal({"host": host}, auth.allowed_hosts()) is None) == ok, host
+    monkeypatch.setattr(auth, "_request_headers", lambda: {"host": "127.0.0.1:8501"})
+    assert auth.auth_mode().mode == "local"
+    monkeypatch.delenv(auth.ALLOWED_HOSTS_ENV)
+    assert auth.host_refusal({"host": "anything"}, auth.allowed_hosts()) is None  # no list: any host
+
+
+# --- the Train page takes no typed server path --------------------------------------------------------------------
+@pytest.fixture()
+def train_page(no_secrets, tmp_path, monkeypatch):
+    """The Train page in local mode over a weights root with one file; no timing of batches."""
+    from dashboard import services
+
+    (tmp_path / "weights" / "lab").mkdir(parents=True)
+    (tmp_path / "weights" / "lab" / "start.weights.h5").write_bytes(b"h5")
+    monkeypatch.setenv("CNMC_WEIGHTS_ROOTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("CNMC_DEMO_DATA", str(tmp_path / "demo"))
+    monkeypatch.setenv("CNMC_DATA_ROOTS", str(tmp_path / "roots"))
+    monkeypatch.setattr(services, "run_estimate", lambda *a, **k: "About a minute (stand-in)")
+    monkeypatch.setattr(services, "has_gpu", lambda: False)
+    return lambda: run_app(tmp_path, "pages/train.py")
+
+
+def test_the_train_page_offers_weights_files_from_the_roots_only(train_page):
+    at = train_page()
+    assert not [t for t in at.text_input if t.label == "Weights file"]
+    init = next(s for s in at.selectbox if s.label == "Start from (init)")
+    init.set_value("weights file").run()
+    assert not at.exception, at.exception
+    weights = next(s for s in at.selectbox if s.label == "Weights file")
+    assert weights.options == ["weights/lab/start.weights.h5"]
+    assert any(s.label == "Data source" for s in at.selectbox)
+
+
+def test_a_viewer_sees_no_server_path_inputs_on_the_train_page(train_page, monkeypatch):
+    viewer = auth.Actor("vera@lab.example", "viewer")
+    monkeypatch.setattr(auth, "current_actor", lambda: viewer)
+    at = train_page()
+    labels = [s.label for s in at.selectbox]
+    assert "Data source" not in labels and "Weights file" not in labels
+    assert "weights file" not in next(s for s in at.selectbox if s.label == "Start from (init)").options
+    assert next(b for b in at.button if b.label == "Launch training").disabled

@@ -56,13 +56,16 @@ def rule_text(rule) -> str:
 
 
 def record(store: RunStore, table: pd.DataFrame, sources: dict[str, object], model: str, model_sha256: str | None,
-           rule, source: str, action: str | dict[str, str] | None = None) -> int:
+           rule, source: str, action: str | dict[str, str] | None = None,
+           file_names: dict[str, str] | None = None) -> int:
     """Append the rows of a classification table (`classify` output; name or path column) to the audit trail.
 
     `sources` maps each row's name to its path or bytes (hashed here). `action` names the classification action
     (one for all rows, or one per row's name: e.g. a dashboard upload's file id): every record then gets a uid
     from it, the model, the rule and the file, so showing the same calls again (a page rerun) stores nothing new,
-    while a new upload or another model is recorded. Returns the number of records.
+    while a new upload or another model is recorded. `file_names` maps a row's name to the file name recorded
+    (the dashboard's rows are keyed by upload position: `cell.bmp (2)` is recorded as the user's `cell.bmp`).
+    Returns the number of records.
     """
     name_col = "name" if "name" in table else "path" if "path" in table else "file"
     prob_col = next(c for c in ("prob_all_calibrated", "calibrated_prob_blast") if c in table)
@@ -79,7 +82,8 @@ def record(store: RunStore, table: pd.DataFrame, sources: dict[str, object], mod
         ood = row.get("out_of_distribution")
         records.append({
             "at": now, "source": source, "model": model, "model_sha256": model_sha256,
-            "file_name": Path(str(name)).name if isinstance(src, (str, os.PathLike)) else str(name),
+            "file_name": (file_names or {}).get(name) or (Path(str(name)).name if isinstance(src, (str, os.PathLike))
+                                                          else str(name)),
             "file_sha256": digest, "prediction": row.get("prediction") if pd.notna(row.get("prediction")) else None,
             "prob_all_calibrated": None if pd.isna(row.get(prob_col)) else float(row[prob_col]),
             "review": None if row.get(review_col) is None or pd.isna(row.get(review_col)) else int(bool(row[review_col])),

@@ -10,7 +10,13 @@ worker process, may call any method), waits up to 30 s for another writer (`busy
 `BEGIN IMMEDIATE` transaction (the write lock is taken first, so a transaction never fails half-way for a lock)
 and retries a transaction refused with "database is locked". Audit records and label reviews carry a
 client-made `uid` under a UNIQUE index, so a retried write never lands twice. `backup()` copies the live store
-with SQLite's online backup API; `restore()` puts a backup back.
+with SQLite's online backup API; `restore()` puts a backup back, holding a maintenance lock file meanwhile.
+
+The dashboard's pages write through a *page store* (`RunStore.for_page`): a short lock budget (a few seconds, then
+`StoreBusy`: "the store is busy, try again", instead of a page hanging for minutes behind a long writer) and
+refusal while a restore holds the maintenance lock (`StoreMaintenance`). Workers and the CLI keep the long budget.
+Who launched, cancelled, resumed or extended a run is kept in `run_actions`; a cancel is a flag in the store that
+the worker's heartbeat polls (`request_cancel`), and a signal only to a process proven to be the worker.
 """
 from __future__ import annotations
 
@@ -58,6 +64,9 @@ CREATE TABLE IF NOT EXISTS label_reviews (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL, reviewer TEXT, run_id TEXT, name TEXT, path TEXT,
     original_label TEXT, decision TEXT, note TEXT
 );
+CREATE TABLE IF NOT EXISTS run_actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL, run_id TEXT, action TEXT, actor TEXT, host TEXT, detail TEXT
+);
 CREATE TABLE IF NOT EXISTS classifications (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL, source TEXT, model TEXT, model_sha256 TEXT,
     file_name TEXT, file_sha256 TEXT, prediction TEXT, prob_all_calibrated REAL, review INTEGER,
@@ -65,7 +74,7 @@ CREATE TABLE IF NOT EXISTS classifications (
 );
 """
 # added after the first release: old stores gain them on open (old code ignores them; a NULL uid never clashes)
-_ADDED_COLUMNS = {"runs": [("pid_start", "TEXT")], "label_reviews": [("uid", "TEXT")],
+_ADDED_COLUMNS = {"runs": [("pid_start", "TEXT"), ("cancel_requested", "REAL")], "label_reviews": [("uid", "TEXT")],
                   "classifications": [("uid", "TEXT")]}
 _INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS label_reviews_uid ON label_reviews (uid);
@@ -73,6 +82,27 @@ CREATE UNIQUE INDEX IF NOT EXISTS classifications_uid ON classifications (uid);
 """
 BUSY_TIMEOUT_S = 30.0  # how long one write waits for another writer before "database is locked"
 LOCK_RETRIES = 5  # a transaction refused as locked is tried again this many times (with a short random pause)
+PAGE_BUSY_TIMEOUT_S = 2.0  # a dashboard page's write waits this long for another writer (`RunStore.for_page`)
+PAGE_LOCK_RETRIES = 1  # ... and is tried again once: a page says "busy" within about 5 s, never hangs
+MAINTENANCE_FILE = "runs.sqlite.maintenance"  # present while `restore` replaces the store: page writes refused
+RUN_ACTIONS = ("launch", "cancel", "resume", "extend", "delete")
+
+
+class StoreUnavailable(RuntimeError):
+    """A page's write that cannot be made now; the message says why and what to do."""
+
+
+class StoreBusy(StoreUnavailable):
+    """Another writer held the store past a page's short budget."""
+
+
+class StoreMaintenance(StoreUnavailable):
+    """A restore holds the maintenance lock."""
+
+
+def _locked(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 AUDIT_COLUMNS = ["at", "source", "model", "model_sha256", "file_name", "file_sha256", "prediction",
                  "prob_all_calibrated", "review", "out_of_distribution", "ood_reason", "error", "rule"]
 
@@ -105,10 +135,26 @@ def _pid_alive(pid: int, start: str | None = None) -> bool:
 class RunStore:
     """Runs, epochs and progress in `<root>/runs.sqlite`; artefacts in `<root>/<run_id>/`."""
 
-    def __init__(self, root: str | os.PathLike = "runs"):
+    def __init__(self, root: str | os.PathLike = "runs", busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 lock_retries: int = LOCK_RETRIES, page: bool = False):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "runs.sqlite"
+        self.busy_timeout_s, self.lock_retries, self.page = busy_timeout_s, lock_retries, page
+        try:
+            self._open()
+        except sqlite3.OperationalError as exc:
+            if page and _locked(exc):
+                raise StoreBusy(BUSY_TEXT) from exc
+            raise
+
+    @classmethod
+    def for_page(cls, root: str | os.PathLike) -> "RunStore":
+        """The store as a dashboard page writes it: a short lock budget, and no writes under maintenance."""
+        return cls(root, PAGE_BUSY_TIMEOUT_S, PAGE_LOCK_RETRIES, page=True)
+
+    def _open(self) -> None:
+        """WAL mode, the schema and, for a store made by an older version, its migration."""
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(_SCHEMA)
@@ -132,9 +178,9 @@ class RunStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        con = sqlite3.connect(self.db_path, timeout=self.busy_timeout_s, isolation_level=None)
         try:
-            con.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            con.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
             con.row_factory = sqlite3.Row
             yield con
         finally:
@@ -143,8 +189,13 @@ class RunStore:
     def _transaction(self, work):
         """`work(con)` in one `BEGIN IMMEDIATE` transaction: all of it or none. A transaction refused as locked
         or busy (past the busy timeout, or SQLite's deadlock guard) is rolled back and tried again; callers make
-        their inserts idempotent (a uid) where a second try could otherwise duplicate a row."""
-        for attempt in range(LOCK_RETRIES + 1):
+        their inserts idempotent (a uid) where a second try could otherwise duplicate a row. A page store
+        refuses under maintenance and says "busy" past its short budget."""
+        if self.page:
+            why = maintenance(self.root)
+            if why:
+                raise StoreMaintenance(f"The store is under maintenance ({why}); try again when it is over.")
+        for attempt in range(self.lock_retries + 1):
             with self._connect() as con:
                 try:
                     con.execute("BEGIN IMMEDIATE")
@@ -157,8 +208,11 @@ class RunStore:
                             con.execute("ROLLBACK")
                         raise
                 except sqlite3.OperationalError as exc:
-                    text = str(exc).lower()
-                    if attempt == LOCK_RETRIES or not ("locked" in text or "busy" in text):
+                    if not _locked(exc):
+                        raise
+                    if attempt == self.lock_retries:
+                        if self.page:
+                            raise StoreBusy(BUSY_TEXT) from exc
                         raise
             time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
 
@@ -180,18 +234,47 @@ class RunStore:
         return run_id
 
     def claim(self, run_id: str, pid: int | None = None) -> None:
-        """The worker process that will run this job announces itself (still queued until it starts)."""
+        """The worker process that will run this job announces itself (still queued until it starts). A new
+        process (another pid: a resume) starts without its predecessor's cancel request; the same one (the launcher
+        claimed it first) keeps a cancel asked for in between."""
         pid = pid or os.getpid()
-        self._write("UPDATE runs SET pid=?, pid_start=?, host=?, heartbeat_at=?, status='queued', error=NULL, "
-                    "finished_at=NULL WHERE id=?", (pid, _proc_start(pid), socket.gethostname(), time.time(), run_id))
+        self._write("UPDATE runs SET cancel_requested=CASE WHEN pid IS ? THEN cancel_requested ELSE NULL END, "
+                    "pid=?, pid_start=?, host=?, heartbeat_at=?, status='queued', error=NULL, finished_at=NULL "
+                    "WHERE id=?", (pid, pid, _proc_start(pid), socket.gethostname(), time.time(), run_id))
 
     def start(self, run_id: str, device: str) -> None:
         now = time.time()
         self._write("UPDATE runs SET status='running', started_at=COALESCE(started_at, ?), heartbeat_at=?, "
                     "device=? WHERE id=?", (now, now, device, run_id))
 
-    def heartbeat(self, run_id: str) -> None:
-        self._write("UPDATE runs SET heartbeat_at=? WHERE id=?", (time.time(), run_id))
+    def heartbeat(self, run_id: str) -> bool:
+        """The worker is alive; returns whether a cancel was requested (the worker's heartbeat polls it)."""
+        def work(con):
+            con.execute("UPDATE runs SET heartbeat_at=? WHERE id=?", (time.time(), run_id))
+            row = con.execute("SELECT cancel_requested FROM runs WHERE id=?", (run_id,)).fetchone()
+            return bool(row and row[0])
+        return self._transaction(work)
+
+    def request_cancel(self, run_id: str) -> None:
+        """Ask the run's worker to stop, wherever it runs: its heartbeat sees the flag within a few seconds."""
+        self._write("UPDATE runs SET cancel_requested=? WHERE id=?", (time.time(), run_id))
+
+    def record_action(self, run_id: str, action: str, actor: str, detail: str = "") -> None:
+        """Who did what to a run (launch, cancel, resume, extend, delete), kept forever beside the run."""
+        if action not in RUN_ACTIONS:
+            raise ValueError(f"unknown run action {action!r}; known: {', '.join(RUN_ACTIONS)}")
+        self._write("INSERT INTO run_actions (at, run_id, action, actor, host, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                    (time.time(), run_id, action, actor, socket.gethostname(), detail))
+
+    def actions(self, run_id: str | None = None) -> pd.DataFrame:
+        """The run actions, oldest first, with times as ISO strings."""
+        cols = ["id", "at", "run_id", "action", "actor", "host", "detail"]
+        with self._connect() as con:
+            rows = con.execute(f"SELECT {', '.join(cols)} FROM run_actions" + (" WHERE run_id=?" if run_id else "")
+                               + " ORDER BY id", (run_id,) if run_id else ()).fetchall()
+        df = pd.DataFrame([dict(r) for r in rows], columns=cols)
+        df["at"] = pd.to_datetime(df["at"], unit="s", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return df
 
     def finish(self, run_id: str, status: str, error: str | None = None) -> None:
         if status not in STATUSES or status in ACTIVE:
@@ -380,6 +463,57 @@ class RunStore:
         return dest
 
 
+BUSY_TEXT = "The store is busy (another write is under way); try again in a moment."
+
+
+def maintenance(root: str | os.PathLike) -> str | None:
+    """What holds the store's maintenance lock (e.g. "restore by pid 12 on host-a since …"), None when free."""
+    path = Path(root) / MAINTENANCE_FILE
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"{path.name} present"
+    return (f"{info.get('what', 'maintenance')} by pid {info.get('pid')} on {info.get('host')} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.get('at') or 0))}")
+
+
+@contextmanager
+def maintenance_lock(root: str | os.PathLike, what: str = "restore") -> Iterator[Path]:
+    """Hold the store's maintenance lock for the block (a file made exclusively; page writes refuse while it is
+    there). One left by a dead process of this host is taken over; any other refuses, naming its holder."""
+    path = Path(root) / MAINTENANCE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = json.dumps({"what": what, "pid": os.getpid(), "host": socket.gethostname(), "at": time.time()})
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            if not _stale_lock(path):
+                raise RuntimeError(f"not restoring: the store is under maintenance ({maintenance(root)}); "
+                                   f"remove {path} only if no such process runs") from None
+            path.unlink(missing_ok=True)
+    else:
+        raise RuntimeError(f"not restoring: could not take the maintenance lock {path}")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(info)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _stale_lock(path: Path) -> bool:
+    """A maintenance lock whose holder, on this host, is gone."""
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return False
+    return info.get("host") == socket.gethostname() and bool(info.get("pid")) and not _pid_alive(int(info["pid"]))
+
+
 def check_store_file(path: str | os.PathLike) -> str:
     """'ok' if `path` is a sound SQLite run store (`PRAGMA integrity_check` passes and it holds a runs table),
     else what is wrong with it. The file is opened read-only."""
@@ -410,11 +544,18 @@ def restore(backup: str | os.PathLike, root: str | os.PathLike, force: bool = Fa
     dashboard, whose sessions would otherwise keep writing into the store being replaced). The replaced store is
     first saved beside it (`runs.sqlite.before-restore-<time>`, returned; None when there was none). The copy goes
     through SQLite's backup API into the store itself, so its WAL files stay consistent. A backup made by an
-    older version is brought up to this version's schema."""
+    older version is brought up to this version's schema. While it works it holds the maintenance lock
+    (`MAINTENANCE_FILE`): dashboard writes say "the store is under maintenance" instead of writing."""
     problem = check_store_file(backup)
     if problem != "ok":
         raise ValueError(f"not restoring: {problem}")
     root = Path(root)
+    with maintenance_lock(root, "restore"):
+        return _restore(Path(backup), root, force)
+
+
+def _restore(backup: Path, root: Path, force: bool) -> Path | None:
+    """`restore` under the maintenance lock."""
     target = root / "runs.sqlite"
     saved = None
     if target.exists():

@@ -198,24 +198,31 @@ def _checkpointer(store: RunStore, run_id: str, run_dir: Path, stop: StopFlag, s
 
 class Heartbeat:
     """Beats into the store from a background thread for the worker's whole life, whatever phase it is in
-    (indexing, cache build, training, validation, prediction), so a live worker is never declared lost."""
+    (indexing, cache build, training, validation, prediction), so a live worker is never declared lost. Each beat
+    also reads the run's cancel flag (`RunStore.request_cancel`): a cancel from a dashboard on another host, or
+    one that could not prove this process is the worker, stops the run like SIGTERM does."""
 
-    def __init__(self, store: RunStore, run_id: str, every: float | None = None):
+    def __init__(self, store: RunStore, run_id: str, every: float | None = None, stop: StopFlag | None = None):
         from training.store import heartbeat_interval
 
-        self.store, self.run_id, self.every = store, run_id, every or heartbeat_interval()
+        self.store, self.run_id, self.every, self.stop = store, run_id, every or heartbeat_interval(), stop
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id}", daemon=True)
 
     def _loop(self) -> None:
         while not self.done.wait(self.every):
             try:
-                self.store.heartbeat(self.run_id)
+                self._beat()
             except Exception as exc:  # noqa: BLE001 - a busy database must not kill the worker; said in its log
                 log.warning("heartbeat not written (%s); retrying in %.0f s", exc, self.every)
 
+    def _beat(self) -> None:
+        if self.store.heartbeat(self.run_id) and self.stop is not None and not self.stop:
+            self.stop.signal_name = "cancel requested in the run store"
+            self.stop.event.set()
+
     def __enter__(self):
-        self.store.heartbeat(self.run_id)
+        self._beat()
         self.thread.start()
         return self
 
@@ -421,7 +428,7 @@ def _run(config: RunConfig, store: RunStore, run_id: str | None, resume: bool, s
     stop.install()
     store.claim(run_id)
     try:
-        with Heartbeat(store, run_id):
+        with Heartbeat(store, run_id, stop=stop):
             from training import hardware
 
             acc = hardware.detect()
