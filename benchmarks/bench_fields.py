@@ -18,8 +18,8 @@ Methods:
   cross-validation by photo over the three labs together (nested field rule);
 - **lab left out**: the same trained on the two other labs only, judging every photo of the left-out lab;
 - **lab teaches it k photos**: the left-out model's head refitted on its training cells plus k photos of the lab
-  (stratified by label, `--repeats` draws), judging the lab's other photos (the refit of `smear-model --base`,
-  with the base's field rule; the gate: the other labs' Gaussians or one of the taught cells, whose threshold is
+  (stratified by label, `--repeats` draws), judging the lab's other photos (the refit of `smear-model --base`:
+  the field rule refitted on the taught photos' out-of-fold calls, two folds of them; the gate: the other labs' Gaussians or one of the taught cells, whose threshold is
   the median of theirs, as k photos are too few to cross-validate one);
 - **plain whole-photo baseline**: frozen ImageNet Lite0 features of the whole photo (224 px) + logistic
   regression, the same folds; it judges every photo (no gate, no cells).
@@ -97,6 +97,7 @@ def adaptation_curve(cs, lab: str, fit, ks: list[int], repeats: int, seed: int =
             test = mine[~mine["photo"].isin(teach)]
             zs = ZSet.concat([base, ZSet.of(cs.photo_subset(teach), fit.proj)])
             lr, _ = fit_mil(zs.z, zs.row_cell, zs.table, row_view=zs.row_view)
+            rule = _taught_rule(cs, base, fit, mine[mine["photo"].isin(teach)]) or fit.field_rule
             rest = cs.photo_subset(test["photo"])
             z = fit.proj.pool(rest.view0())
             taught = fit.proj.pool(cs.photo_subset(teach).view0())
@@ -107,7 +108,7 @@ def adaptation_curve(cs, lab: str, fit, ks: list[int], repeats: int, seed: int =
             p = head_probs(lr, z)
             scored = rest.table.assign(p=p, novelty=nov, judged=nov <= 1.0,
                                        prediction=np.where(p >= 0.5, "all", "hem"))
-            figs.append(figures_with_rule(scored, test, *fit.field_rule)[lab])
+            figs.append(figures_with_rule(scored, test, *rule)[lab])
         rows.append({"lab": lab, "k": k, "repeats": repeats, "test_photos": int(len(mine) - k),
                      "balanced_accuracy": float(np.nanmean([f["balanced_accuracy"] for f in figs])),
                      "balanced_accuracy_min": float(np.nanmin([f["balanced_accuracy"] for f in figs])),
@@ -115,6 +116,27 @@ def adaptation_curve(cs, lab: str, fit, ks: list[int], repeats: int, seed: int =
         _say(f"  {lab} taught {k} photos: balanced accuracy {rows[-1]['balanced_accuracy']:.3f} "
              f"(worst draw {rows[-1]['balanced_accuracy_min']:.3f}), judged {rows[-1]['judged_share']:.1%}")
     return rows
+
+
+def _taught_rule(cs, base, fit, taught: pd.DataFrame):
+    """The field rule refitted on the taught photos' out-of-fold calls (two folds of them, each scored by a head
+    fitted on the base's cells and the other fold), as `smear-model --base` refits it; None when the taught photos
+    hold one kind of photo only (the base's rule stays)."""
+    from training.smear_model import ZSet, fit_field_rule, fit_mil, head_probs
+
+    if taught["label"].nunique() < 2 or len(taught) < 4:
+        return None
+    rows = []
+    order = taught.sample(frac=1.0, random_state=0)
+    halves = [order.iloc[::2], order.iloc[1::2]]
+    for a, b in ((0, 1), (1, 0)):
+        zs = ZSet.concat([base, ZSet.of(cs.photo_subset(halves[a]["photo"]), fit.proj)])
+        head, _ = fit_mil(zs.z, zs.row_cell, zs.table, row_view=zs.row_view)
+        other = cs.photo_subset(halves[b]["photo"])
+        z = fit.proj.pool(other.view0())
+        # every cell counted as judged: the curve's gate (the base's Gaussians or the taught cells') judges 99%
+        rows.append(other.table.assign(p=head_probs(head, z), judged=True))
+    return fit_field_rule(pd.concat(rows, ignore_index=True), taught)
 
 
 def whole_photo_features(photos: pd.DataFrame, cache: Path) -> np.ndarray:
