@@ -172,9 +172,12 @@ def _from_csv(path: Path, lab: str) -> pd.DataFrame:
 
 
 def read_labs(allidb: str | os.PathLike | None = None, aria: str | os.PathLike | None = None,
-              bccd: str | os.PathLike | None = None) -> pd.DataFrame:
-    """The three public labs' photos in one table (any of them may be left out)."""
+              bccd: str | os.PathLike | None = None, photos: list[str | os.PathLike] = (),
+              lab: str | None = None) -> pd.DataFrame:
+    """The three public labs' photos (any of them may be left out) and labs' own photo sets (`read_photo_labels`;
+    `lab` names a single one) in one table."""
     parts = [read_allidb(allidb) if allidb else None, read_aria(aria) if aria else None,
              read_bccd(bccd) if bccd else None]
+    parts += [read_photo_labels(p, lab if len(photos) == 1 else None) for p in photos]
     parts = [p for p in parts if p is not None]
     return pd.concat(parts, ignore_index=True) if parts else _table([])

@@ -261,6 +261,8 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     from core.imageio import read_image
     from core.inference import RESULT_COLUMNS, classify
     from core.metrics import subject_readout
+    from dashboard.settings import MAX_CELL_PIXELS
+    from dashboard.uploads import larger_than_a_cell
 
     fb = field_bundle or bundle
     crops: dict[str, np.ndarray] = {}
@@ -280,9 +282,6 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
 
     uploads = _labelled(files, upload_keys)
     refused = upload_refusals(uploads, as_fields)
-    from dashboard.settings import MAX_CELL_PIXELS
-    from dashboard.uploads import larger_than_a_cell
-
     big = larger_than_a_cell([u for u in uploads if u.label not in refused], MAX_CELL_PIXELS)
     table = classify(bundle.models, [(u.label, u.data) for u in uploads if u.label not in set(refused) | big],
                      bundle.size, bundle.rule, on_chunk=keep_with(bundle), gate=bundle.gate, margin=bundle.margin)

@@ -338,55 +338,62 @@ def cmd_segment(args) -> int:
 
 
 def cmd_smear_model(args) -> int:
-    """Train the smear model on the labs given, or (with --base) refit a base model's head for a lab's photos."""
-    from core.labs import read_labs, read_photo_labels
-    from training.smear import collect_cells
-    from training.smear_model import adapt, lab_lines, train_smear_model
-
+    """Train the smear model on the labs given, or (with --base) refit a base model for a lab's photos."""
     cache_dir = args.cache_dir
     if cache_dir is None:
         from training.config import RunConfig
 
         cache_dir = RunConfig().cache_dir
     reproduce = "python -m training " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["smear-model"] else ""
+    if args.base and (not args.photos or len(args.photos) != 1):
+        print("error: --base refits for one lab: give its photos with --photos DIR (sub-folders blasts/ and "
+              "no_blasts/) or --photos FILE.csv (photo,label)", file=sys.stderr)
+        return 2
+    if not (args.data or args.aria or args.bccd or args.photos):
+        print("error: give at least one lab: ALL-IDB folder, --aria DIR, --bccd DIR or --photos DIR|CSV",
+              file=sys.stderr)
+        return 2
     try:
-        if args.base:
-            if not args.photos or len(args.photos) != 1:
-                print("error: --base refits for one lab: give its photos with --photos DIR (sub-folders blasts/ "
-                      "and no_blasts/) or --photos FILE.csv (photo,label)", file=sys.stderr)
-                return 2
-            lab = args.lab or Path(args.photos[0]).stem
-            photos = read_photo_labels(args.photos[0], lab)
-            print(f"{lab}: {len(photos)} photos ({(photos['label'] == 'blasts').sum()} blasts, "
-                  f"{(photos['label'] == 'no_blasts').sum()} no blasts); segmenting and reading them once ...")
-            cs = collect_cells(photos, cache_dir, progress=print)
-            card = adapt(args.base, cs, args.out, lab, args.folds, reproduce=reproduce, progress=None)
-            a = card["adaptation"]
-            print(f"{lab}: {a['folds']}-fold cross-validation by photo")
-            for when in ("before", "after"):
-                for line in lab_lines(a[when]):
-                    print(f"  {when} ({'the base as it is' if when == 'before' else 'refitted'}): {line[2:]}")
-            print(f"refitted model written to {args.out} (a new version; the base {args.base} is unchanged)")
-            return 0
-        if not (args.data or args.aria or args.bccd or args.photos):
-            print("error: give at least one lab: ALL-IDB folder, --aria DIR, --bccd DIR or --photos DIR|CSV",
-                  file=sys.stderr)
-            return 2
-        photos = read_labs(args.data, args.aria, args.bccd)
-        import pandas as pd
-
-        extra = [read_photo_labels(p, args.lab if len(args.photos) == 1 else None) for p in args.photos or []]
-        photos = pd.concat([photos, *extra], ignore_index=True)
-        print(f"{len(photos)} photos: " + ", ".join(f"{lab} {n}" for lab, n in photos["lab"].value_counts(sort=False).items()))
-        cs = collect_cells(photos, cache_dir, progress=print)
-        card = train_smear_model(cs, args.out, args.folds, reproduce=reproduce, progress=print)
+        return (_smear_refit if args.base else _smear_train)(args, cache_dir, reproduce)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _smear_train(args, cache_dir, reproduce: str) -> int:
+    from core.labs import read_labs
+    from training.smear import collect_cells
+    from training.smear_model import lab_lines, train_smear_model
+
+    photos = read_labs(args.data, args.aria, args.bccd, args.photos or [], args.lab)
+    print(f"{len(photos)} photos: " + ", ".join(f"{lab} {n}" for lab, n in
+                                                photos["lab"].value_counts(sort=False).items()))
+    cs = collect_cells(photos, cache_dir, progress=print)
+    card = train_smear_model(cs, args.out, args.folds, reproduce=reproduce, progress=print)
     print(f"smear model written to {args.out}: {card['data']['cells']} cells of {card['data']['photos']} photos; "
           f"{card['cross_validation']['folds']}-fold cross-validation by photo:")
     for line in lab_lines(card["cross_validation"]["per_lab"]):
         print(f"  {line[2:]}")
+    return 0
+
+
+def _smear_refit(args, cache_dir, reproduce: str) -> int:
+    from core.labs import read_photo_labels
+    from training.smear import collect_cells
+    from training.smear_model import adapt, lab_lines
+
+    lab = args.lab or Path(args.photos[0]).stem
+    photos = read_photo_labels(args.photos[0], lab)
+    print(f"{lab}: {len(photos)} photos ({(photos['label'] == 'blasts').sum()} blasts, "
+          f"{(photos['label'] == 'no_blasts').sum()} no blasts); segmenting and reading them once ...")
+    cs = collect_cells(photos, cache_dir, progress=print)
+    card = adapt(args.base, cs, args.out, lab, args.folds, reproduce=reproduce, progress=None)
+    a = card["adaptation"]
+    print(f"{lab}: {a['folds']}-fold cross-validation by photo")
+    for when in ("before", "after"):
+        for line in lab_lines(a[when]):
+            print(f"  {when} ({'the base as it is' if when == 'before' else 'refitted'}): {line[2:]}")
+    print(f"refitted model written to {args.out} (a new version; the base {args.base} is unchanged)")
     return 0
 
 
