@@ -18,9 +18,12 @@ def _jpg(path: Path) -> None:
 
 
 def test_reservation_rule_for_each_lab():
-    assert is_reserved("aria", "WBC-Malignant-Pre-003.jpg") and not is_reserved("aria", "WBC-Malignant-Pre-004.jpg")
-    assert is_reserved("aria", "WBC_Healthy_11.jpg") and not is_reserved("aria", "WBC_Healthy_10.jpg")
-    assert is_reserved("allidb", "Im001_1.jpg") and not is_reserved("allidb", "Im002_1.jpg")
+    # names made here, never real files: an odd and an even number of each naming scheme
+    for odd, even in ((3, 4), (11, 10)):
+        assert is_reserved("aria", f"WBC-Malignant-Pre-{odd:03d}.jpg")
+        assert not is_reserved("aria", f"WBC-Malignant-Pre-{even:03d}.jpg")
+        assert is_reserved("aria", f"WBC_Healthy_{odd}.jpg") and not is_reserved("aria", f"WBC_Healthy_{even}.jpg")
+        assert is_reserved("allidb", f"Im{odd:03d}_1.jpg") and not is_reserved("allidb", f"Im{even:03d}_1.jpg")
     assert not is_reserved("bccd", "BloodImage_00001.jpg") and not is_reserved("mylab", "photo1.jpg")
 
 
@@ -28,7 +31,7 @@ def test_aria_layout_labels_per_class_folder_and_skips_odd_photos(tmp_path, monk
     for name in ("Benign/WBC-Benign-002.jpg", "Early/WBC-Malignant-Early-004.jpg", "Pre/WBC-Malignant-Pre-006.jpg",
                  "Pro/WBC-Malignant-Pro-008.jpg", "Normal/WBC_Healthy_10.jpg"):
         _jpg(tmp_path / name)
-    odd = tmp_path / "Pro" / "WBC-Malignant-Pro-009.jpg"
+    odd = tmp_path / "Pro" / f"WBC-Malignant-Pro-{9:03d}.jpg"  # an odd number: reserved
     _jpg(odd)
     opened = []
     real_open = Image.open
