@@ -80,7 +80,7 @@ def _sample(photos: pd.DataFrame, k: int, rng) -> list[str]:
 
 def adaptation_curve(cs, lab: str, fit, ks: list[int], repeats: int, seed: int = 0) -> list[dict]:
     """The left-out model taught k of the lab's photos, scored on the lab's other photos."""
-    from training.smear_model import ZSet, figures_with_rule, novelty_distance, fit_mil, head_probs
+    from training.smear_model import ZSet, figures_with_rule, fit_mil, novelty_distance
 
     mine = cs.photos[cs.photos["lab"] == lab]
     keep = fit.target >= 0
@@ -105,7 +105,7 @@ def adaptation_curve(cs, lab: str, fit, ks: list[int], repeats: int, seed: int =
             # theirs (too few photos here to cross-validate a threshold of its own)
             yardstick = float(np.median([c["threshold"] for c in fit.gate.novelty.components]))
             nov = np.minimum(fit.gate.novelty.score(z), novelty_distance(taught, z) / yardstick)
-            p = head_probs(lr, z)
+            p = lr.probs(z)
             scored = rest.table.assign(p=p, novelty=nov, judged=nov <= 1.0,
                                        prediction=np.where(p >= 0.5, "all", "hem"))
             figs.append(figures_with_rule(scored, test, *rule)[lab])
@@ -122,7 +122,7 @@ def _taught_rule(cs, base, fit, taught: pd.DataFrame):
     """The field rule refitted on the taught photos' out-of-fold calls (two folds of them, each scored by a head
     fitted on the base's cells and the other fold), as `smear-model --base` refits it; None when the taught photos
     hold one kind of photo only (the base's rule stays)."""
-    from training.smear_model import ZSet, fit_field_rule, fit_mil, head_probs
+    from training.smear_model import ZSet, fit_field_rule, fit_mil
 
     if taught["label"].nunique() < 2 or len(taught) < 4:
         return None
@@ -135,7 +135,7 @@ def _taught_rule(cs, base, fit, taught: pd.DataFrame):
         other = cs.photo_subset(halves[b]["photo"])
         z = fit.proj.pool(other.view0())
         # every cell counted as judged: the curve's gate (the base's Gaussians or the taught cells') judges 99%
-        rows.append(other.table.assign(p=head_probs(head, z), judged=True))
+        rows.append(other.table.assign(p=head.probs(z), judged=True))
     return fit_field_rule(pd.concat(rows, ignore_index=True), taught)
 
 

@@ -74,10 +74,7 @@ def classify_field(models: Sequence, image: np.ndarray, name: str, size: int, ru
     from core.inference import classify
     from core.segmentation import segment_field
 
-    try:
-        seg = segment_field(image, name, normalize_stain)
-    except ValueError as exc:
-        return FieldCalls(name, pd.DataFrame(), {}, None, {}, error=str(exc), model=model)
+    seg = segment_field(image, name, normalize_stain)  # never raises: a photo it cannot judge says why
     if not seg.cells:
         return FieldCalls(name, pd.DataFrame(), {}, None, _summary(pd.DataFrame(), seg), seg.notes,
                           error=seg.message or f"{name}: no white cells found", model=model)

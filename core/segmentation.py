@@ -217,7 +217,11 @@ class _Scale:
 
 
 class _Refusal(ValueError):
-    """A photo the segmentation cannot judge, with the measured reason."""
+    """A photo the segmentation cannot judge, with the measured reason (and its red-cell ruler, when measured)."""
+
+    def __init__(self, message: str, rbc: float | None = None):
+        super().__init__(message)
+        self.rbc = rbc
 
 
 def _segment(img: np.ndarray, name: str) -> FieldResult:
@@ -227,17 +231,11 @@ def _segment(img: np.ndarray, name: str) -> FieldResult:
         sc = _ruler_and_scale(img, name)
         wbc, r_close = _detect(sc)
     except _Refusal as why:
-        return _empty(img, str(why), getattr(why, "rbc", None))
+        return _empty(img, str(why), why.rbc)
     if not wbc.any():
         return _empty(img, f"{name}: no white cells found", sc.rbc_full)
     labels = _split_touching(wbc, sc)
     return _back_to_full_resolution(img, labels, sc, r_close, name)
-
-
-def _refusal(message: str, rbc: float | None = None) -> _Refusal:
-    exc = _Refusal(message)
-    exc.rbc = rbc
-    return exc
 
 
 def _ruler_and_scale(img: np.ndarray, name: str) -> _Scale:
@@ -250,16 +248,16 @@ def _ruler_and_scale(img: np.ndarray, name: str) -> _Scale:
     coarse = _resized(img, f0)
     xc = coarse.astype(np.float32)
     if np.ptp(xc.mean(-1)) < 20:
-        raise _refusal(f"{name}: no white cells found (the image is nearly uniform)")
+        raise _Refusal(f"{name}: no white cells found (the image is nearly uniform)")
     wbc, raw = _white_cell_mask(xc)
     # a red-cell candidate covers at least 30 px of the photo itself (an enlarged speck is still a speck)
     d0 = _red_cell_ruler(xc, wbc, 30.0 * max(1.0, f0) ** 2)
     rbc_full = d0 / f0 if d0 else None
     if rbc_full is not None and rbc_full < MIN_RBC_PX:
-        raise _refusal(f"{name}: red cells {rbc_full:.0f} px across: too coarse to judge white cells (at least "
+        raise _Refusal(f"{name}: red cells {rbc_full:.0f} px across: too coarse to judge white cells (at least "
                        f"{MIN_RBC_PX:.0f} px needed)", rbc_full)
     if rbc_full is None and min(h, w) < MIN_SIDE_NO_RULER:
-        raise _refusal(f"{name}: no red cell found to measure the scale, and at {w}x{h} px the photo is too small "
+        raise _Refusal(f"{name}: no red cell found to measure the scale, and at {w}x{h} px the photo is too small "
                        f"to judge white cells without one (at least {MIN_SIDE_NO_RULER} px a side)")
     f = min(MAX_UPSAMPLE, WORK_RBC_PX / rbc_full) if rbc_full else min(1.0, WORK_SIDE / max(h, w))
     if abs(f - f0) < 1e-9:

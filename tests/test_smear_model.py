@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from training.smear_model import fit_field_rule, fit_mil, head_probs, photo_calls
+from training.smear_model import fit_field_rule, fit_mil, photo_calls
 
 
 def _bags(rng, n_photos=40, d=16):
@@ -27,7 +27,7 @@ def _bags(rng, n_photos=40, d=16):
 def test_mil_finds_the_blast_in_each_bag():
     z, table = _bags(np.random.default_rng(0))
     lr, target = fit_mil(z, np.arange(len(table)), table)
-    p = head_probs(lr, z)
+    p = lr.probs(z)
     truth = table["truth"].to_numpy()
     assert (target[truth] == 1).all()  # every bag's blast ends as a positive
     assert (target[~truth & (table["label"] == "")] <= 0).mean() >= 0.9  # its normal cells mostly left out

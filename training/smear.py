@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,8 +31,6 @@ import numpy as np
 import pandas as pd
 
 from core.segmentation import PAIR_TILE  # each half of a paired crop
-
-log = logging.getLogger(__name__)
 
 SMEAR_SIZE = 2 * PAIR_TILE  # the network's input: the paired crop padded to a square (margin 0)
 SMEAR_MARGIN = 0
@@ -74,6 +71,14 @@ def label_cells(boxes, blasts, others) -> list[str]:
     return out
 
 
+def first_view(rows: np.ndarray, row_cell: np.ndarray, row_view: np.ndarray, cells: int) -> np.ndarray:
+    """One row per cell, float64: its view 0 among `rows` (view `row_view[i]` of cell `row_cell[i]`)."""
+    out = np.zeros((cells, rows.shape[1]))
+    first = row_view == 0
+    out[row_cell[first]] = rows[first]
+    return out
+
+
 @dataclass
 class CellSet:
     """Every white cell found in a set of photos with its frozen features. `table` (`CELL_COLUMNS`: one row per
@@ -89,10 +94,7 @@ class CellSet:
 
     def view0(self) -> np.ndarray:
         """(cells, 2560) float64: each cell as it is (the view the shipped network judges)."""
-        out = np.zeros((len(self.table), self.feats.shape[1]))
-        first = self.row_view == 0
-        out[self.row_cell[first]] = self.feats[first]
-        return out
+        return first_view(self.feats, self.row_cell, self.row_view, len(self.table))
 
     def subset(self, cells: np.ndarray) -> "CellSet":
         """The cells where `cells` (a boolean mask over the table) holds, renumbered."""
@@ -293,8 +295,7 @@ def smear_network(pretrained: bool = True, dims: int = PCA_DIMS, hidden: int = H
     return keras.Model(inputs, out, name="smear_efficientnet_lite0")
 
 
-def network_inputs(fc=None, crops: np.ndarray | None = None, contexts: np.ndarray | None = None, view: int = 0,
-                   tiles: bool = False) -> np.ndarray:
+def network_inputs(crops: np.ndarray, contexts: np.ndarray, view: int = 0, tiles: bool = False) -> np.ndarray:
     """The cells as the network takes them: each `paired_crop` (cell on black | context) padded to a square of
     `SMEAR_SIZE` px, exactly as `core.inference` pads it at prediction. `view` k > 0 turns both tiles by the k-th
     element of the dihedral group first (`core.inference.dihedral`: a training view). `tiles`: the crops are
@@ -303,8 +304,6 @@ def network_inputs(fc=None, crops: np.ndarray | None = None, contexts: np.ndarra
     from core.preprocessing import crop_cell
     from core.segmentation import pair_tiles
 
-    if fc is not None:
-        crops, contexts = fc.crops, fc.contexts
     out = []
     for c, x in zip(crops, contexts):
         if view:
@@ -327,11 +326,3 @@ def features_of(fm, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """`fm`'s outputs for inputs `x`, in batches (predict_on_batch: no per-call tracing)."""
     f = [np.asarray(fm.predict_on_batch(x[s:s + batch_size]), "float32") for s in range(0, len(x), batch_size)]
     return np.concatenate(f) if f else np.zeros((0, int(fm.outputs[0].shape[-1])), "float32")
-
-
-def pooled_features(model, views: list[np.ndarray], batch_size: int = 32, layer: str = "gap") -> np.ndarray:
-    """(n, len(views), d) features of `layer` (`gap`: the pooled ImageNet features) for each view's inputs."""
-    import keras
-
-    fm = keras.Model(model.inputs, model.get_layer(layer).output)
-    return np.stack([features_of(fm, v, batch_size).astype("float64") for v in views], axis=1)

@@ -17,8 +17,8 @@ Every fit here works on the cached pooled features of `training.smear.collect_ce
    cell under its lab's Gaussian of the other folds); a cell is judged when it is within any one lab's.
 4. **The field rule** (`fit_field_rule`): a photo is `blasts` when at least `min_blasts` judged cells reach P(blast)
    `min_blast_prob` and they are at least `min_blast_fraction` of its judged cells; all three are chosen on
-   out-of-fold cell scores to maximise the mean over labs of the balanced accuracy of the photo calls (a lab with one class: its accuracy). `cannot judge` stays as `core.fields.CallRule`
-   says (no cell, or fewer than half the cells found judged). Saved as `field_rule.json` beside the model.
+   out-of-fold cell scores to maximise the mean over labs of the balanced accuracy of the photo calls (a lab
+   with one class: its accuracy). `cannot judge` stays as `core.fields.CallRule` says (no cell, or fewer than half the cells found judged). Saved as `field_rule.json` beside the model.
 
 A lab's refit (`adapt`) keeps the base's backbone and projection and refits head, decision rule, gate and field
 rule on the base's training cells (kept in the folder as their components, `training_cells.npz`) plus the lab's.
@@ -26,7 +26,6 @@ rule on the base's training cells (kept in the folder as their components, `trai
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from training.smear import HEAD_HIDDEN, PCA_DIMS, CellSet
-
-log = logging.getLogger(__name__)
+from training.smear import HEAD_HIDDEN, PCA_DIMS, CellSet, first_view
 
 MIL_ROUNDS = 3
 PCA_LAB_BALANCE = True  # the projection fitted on as many rows of each lab (`Projection.fit`)
@@ -150,11 +147,12 @@ def fit_head(z: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, see
     """The head fitted on component rows `z` (labels `y`), weighted by `sample_weights`."""
     from sklearn.neural_network import MLPClassifier
 
-    x = np.asarray(z, "float64")[:, :-1]
-    mu, sd = x.mean(0), x.std(0) + 1e-6
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
+
+    x = np.asarray(z, "float64")[:, :-1]
+    mu, sd = x.mean(0), x.std(0) + 1e-6
 
     with warnings.catch_warnings():  # a fixed number of passes is the regularisation here, with alpha
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -180,10 +178,6 @@ def fit_linear(z: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -
 
     return LinearHead(LogisticRegression(C=MIL_LINEAR_C, max_iter=3000).fit(
         np.asarray(z)[:, :-1], y, sample_weight=sample_weights(y, groups)))
-
-
-def head_probs(head: Head, z: np.ndarray) -> np.ndarray:
-    return head.probs(z)
 
 
 def fit_mil(z_rows: np.ndarray, row_cell: np.ndarray, table: pd.DataFrame, rounds: int = MIL_ROUNDS,
@@ -264,10 +258,7 @@ class ZSet:
         return cls(proj.pool(cs.feats), cs.row_cell, cs.row_view, cs.table)
 
     def view0(self) -> np.ndarray:
-        out = np.zeros((len(self.table), self.z.shape[1]))
-        first = self.row_view == 0
-        out[self.row_cell[first]] = self.z[first]
-        return out
+        return first_view(self.z, self.row_cell, self.row_view, len(self.table))
 
     @staticmethod
     def concat(parts: list["ZSet"]) -> "ZSet":
@@ -313,7 +304,7 @@ def cross_validate(cs: CellSet, n_folds: int = 5, seed: int = 0, fixed: "Project
             zs = ZSet.concat([base, zs])
         lr, _ = fit_mil(zs.z, zs.row_cell, zs.table, row_view=zs.row_view)
         z_te = proj.pool(cs.subset(te).view0())
-        p[te] = head_probs(lr, z_te)
+        p[te] = lr.probs(z_te)
         for lab in names:
             mine = train.table["lab"].to_numpy() == lab
             if mine.sum() >= 2:
@@ -569,7 +560,7 @@ class FittedSmear:
         """P(blast), novelty and verdict for new cells (another lab's, say) under this fit."""
         z = self.proj.pool(cs.view0())
         nov = self.gate.novelty.score(z)
-        p = head_probs(self.lr, z)
+        p = self.lr.probs(z)
         return cs.table.assign(fold=0, p=p, novelty=nov, judged=nov <= self.gate.novelty.threshold,
                                prediction=np.where(p >= 0.5, "all", "hem"))
 
@@ -780,7 +771,7 @@ def adapt(base: str | Path, cs: CellSet, out: str | Path, lab: str, n_folds: int
     lr.write(model)
     certain = oof["label"].isin(["all", "hem"]).to_numpy()
     y_base = (base_z.table["label"] == "all").to_numpy().astype(int)
-    p_base = head_probs(lr, base_z.z)  # in-sample for the base's cells: the lab's cells are out-of-fold
+    p_base = lr.probs(base_z.z)  # in-sample for the base's cells: the lab's cells are out-of-fold
     rule = DecisionRule.fit(np.concatenate([y_base, (oof["label"][certain] == "all").to_numpy().astype(int)]),
                             np.concatenate([p_base, oof["p"][certain].to_numpy()]),
                             fitted_on=f"the base's training cells and {lab}'s out-of-fold cells ({n_folds}-fold "
