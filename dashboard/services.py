@@ -214,15 +214,20 @@ class Classified:
     field_readout: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def upload_refusals(uploads, as_fields: bool = False) -> dict[str, str]:
-    """Uploads refused before decoding, label -> why (`dashboard.uploads.refusals` under this server's limits):
-    the server refuses the per-file bytes in a browser; anything else that hands files over (a test, a script)
-    meets the same limits in the same words."""
+def screen_uploads(uploads) -> tuple[dict[str, str], set[str]]:
+    """(uploads refused before decoding, label -> why; uploads too large for a cell, taken as fields) under this
+    server's limits (`dashboard.uploads.screen`): the server refuses the per-file bytes in a browser; anything else
+    that hands files over (a test, a script) meets the same limits in the same words."""
     from core.imageio import MAX_PIXELS
     from dashboard import uploads as up
     from dashboard.settings import MAX_CELL_PIXELS, max_upload_mb, max_upload_total_mb
 
-    return up.refusals(uploads, as_fields, max_upload_mb(), max_upload_total_mb(), MAX_CELL_PIXELS, MAX_PIXELS)
+    return up.screen(uploads, max_upload_mb(), max_upload_total_mb(), MAX_CELL_PIXELS, MAX_PIXELS)
+
+
+def upload_refusals(uploads) -> dict[str, str]:
+    """The uploads `screen_uploads` refuses, label -> why."""
+    return screen_uploads(uploads)[0]
 
 
 def upload_limits() -> str:
@@ -253,7 +258,7 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
 
     Uploads are told apart by position, never by name: two files named `cell.bmp` are two rows (`cell.bmp` and
     `cell.bmp (2)`), two crops and two audit records, each under the user's name `cell.bmp` with its own SHA-256.
-    Bytes and pixels are checked before decoding (`upload_refusals`)."""
+    Bytes and pixels are checked before decoding (`screen_uploads`)."""
     require(actor, "classify")
     from core.explain import overlay
     from core.fields import classify_field, fields_readout
@@ -261,8 +266,6 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     from core.imageio import read_image
     from core.inference import RESULT_COLUMNS, classify
     from core.metrics import subject_readout
-    from dashboard.settings import MAX_CELL_PIXELS
-    from dashboard.uploads import larger_than_a_cell
 
     fb = field_bundle or bundle
     crops: dict[str, np.ndarray] = {}
@@ -281,8 +284,7 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
         return keep
 
     uploads = _labelled(files, upload_keys)
-    refused = upload_refusals(uploads, as_fields)
-    big = larger_than_a_cell([u for u in uploads if u.label not in refused], MAX_CELL_PIXELS)
+    refused, big = screen_uploads(uploads)
     table = classify(bundle.models, [(u.label, u.data) for u in uploads if u.label not in set(refused) | big],
                      bundle.size, bundle.rule, on_chunk=keep_with(bundle), gate=bundle.gate, margin=bundle.margin)
     if refused or big:  # too large for a cell: a field, never decoded as one cell

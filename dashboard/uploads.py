@@ -4,8 +4,9 @@ classification per session at a time, and the last result kept per session so a 
 Two different cells may carry one name (`cell.bmp` from two folders): each upload gets a `label` unique within the
 upload (the file name; `cell.bmp (2)` for the second of that name) that keys its row, crop and audit record, while
 the audit trail keeps the user's own file name. Bytes (per file, and per upload in all) and pixels (read from the
-header: a single cell up to `MAX_CELL_PIXELS`, a smear field up to `core.imageio.MAX_PIXELS`, 16-bit images
-counted twice) are checked before any pixel is decoded, so a decompression bomb costs a header read.
+header: a smear field up to `core.imageio.MAX_PIXELS`, an upload past a single cell's `MAX_CELL_PIXELS` taken as
+a field, 16-bit images counted twice) are checked before any pixel is decoded, so a decompression bomb costs a
+header read (`screen`).
 """
 from __future__ import annotations
 
@@ -51,42 +52,31 @@ def labelled(files: Sequence[tuple[str, bytes]], keys: Sequence[str] | None = No
     return out
 
 
-def refusals(uploads: Sequence[Upload], as_fields: bool, max_file_mb: int, max_total_mb: int,
-             cell_pixels: int, field_pixels: int) -> dict[str, str]:
-    """Uploads refused before decoding, label -> why: over the per-file bytes, past the upload's total bytes, or
-    (from the header) over a field's pixel limit. (A photo past a cell's pixels is no cell: `larger_than_a_cell`
-    sends it to the field path, so `as_fields` and `cell_pixels` only say which limit words the caller meant.)"""
-    from core.imageio import size_refusal
+def screen(uploads: Sequence[Upload], max_file_mb: int, max_total_mb: int, cell_pixels: int,
+           field_pixels: int) -> tuple[dict[str, str], set[str]]:
+    """Before any pixel is decoded, from bytes and one header read each: (label -> why, for uploads refused: over
+    the per-file bytes, past the upload's total bytes, or over a field's pixels; labels of uploads past a single
+    cell's pixels: no cell is that large, so they go to the smear-field path instead of being judged as one cell)."""
+    from core.imageio import image_header, pixel_cost, size_refusal
 
-    out, total = {}, 0
+    refused, fields, total = {}, set(), 0
     for u in uploads:
         size = len(u.data)
         if size > max_file_mb * 2**20:  # MB as the server counts
-            out[u.label] = f"{size / 2**20:.1f} MB, over the {max_file_mb} MB upload limit per file"
+            refused[u.label] = f"{size / 2**20:.1f} MB, over the {max_file_mb} MB upload limit per file"
             continue
         if total + size > max_total_mb * 2**20:  # the files before it, in order, fill the upload's total
-            out[u.label] = (f"{size / 2**20:.1f} MB would bring this upload past its {max_total_mb} MB total; "
-                            "classify it in another upload")
+            refused[u.label] = (f"{size / 2**20:.1f} MB would bring this upload past its {max_total_mb} MB total; "
+                                "classify it in another upload")
             continue
         total += size
-        # a photo past a single cell's pixels is taken as a field (`larger_than_a_cell`): a field's limit applies
-        why = size_refusal(u.data, field_pixels, "a smear field")
-        if why:
-            out[u.label] = why
-    return out
-
-
-def larger_than_a_cell(uploads: Sequence[Upload], cell_pixels: int) -> set[str]:
-    """Labels of uploads whose header says they are past a single cell's pixels: no cell is that large, so they
-    go to the smear-field path (segmented, each white cell judged) instead of being judged as one cell."""
-    from core.imageio import image_header, pixel_cost
-
-    out = set()
-    for u in uploads:
         head = image_header(u.data)
-        if head is not None and pixel_cost(*head) > cell_pixels:
-            out.add(u.label)
-    return out
+        cost = pixel_cost(*head) if head is not None else 0
+        if cost > field_pixels:
+            refused[u.label] = size_refusal(u.data, field_pixels, "a smear field")
+        elif cost > cell_pixels:
+            fields.add(u.label)
+    return refused, fields
 
 
 def result_key(uploads: Sequence[Upload], *parts: object) -> str:

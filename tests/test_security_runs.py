@@ -117,7 +117,7 @@ def test_a_photo_past_a_single_cells_pixels_goes_to_the_field_path_undecoded_as_
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "PNG")
     ups = uploads.labelled([("field.png", buf.getvalue())])
-    assert services.upload_refusals(ups) == {} and uploads.larger_than_a_cell(ups, 4_000_000) == {"field.png"}
+    assert services.screen_uploads(ups) == ({}, {"field.png"})
     judged_as_cells = []
     import core.inference as inference
 
