@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from core.dataset import index  # noqa: E402
-from core.preprocessing import CropCache  # noqa: E402
-from core.synthetic import synthesize  # noqa: E402
+from core.data.dataset import index  # noqa: E402
+from core.image.preprocessing import CropCache  # noqa: E402
+from core.data.synthetic import synthesize  # noqa: E402
 
 FULL = 15114
 
@@ -94,7 +94,7 @@ def reload_at_scale(n: int) -> float:
 
     import pandas as pd
 
-    from core.preprocessing import cache_key
+    from core.image.preprocessing import cache_key
 
     manifest = pd.DataFrame({"path": [f"/data/C-NMC_Leukemia/training_data/fold_0/all/UID_{i}_1_1_all.bmp"
                                       for i in range(n)], "size": 608454, "mtime_ns": 1_700_000_000_000_000_000})

@@ -30,7 +30,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 def main() -> int:
     from playwright.sync_api import sync_playwright
 
-    from core.synthetic import synthesize
+    from core.data.synthetic import synthesize
     from training import jobs
     from training.cli import demo_config
     from training.store import RunStore

@@ -13,7 +13,7 @@ Data (each only from the repository its issue names; see docs/smear-fields.md):
 - BCCD (Shenggan/BCCD_Dataset): normal donors; every photo no blasts.
 
 Methods:
-- **product**: `core.segmentation` + the smear network (frozen ImageNet Lite0 on each cell on black and in its
+- **product**: `core.smear.segmentation` + the smear network (frozen ImageNet Lite0 on each cell on black and in its
   context; projection + multiple-instance head; gate; field rule fitted on out-of-fold cell scores), 5-fold
   cross-validation by photo over the three labs together (nested field rule);
 - **lab left out**: the same trained on the two other labs only, judging every photo of the left-out lab;
@@ -145,8 +145,8 @@ def whole_photo_features(photos: pd.DataFrame, cache: Path) -> np.ndarray:
 
     from PIL import Image
 
-    from core.imageio import read_image
-    from core.pretrained import imagenet_backbone
+    from core.data.imageio import read_image
+    from core.nets.pretrained import imagenet_backbone
 
     key = hashlib.sha256("".join(photos["path"]).encode()).hexdigest()[:12]
     path = cache / f"whole-photo-lite0-{key}.npy"
@@ -179,11 +179,11 @@ def plain_baseline(photos: pd.DataFrame, folds: int, cache: Path) -> dict:
 
 
 def speed(photos: pd.DataFrame, model_ref: str, n: int = 5) -> dict:
-    """Segmentation + network (`core.fields.classify_field`, as Classify and `predict` run it) on a 224-px Aria
+    """Segmentation + network (`core.smear.fields.classify_field`, as Classify and `predict` run it) on a 224-px Aria
     photo and on a 2592x1944 ALL-IDB photo: median seconds of `n` runs after a warm-up."""
-    from core.fields import classify_field
-    from core.imageio import read_image
-    from core.model_folder import load_model_folder
+    from core.smear.fields import classify_field
+    from core.data.imageio import read_image
+    from core.decide.model_folder import load_model_folder
 
     mf = load_model_folder(model_ref)
     out = {}
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
-    from core.labs import read_labs
+    from core.smear.labs import read_labs
     from training.smear import collect_cells
 
     photos = read_labs(args.allidb, args.aria, args.bccd)

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_gate.py data/real [--model starter] [--non-cells 120]
 
-1. Real cells, leave-subjects-out (`core.splits.subject_folds`): the image-level gate is fitted on the training
+1. Real cells, leave-subjects-out (`core.data.splits.subject_folds`): the image-level gate is fitted on the training
    folds' cells and applied to the held-out patients' cells: the share of real cells of unseen patients that
    would be "not assessed" (target <= 5%), per fold, pooled and by reason.
 2. A varied set of images that are not single segmented C-NMC cells, generated here (blank, white and grey
@@ -118,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from core.dataset import index
-    from core.gate import REASONS, ImageGate
-    from core.imageio import read_image
-    from core.splits import subject_folds
+    from core.data.dataset import index
+    from core.decide.gate import REASONS, ImageGate
+    from core.data.imageio import read_image
+    from core.data.splits import subject_folds
 
     manifest, _ = index(args.data)
     try:
@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         c = Counter(REASONS[r] if r else "PASSED" for r in rs)
         print(f"   {kind:<14} {sum(r is not None for r in rs)}/{len(rs)} refused: {dict(c)}")
     if args.model:
-        from core.gate import feature_model, features_and_probs
-        from core.model_folder import load_model_folder
-        from core.preprocessing import crop_cell
+        from core.decide.gate import feature_model, features_and_probs
+        from core.decide.model_folder import load_model_folder
+        from core.image.preprocessing import crop_cell
 
         mf = load_model_folder(args.model)
         if mf.gate is None or mf.gate.novelty is None:

@@ -35,8 +35,8 @@ def main() -> int:
     args = ap.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
 
-    from core.inference import collect_images
-    from core.synthetic import synthesize
+    from core.decide.inference import collect_images
+    from core.data.synthetic import synthesize
 
     data = Path(args.data)
     if not (data / "synthetic_truth.csv").exists():
@@ -57,9 +57,9 @@ def main() -> int:
 def single_cell(args, files) -> None:
     import keras
 
-    from core.explain import GradCAM
-    from core.models import create_model
-    from core.preprocessing import load_crop
+    from core.nets.explain import GradCAM
+    from core.nets.models import create_model
+    from core.image.preprocessing import load_crop
 
     model = create_model(args.model, args.size)
     cam = GradCAM(model)
@@ -82,9 +82,9 @@ def single_cell(args, files) -> None:
 
 
 def folder(args, files) -> None:
-    from core.inference import classify_files
-    from core.models import create_model
-    from core.preprocessing import load_crop
+    from core.decide.inference import classify_files
+    from core.nets.models import create_model
+    from core.image.preprocessing import load_crop
 
     bm = create_model(args.batch_model, args.size)
     crops = np.stack([load_crop(p, args.size) for p in files])
@@ -103,11 +103,11 @@ def folder(args, files) -> None:
 
 
 def gate_cost(args, files) -> None:
-    from core.gate import fit_gate
-    from core.imageio import read_image
-    from core.inference import classify
-    from core.models import create_model
-    from core.preprocessing import load_crop
+    from core.decide.gate import fit_gate
+    from core.data.imageio import read_image
+    from core.decide.inference import classify
+    from core.nets.models import create_model
+    from core.image.preprocessing import load_crop
 
     gm = create_model(args.batch_model, args.size, standardize=True)
     sample = files[:200]

@@ -4,7 +4,7 @@
 
 Takes `bench_real.py --save-models` output folders (each holds `oof_predictions.csv` and one model per fold,
 `<recipe>_fold<k>[_s<seed>].keras`). Every fold model predicts the cells of its own test fold (patients it never
-saw) twice, as saved (float32) and with its dense layers quantised to int8 (`core.models.quantize_weights`, what
+saw) twice, as saved (float32) and with its dense layers quantised to int8 (`core.nets.models.quantize_weights`, what
 `python -m training package --quantize int8` ships), side by side in one run. Prints per model and for the ensemble of all
 given models (their mean P(all), as a model folder computes it): pooled weighted F1 and ROC AUC at threshold 0.5,
 the largest |P(all) change| over the cells, and the file-size ratio int8 / float32.
@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_real import _metrics, cell_crops
 
-    from core.dataset import index
-    from core.inference import predict_proba
-    from core.models import load_model, quantize_weights
+    from core.data.dataset import index
+    from core.decide.inference import predict_proba
+    from core.nets.models import load_model, quantize_weights
 
     missing = [p for p in oof["path"] if not Path(p).exists()]
     if missing:

@@ -3,10 +3,10 @@
     python benchmarks/bench_real.py data/real                     # all budget defaults (about 1 h on 2 cores)
     python benchmarks/bench_real.py data/real --recipes cross_patient_texture,cross_patient,report --epochs 6
 
-Folds are grouped by subject (`core.splits.subject_folds`): every test fold holds patients that no model of that
+Folds are grouped by subject (`core.data.splits.subject_folds`): every test fold holds patients that no model of that
 fold saw, of both classes (C-NMC fold 1: 3 folds, one normal subject out each). On the same folds, in the same
 run:
-  baseline : 24 colour/texture/shape statistics of the segmented cell (`core.features`) + logistic regression
+  baseline : 24 colour/texture/shape statistics of the segmented cell (`core.image.features`) + logistic regression
   CNN      : each named recipe (`training.config.PRESETS`: the project's default `cross_patient_texture`,
              `cross_patient`, the report's `report`), trained on the training folds for a fixed budget (from
              scratch, or from ImageNet with --architecture efficientnet_lite0 [--freeze-backbone]), no peeking at
@@ -38,7 +38,7 @@ KEYS = ("weighted_f1", "balanced_accuracy", "sensitivity_all", "specificity_all"
 
 
 def _metrics(df: pd.DataFrame, n_boot: int, seed: int = 0) -> dict:
-    from core.metrics import bootstrap_by_subject, point_metrics
+    from core.decide.metrics import bootstrap_by_subject, point_metrics
 
     y = (df["label"] == "all").to_numpy().astype(int)
     point = point_metrics(y, df["prob_all"].to_numpy())
@@ -49,7 +49,7 @@ def _metrics(df: pd.DataFrame, n_boot: int, seed: int = 0) -> dict:
 
 def paired_difference(a: pd.DataFrame, b: pd.DataFrame, n_boot: int, seed: int = 0) -> dict:
     """Weighted F1 and ROC AUC of `a` minus `b` on the same cells, with a subject-bootstrap 95% CI."""
-    from core.metrics import point_metrics
+    from core.decide.metrics import point_metrics
 
     y = (a["label"] == "all").to_numpy().astype(int)
     pa, pb = a["prob_all"].to_numpy(), b["prob_all"].to_numpy()
@@ -71,14 +71,14 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, n_boot: int, seed: int =
 
 
 def subject_corrected(df: pd.DataFrame, weight: float = 0.5) -> pd.DataFrame:
-    """Pan et al.'s correction (`core.calibration.subject_corrected`) of a table's `prob_all` by its `subject`."""
-    from core.calibration import subject_corrected as correct
+    """Pan et al.'s correction (`core.decide.calibration.subject_corrected`) of a table's `prob_all` by its `subject`."""
+    from core.decide.calibration import subject_corrected as correct
 
     return df.assign(prob_all=correct(df["prob_all"].to_numpy(), df["subject"], weight)[0])
 
 
 def baseline_predictions(folds: pd.DataFrame, images, rows: np.ndarray, seed: int) -> np.ndarray:
-    from core.features import feature_baseline, feature_matrix
+    from core.image.features import feature_baseline, feature_matrix
 
     t0 = time.perf_counter()
     X = feature_matrix(images, rows)
@@ -110,7 +110,7 @@ def earlier_baseline(csv: str, oof: pd.DataFrame) -> np.ndarray:
 def cell_crops(manifest: pd.DataFrame, paths, cache_dir: str, size: int, margin: int) -> tuple[np.ndarray, np.ndarray]:
     """The crop cache of these cells at `size` (built once per size and margin, then reused) and their rows in it,
     in the order of `paths`: what every benchmark on these cells reads."""
-    from core.preprocessing import CropCache
+    from core.image.preprocessing import CropCache
 
     files = manifest.set_index("path").loc[list(paths), ["size", "mtime_ns"]].reset_index()
     cache = CropCache.build(files, cache_dir, size=size, margin=margin, progress=False)
@@ -122,7 +122,7 @@ def cnn_predictions(recipe: str, folds: pd.DataFrame, images, rows: np.ndarray, 
     the recipe's own column, their mean (an ensemble of --seeds models per fold; TTA views if --tta)."""
     import keras
 
-    from core.inference import predict_proba
+    from core.decide.inference import predict_proba
     from training.config import preset
     from training.data import BalancedBatches
     from training.trainer import build_model, input_mean
@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rescore:
         return rescore(args)
 
-    from core.dataset import index
-    from core.splits import subject_folds
+    from core.data.dataset import index
+    from core.data.splits import subject_folds
 
     if not Path(args.data).is_dir():
         print(f"error: {args.data} is not a folder", file=sys.stderr)

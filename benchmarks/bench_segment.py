@@ -8,7 +8,7 @@ With --bccd: real smear fields of the public BCCD dataset (github.com/Shenggan/B
 scored the same way: a white-cell box is found when a found cell's box centre lies inside it; boxes touching the
 image border count as cut (they should be dropped, and are left out of both shares).
 
-Quality: over --fields generated fields (`core.synthetic_fields`: red cells, platelets, white cells of varied
+Quality: over --fields generated fields (`core.smear.synthetic_fields`: red cells, platelets, white cells of varied
 size, touching pairs, cells cut by the border), the share of white cells found (target >= 0.90) and the share of
 found objects that are not white cells (target <= 0.10); touching pairs split; border cells dropped.
 Speed: `segment_field` on a 2592×1944 field (C-NMC's camera frame, red cells 58 px across) beside the floor of
@@ -33,7 +33,7 @@ def bccd(root: Path) -> str:
 
     from PIL import Image
 
-    from core.segmentation import segment_field
+    from core.smear.segmentation import segment_field
 
     true = hits = found = extra_cut = images = 0
     for xml in sorted((root / "Annotations").glob("*.xml")):
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from skimage import filters
 
-    from core.segmentation import segment_field
-    from core.synthetic_fields import match, synth_field
+    from core.smear.segmentation import segment_field
+    from core.smear.synthetic_fields import match, synth_field
 
     totals = {"true": 0, "found": 0, "hits": 0}
     pairs_split = pairs = 0

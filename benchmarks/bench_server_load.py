@@ -155,7 +155,7 @@ def main() -> int:
     os.environ.update(CNMC_RUNS_DIR=str(runs), CNMC_DEMO_DATA=str(data), CNMC_DATA_ROOTS=str(work / "no-roots"),
                       CNMC_LOCK_DIR=str(work / "locks"))
 
-    from core.synthetic import synthesize
+    from core.data.synthetic import synthesize
     from training import jobs
     from training.cli import demo_config
     from training.store import RunStore

@@ -54,10 +54,10 @@ def main() -> int:
 
     import keras
 
-    from core.dataset import index
-    from core.models import create_model, model_info
-    from core.preprocessing import CropCache
-    from core.synthetic import synthesize
+    from core.data.dataset import index
+    from core.nets.models import create_model, model_info
+    from core.image.preprocessing import CropCache
+    from core.data.synthetic import synthesize
     from training import hardware
     from training.data import BalancedBatches, one_hot
 

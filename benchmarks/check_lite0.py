@@ -15,7 +15,7 @@ form above runs them in turn through subprocesses):
    `torch.load` every tensor of the `.pth`, run the reference model (`EfficientNet.from_name`, strict
    `load_state_dict`, eval) on the inputs normalised as the reference does, save tensors, logits and pooled
    features;
-3. project venv: every tensor of `core.pretrained.read_legacy_pth` against torch's (same names, dtypes,
+3. project venv: every tensor of `core.nets.pretrained.read_legacy_pth` against torch's (same names, dtypes,
    shapes; max |diff| must be 0), then `imagenet_backbone` logits and features against the reference's (max
    |diff|, top-1 agreement), and the speed of pooled-feature extraction per 224-px image on this CPU.
 
@@ -81,7 +81,7 @@ def compare(dump: Path, inputs: Path) -> bool:
     """Print the figures; True when tensors are identical, logits within 1e-3 and every top-1 agrees."""
     import keras
 
-    from core.pretrained import imagenet_backbone, lite0_pth_path, read_legacy_pth
+    from core.nets.pretrained import imagenet_backbone, lite0_pth_path, read_legacy_pth
 
     ref = np.load(dump, allow_pickle=False)
     x = np.load(inputs)

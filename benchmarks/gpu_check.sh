@@ -21,7 +21,7 @@
 # predictions), model_<budget>.keras. Each stage has a deadline, so partial results still come back.
 # First run (2026-11-29, H200): the speed stage found the augmentation's RandomRotation/RandomShear switching the
 # whole JAX train step to op-by-op execution (39.5 vs 3,884 img/s without augmentation); fixed in
-# core/augmentation.py, so the real-cell budgets (which then ran at ~85 img/s and were cut off) fit next time.
+# core/nets/augmentation.py, so the real-cell budgets (which then ran at ~85 img/s and were cut off) fit next time.
 set -uo pipefail
 T0=$(date +%s)
 DEADLINE=${GPU_CHECK_SECONDS:-530}
@@ -60,7 +60,7 @@ if [ -d "$REAL/crops128" ]; then
     (CNMC_LOCK_DIR="/tmp/locks_$name" timeout "$budget_left" python3 - "$name" "$size" "$epochs" "$per_class" "$OUT" \
        > "/tmp/greal/final_$name.log" 2>&1 <<'EOF'
 import sys
-from core.models import inference_model, load_model
+from core.nets.models import inference_model, load_model
 from training.config import preset
 from training.store import RunStore
 from training.trainer import train

@@ -2,7 +2,7 @@
 
     python benchmarks/map_allidb2.py DATA [--workers 2] [--rebuild] [--scale-check 0]
 
-DATA is the ALL-IDB folder at any level (e.g. data/allidb). Runs (or reuses) `core.allidb.crop_map`, cached in
+DATA is the ALL-IDB folder at any level (e.g. data/allidb). Runs (or reuses) `core.smear.allidb.crop_map`, cached in
 `ALL_IDB2/crop_to_photo.csv`, and prints: how many crops were found in an even photo and how many in none
 (presumably cut from a reserved odd photo, which is not here), whether each found crop's Y agrees with its
 photo's Y, the score distributions, and how far each found crop's centre lies from the nearest annotated
@@ -41,7 +41,7 @@ def scale_check(table: pd.DataFrame, crops: dict[str, Path], photos: list[Path],
     """Best NCC of rescaled unfound crops in the even photos: a high score would mean another magnification."""
     from PIL import Image
 
-    from core.allidb import map_crops_to_photos
+    from core.smear.allidb import map_crops_to_photos
 
     unfound = table[table["status"] == "none"]["crop"].head(n).tolist()
     if not unfound:
@@ -72,7 +72,7 @@ def main() -> None:
 
     from PIL import Image
 
-    from core.allidb import CACHE_NAME, allidb2_crops, centroids, crop_map, find_root, parse_name, read_allidb1
+    from core.smear.allidb import CACHE_NAME, allidb2_crops, centroids, crop_map, find_root, parse_name, read_allidb1
 
     def parse_label(stem: str) -> str:
         return parse_name(stem).label

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from PIL import Image
 
-    from core.dataset import index
-    from core.preprocessing import CropCache
+    from core.data.dataset import index
+    from core.image.preprocessing import CropCache
 
     if not Path(args.data).is_dir():
         print(f"error: {args.data} is not a folder", file=sys.stderr)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from core.fields import CALL_COLOURS, POOLED, CallRule
+from core.smear.fields import CALL_COLOURS, POOLED, CallRule
 from dashboard import services
 from dashboard.csv_export import safe_csv
 
 TABLE_COLUMNS = ["cell", "call", "prediction", "calibrated_prob_blast", "ood_reason", "x0", "y0", "x1", "y1",
                  "mask_area_px"]
-# what each outline colour means, in a pathologist's words (the keys are core.fields' cell states)
+# what each outline colour means, in a pathologist's words (the keys are core.smear.fields' cell states)
 LEGEND = {"blast": "blast", "normal": "normal", "review": "review: judged, near the threshold (class in the table)",
           "not assessed": "not judged: outside what the model can judge"}
 CALL_MARK = {"blasts": "red", "no blasts": "green", "cannot judge": "gray"}

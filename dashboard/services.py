@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from core.preprocessing import load_crop
+from core.image.preprocessing import load_crop
 from dashboard.auth import Actor, PermissionDenied, require  # noqa: F401 - PermissionDenied: what pages catch
 from dashboard.csv_export import escape_cells
 from training.config import RunConfig
@@ -30,11 +30,11 @@ class ModelBundle:
     rule: Any
     size: int
     description: str
-    gate: Any = None  # core.gate.Gate: which images the model may judge (None: judges every image)
+    gate: Any = None  # core.decide.gate.Gate: which images the model may judge (None: judges every image)
     model_path: str | None = None
     model_sha256: str | None = None  # for the audit trail
     margin: int = 100  # the crop margin the model was trained with (RunConfig.crop_margin)
-    field_rule: Any = None  # core.fields.CallRule a smear model folder was fitted with (None: the default rule)
+    field_rule: Any = None  # core.decide.calibration.CallRule a smear model folder was fitted with (None: the default rule)
     _cam: Any = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -50,21 +50,21 @@ class ModelBundle:
     @property
     def cam(self):
         if self._cam is None:
-            from core.explain import gradcam_for
+            from core.nets.explain import gradcam_for
 
             self._cam = gradcam_for(self.models)
         return self._cam
 
 
 def starter_available() -> bool:
-    from core.model_folder import STARTER, shipped_available
+    from core.decide.model_folder import STARTER, shipped_available
 
     return shipped_available(STARTER)
 
 
 def smear_available() -> bool:
     """Whether the shipped smear model (`models/smear/`) is installed: it lands later than the code using it."""
-    from core.model_folder import SMEAR, shipped_available
+    from core.decide.model_folder import SMEAR, shipped_available
 
     return shipped_available(SMEAR)
 
@@ -72,9 +72,9 @@ def smear_available() -> bool:
 def load_shipped_bundle(name: str) -> tuple[ModelBundle, str]:
     """A shipped model folder (`starter`: real C-NMC cells; `smear`: white cells cut from smear photos) and its
     model card (markdown); the crop margin is the one its card names."""
-    from core.model_folder import MODEL_FILE, load_model_folder
+    from core.decide.model_folder import MODEL_FILE, load_model_folder
 
-    from core.model_folder import shipped
+    from core.decide.model_folder import shipped
 
     mf = load_model_folder(name)
     label = mf.card.get("name", name)
@@ -86,14 +86,14 @@ def load_shipped_bundle(name: str) -> tuple[ModelBundle, str]:
 
 def load_starter_bundle() -> tuple[ModelBundle, str]:
     """The shipped starter model (trained on real C-NMC cells) and its model card (markdown)."""
-    from core.model_folder import STARTER
+    from core.decide.model_folder import STARTER
 
     return load_shipped_bundle(STARTER)
 
 
 def load_smear_bundle(ref: str | None = None) -> tuple[ModelBundle, str]:
     """A smear model (the shipped one, or a lab's refit: `smear_models`) and its model card (markdown)."""
-    from core.model_folder import SMEAR
+    from core.decide.model_folder import SMEAR
 
     return load_shipped_bundle(ref or SMEAR)
 
@@ -101,7 +101,7 @@ def load_smear_bundle(ref: str | None = None) -> tuple[ModelBundle, str]:
 def smear_models() -> dict[str, str]:
     """The smear models Classify offers for field cells, label -> folder: the shipped one first, then every
     other folder under models/ made by `python -m training smear-model` (a lab's refit is a new folder there)."""
-    import core.model_folder as mf
+    import core.decide.model_folder as mf
 
     out = {}
     if smear_available():
@@ -119,7 +119,7 @@ def model_quality(name: str) -> str:
     """What to expect of a shipped model (or a model folder) on new patients, in plain words from its card.json:
     its independent check's figures and plain sentence, and how much cross-validation overstated them; or that
     it has no independent check yet. Shown before the card's cross-validated figures."""
-    from core.model_folder import independent_check_summary, read_card
+    from core.decide.model_folder import independent_check_summary, read_card
 
     return independent_check_summary(read_card(name))
 
@@ -157,8 +157,8 @@ def load_run_bundle(run_id: str, runs_dir: str | Path) -> ModelBundle:
 
 def load_uploaded_bundle(name: str, data: bytes) -> ModelBundle:
     """A user's `.keras` file, loaded in safe mode (no code execution); a clear error if it is not one."""
-    from core.calibration import DecisionRule
-    from core.models import load_model
+    from core.decide.calibration import DecisionRule
+    from core.nets.models import load_model
 
     if not name.endswith(".keras"):
         raise ValueError(f"{name}: expected a .keras model file")
@@ -207,9 +207,9 @@ class Classified:
     crops: dict[str, np.ndarray]
     overlays: dict[str, np.ndarray]  # Grad-CAM blended onto the crop (when asked for); field cells too
     subjects: pd.DataFrame
-    fields: list = field(default_factory=list)  # core.fields.FieldCalls, one per uploaded smear field
+    fields: list = field(default_factory=list)  # core.smear.fields.FieldCalls, one per uploaded smear field
     subject_corrected: int = 0  # calls that also used the same subject's other cells (the rule's correction)
-    # core.fields.field_readout: one row per field (white cells, judged, blasts, fraction with CI, call, why,
+    # core.smear.fields.field_readout: one row per field (white cells, judged, blasts, fraction with CI, call, why,
     # blast cells, model) and the pooled row "all fields" (one upload: one patient); empty without fields
     field_readout: pd.DataFrame = field(default_factory=pd.DataFrame)
 
@@ -218,7 +218,7 @@ def screen_uploads(uploads) -> tuple[dict[str, str], set[str]]:
     """(uploads refused before decoding, label -> why; uploads too large for a cell, taken as fields) under this
     server's limits (`dashboard.uploads.screen`): the server refuses the per-file bytes in a browser; anything else
     that hands files over (a test, a script) meets the same limits in the same words."""
-    from core.imageio import MAX_PIXELS
+    from core.data.imageio import MAX_PIXELS
     from dashboard import uploads as up
     from dashboard.settings import MAX_CELL_PIXELS, max_upload_mb, max_upload_total_mb
 
@@ -232,7 +232,7 @@ def upload_refusals(uploads) -> dict[str, str]:
 
 def upload_limits() -> str:
     """The limits an upload meets, in the uploader's words (the server's bytes, the header's pixels)."""
-    from core.imageio import MAX_PIXELS
+    from core.data.imageio import MAX_PIXELS
     from dashboard.settings import MAX_CELL_PIXELS, max_upload_mb, max_upload_total_mb
 
     return (f"up to {max_upload_mb()} MB per image and {max_upload_total_mb()} MB per upload; "
@@ -249,7 +249,7 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
 
     A smear field (an upload the gate recognises as a field of many cells, or every readable upload with
     `as_fields`) is segmented and each white cell it holds classified by `field_bundle` (`field_model` picks it;
-    the cells' model without one) (`core.fields`; `normalize_stain` brings the cells' crops toward C-NMC's stain
+    the cells' model without one) (`core.smear.fields`; `normalize_stain` brings the cells' crops toward C-NMC's stain
     first), and read out per field and pooled over the upload (`Classified.field_readout`; with `as_fields` an
     unreadable upload is a field that cannot be judged). Each cell gets an audit record in the run store at
     `runs_dir` (name and SHA-256 of the uploaded file only; pixels are not kept), its source naming the signed-in
@@ -260,12 +260,12 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     `cell.bmp (2)`), two crops and two audit records, each under the user's name `cell.bmp` with its own SHA-256.
     Bytes and pixels are checked before decoding (`screen_uploads`)."""
     require(actor, "classify")
-    from core.explain import overlay
-    from core.fields import classify_field, fields_readout
-    from core.gate import REASONS
-    from core.imageio import read_image
-    from core.inference import RESULT_COLUMNS, classify
-    from core.metrics import subject_readout
+    from core.nets.explain import overlay
+    from core.smear.fields import classify_field, fields_readout
+    from core.decide.gate import REASONS
+    from core.data.imageio import read_image
+    from core.decide.inference import RESULT_COLUMNS, classify
+    from core.decide.metrics import subject_readout
 
     fb = field_bundle or bundle
     crops: dict[str, np.ndarray] = {}
@@ -346,7 +346,7 @@ def _labelled(files: list[tuple[str, bytes]], keys: list[str] | dict[str, str] |
 # --- training ---------------------------------------------------------------------------------------------------
 def review_order(table: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """Classify's result table as a review queue: not-assessed cells first, then the least certain calls."""
-    from core.inference import review_queue
+    from core.decide.inference import review_queue
 
     return review_queue(table, threshold, prob="calibrated_prob_blast")
 
@@ -363,14 +363,14 @@ def launch_demo(settings, *, actor: Actor) -> str:
 
 
 def model_names() -> list[str]:
-    from core.models import list_models
+    from core.nets.models import list_models
 
     return list_models()
 
 
 def architecture_defaults(name: str):
     """The registry's per-architecture defaults (epochs, batch size)."""
-    from core.models import model_info
+    from core.nets.models import model_info
 
     return model_info(name)
 
@@ -489,8 +489,8 @@ def augmentation_preview(data_dir: str | Path, cfg: RunConfig, n: int = 8, seed:
     """n training-like cells of `data_dir` passed through the configured augmentation (training mode)."""
     import keras
 
-    from core.augmentation import build_augmentation
-    from core.dataset import index
+    from core.nets.augmentation import build_augmentation
+    from core.data.dataset import index
 
     manifest, _ = index(data_dir)
     labelled = manifest[manifest["label"].notna()]
@@ -506,8 +506,8 @@ def split_preview(data_dir: str | Path, strategy: str = "patient", seed: int = 0
     """What a run would train, validate and test on, before it is launched: subjects and cells per class per
     split (`table`, one row per split), the split's problems in plain words (`warnings`: a split lacking a
     class, and what it costs) and `error` when the split cannot be made at all (the run would fail)."""
-    from core.dataset import index
-    from core.splits import make_split, split_counts, split_warnings
+    from core.data.dataset import index
+    from core.data.splits import make_split, split_counts, split_warnings
 
     manifest, _ = index(data_dir)
     try:
@@ -544,34 +544,34 @@ def evaluation(runs_dir: str | Path, run_ids: list[str], refresh: bool = False, 
 
 def metric_text(result: dict, key: str, digits: int = 3) -> str:
     """A figure as the pages show it: the number, or "undefined: <reason>" (never "nan")."""
-    from core.metrics import metric_text as text
+    from core.decide.metrics import metric_text as text
 
     return text(result, key, digits)
 
 
 def headline(result: dict) -> str:
     """The evaluation's headline (weighted F1) in words, or why a one-class split has none."""
-    from core.metrics import headline as words
+    from core.decide.metrics import headline as words
 
     return words(result)
 
 
 def headline_defined(result: dict) -> bool:
-    from core.metrics import HEADLINE, undefined_of
+    from core.decide.metrics import HEADLINE, undefined_of
 
     return HEADLINE[0] not in undefined_of(result)
 
 
 def report_view(result: dict) -> pd.DataFrame:
     """The report's per-class table as text, "undefined" with the reason where a class has no cells."""
-    from core.metrics import report_view as view
+    from core.decide.metrics import report_view as view
 
     return view(result)
 
 
 def run_split_warnings(runs_dir: str | Path, run_id: str) -> list[str]:
     """The problems of a run's saved split in plain words (a split lacking a class); empty when sound."""
-    from core.splits import load_split, split_warnings
+    from core.data.splits import load_split, split_warnings
 
     path = RunStore(runs_dir).run_dir(run_id) / "split.csv"
     return split_warnings(load_split(path)) if path.exists() else []
@@ -585,13 +585,13 @@ def run_report(runs_dir: str | Path, run_id: str) -> str:
 
 
 # --- label review -------------------------------------------------------------------------------------------------
-REVIEW_DECISIONS = ("label is wrong", "label is right", "unsure")  # as core.labels.DECISIONS (tested equal)
+REVIEW_DECISIONS = ("label is wrong", "label is right", "unsure")  # as core.data.labels.DECISIONS (tested equal)
 OVERRIDE_FREE_TEXT = ("reviewer", "note")  # typed by people: escaped in CSV; name and label stay exact for training
 
 
 def label_in_name(name: str) -> str | None:
     """The dataset label a C-NMC file name carries (`UID_…_all.bmp` / `_hem`), None for other names."""
-    from core.dataset import parse_uid
+    from core.data.dataset import parse_uid
 
     parsed = parse_uid(name)
     return parsed.label if parsed else None
@@ -626,7 +626,7 @@ def _freeze_overrides(runs_dir: str | Path) -> Path:
     see it) writes the same content-addressed copy."""
     import hashlib
 
-    from core.labels import save_overrides
+    from core.data.labels import save_overrides
 
     table = label_overrides(runs_dir)
     digest = hashlib.sha256(table[["name", "label"]].to_csv(index=False).encode()).hexdigest()[:12]
@@ -642,7 +642,7 @@ def predictions(runs_dir: str | Path, run_id: str, split: str = "test") -> pd.Da
 
 def tradeoff(preds: pd.DataFrame, threshold: float) -> dict[str, float]:
     """Sensitivity, specificity and accuracy for `all` at a threshold on calibrated probabilities."""
-    from core.metrics import point_metrics
+    from core.decide.metrics import point_metrics
 
     y = (preds["label"] == "all").to_numpy().astype(int)
     return point_metrics(y, preds["prob_all_calibrated"].to_numpy(), threshold)
@@ -650,7 +650,7 @@ def tradeoff(preds: pd.DataFrame, threshold: float) -> dict[str, float]:
 
 def tradeoff_text(preds: pd.DataFrame, threshold: float, where: str = "test split") -> dict[str, str]:
     """`tradeoff` as shown: each figure as text, "undefined: <reason>" where the cells lack a class."""
-    from core.metrics import metric_text as text, undefined_metrics
+    from core.decide.metrics import metric_text as text, undefined_metrics
 
     y = (preds["label"] == "all").to_numpy().astype(int)
     result = {"metrics": tradeoff(preds, threshold), "undefined": undefined_metrics(y, where)}
@@ -686,7 +686,7 @@ def run_data_root(runs_dir: str | Path, run_id: str, candidates=()) -> tuple[str
     """(where the run's cells are now, the folder it was trained on): the trained-on folder if the cells are
     still there, else the first of `candidates` (the dashboard's data roots and their sub-folders) holding them;
     None where they are found nowhere."""
-    from core.splits import find_data_root, load_split
+    from core.data.splits import find_data_root, load_split
 
     split_path = RunStore(runs_dir).run_dir(run_id) / "split.csv"
     if not split_path.exists():
@@ -703,7 +703,7 @@ def run_data_root(runs_dir: str | Path, run_id: str, candidates=()) -> tuple[str
 def errors(runs_dir: str | Path, run_id: str, candidates=()) -> pd.DataFrame:
     """False positives and negatives of a run's test split (evaluating it first if needed), with each cell's
     current path (found again if the dataset moved) and a `missing` flag for cells that are nowhere."""
-    from core.splits import relocate
+    from core.data.splits import relocate
 
     store = RunStore(runs_dir)
     path = store.run_dir(run_id) / "errors.csv"
@@ -720,7 +720,7 @@ def errors(runs_dir: str | Path, run_id: str, candidates=()) -> pd.DataFrame:
 
 def cell_view(path: str, size: int = 250, bundle: ModelBundle | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """A cell's crop for display and, given a model, its Grad-CAM overlay."""
-    from core.explain import overlay
+    from core.nets.explain import overlay
 
     margin = bundle.margin if bundle is not None else 100
     crop = load_crop(path, size=size, margin=margin)
@@ -734,8 +734,8 @@ def cell_view(path: str, size: int = 250, bundle: ModelBundle | None = None) -> 
 # --- data ---------------------------------------------------------------------------------------------------------
 def dataset_overview(data_dir: str | Path) -> dict[str, Any]:
     """Index summary, Table-1 counts (cells per class per source and per default split), subjects, problems."""
-    from core.dataset import index, summarize
-    from core.splits import make_split
+    from core.data.dataset import index, summarize
+    from core.data.splits import make_split
 
     t = time.perf_counter()
     manifest, problems = index(data_dir)

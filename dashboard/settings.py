@@ -21,7 +21,7 @@ from pathlib import Path
 RESEARCH_BANNER = ("**Research use only — not a diagnostic device.** Predictions come from models trained on the "
                    "data named with each result; results on synthetic cells say nothing about real patients.")
 MAX_UPLOAD_FILES = 500
-MAX_CELL_PIXELS = 4_000_000  # a single cell (C-NMC: 450x450); a smear field may have core.imageio.MAX_PIXELS
+MAX_CELL_PIXELS = 4_000_000  # a single cell (C-NMC: 450x450); a smear field may have core.data.imageio.MAX_PIXELS
 MAX_UPLOAD_TOTAL_MB = 200  # one upload, all files together (CNMC_MAX_UPLOAD_TOTAL_MB)
 MAX_WEIGHTS_FILES = 500  # the weights-file list stops here (a deep folder must not stall the page)
 SERVER_CONFIG = Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml"

@@ -4,7 +4,7 @@ classification per session at a time, and the last result kept per session so a 
 Two different cells may carry one name (`cell.bmp` from two folders): each upload gets a `label` unique within the
 upload (the file name; `cell.bmp (2)` for the second of that name) that keys its row, crop and audit record, while
 the audit trail keeps the user's own file name. Bytes (per file, and per upload in all) and pixels (read from the
-header: a smear field up to `core.imageio.MAX_PIXELS`, an upload past a single cell's `MAX_CELL_PIXELS` taken as
+header: a smear field up to `core.data.imageio.MAX_PIXELS`, an upload past a single cell's `MAX_CELL_PIXELS` taken as
 a field, 16-bit images counted twice) are checked before any pixel is decoded, so a decompression bomb costs a
 header read (`screen`).
 """
@@ -57,7 +57,7 @@ def screen(uploads: Sequence[Upload], max_file_mb: int, max_total_mb: int, cell_
     """Before any pixel is decoded, from bytes and one header read each: (label -> why, for uploads refused: over
     the per-file bytes, past the upload's total bytes, or over a field's pixels; labels of uploads past a single
     cell's pixels: no cell is that large, so they go to the smear-field path instead of being judged as one cell)."""
-    from core.imageio import image_header, pixel_cost, size_refusal
+    from core.data.imageio import image_header, pixel_cost, size_refusal
 
     refused, fields, total = {}, set(), 0
     for u in uploads:

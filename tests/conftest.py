@@ -33,7 +33,7 @@ def cell_dir(tmp_path_factory) -> Path:
     generated look-alikes (a user's clone), for tests whose point is not the real file format."""
     if (SAMPLES / "training_like").is_dir():
         return SAMPLES / "training_like"
-    from core.synthetic import synthesize
+    from core.data.synthetic import synthesize
 
     pool = tmp_path_factory.mktemp("lookalike_pool")
     synthesize(pool, cells_per_subject=1, noise=0.0, seed=5, workers=2, progress=False)
@@ -48,7 +48,7 @@ def cell_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
     """A default-plan synthetic dataset: 24 training subjects over 3 folds, prelim with CSV, final."""
-    from core.synthetic import synthesize
+    from core.data.synthetic import synthesize
 
     out = tmp_path_factory.mktemp("synth_small")
     synthesize(out, cells_per_subject=6, noise=0.0, seed=3, workers=2, progress=False)
@@ -59,7 +59,7 @@ def synth_small(tmp_path_factory) -> Path:
 def replica_small(tmp_path_factory) -> Path:
     """A 2% replica of the real Kaggle tree (real names, every subject, real prelim CSV rows) where the Kaggle
     file list is present; else the default synthetic plan, which has the same layout, folds and phases."""
-    from core.synthetic import synthesize
+    from core.data.synthetic import synthesize
 
     out = tmp_path_factory.mktemp("replica")
     listing = SAMPLES / "kaggle_file_list.txt"
@@ -81,7 +81,7 @@ def demo_run(tmp_path_factory):
 
     Shared by the demo-accuracy, Grad-CAM, evaluation and dashboard tests; returns (store, run_id, data_dir).
     """
-    from core.synthetic import synthesize
+    from core.data.synthetic import synthesize
     from training.cli import demo_config
     from training.store import RunStore
     from training.trainer import train

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
-from core import allidb
-from core.allidb import (NccSearcher, centroids, crop_map, find_root, is_reserved, map_crops_to_photos, parse_name,
+from core.smear import allidb
+from core.smear.allidb import (NccSearcher, centroids, crop_map, find_root, is_reserved, map_crops_to_photos, parse_name,
                          read_allidb1, read_xyc)
-from core.synthetic_fields import synth_field
+from core.smear.synthetic_fields import synth_field
 
 CROP = 96  # the crops' nominal side here (ALL-IDB2: 257), a multiple of nothing in particular
 

@@ -3,7 +3,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from core.augmentation import AugmentSpec, RandomChoice, SaltAndPepper, build_augmentation  # noqa: E402
+from core.nets.augmentation import AugmentSpec, RandomChoice, SaltAndPepper, build_augmentation  # noqa: E402
 
 
 def _cells(n=8, size=48):
@@ -71,7 +71,7 @@ def test_affine_layers_let_jax_compile_the_train_step(monkeypatch):
     traces (TensorFlow's has no XLA kernel)."""
     import keras
 
-    from core.augmentation import RandomRotation, RandomShear, build_augmentation
+    from core.nets.augmentation import RandomRotation, RandomShear, build_augmentation
 
     assert not keras.layers.RandomRotation(0.5).supports_jit  # what Keras does: why ours exist
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
@@ -84,7 +84,7 @@ def test_affine_layers_let_jax_compile_the_train_step(monkeypatch):
 def test_mix_style_matches_hand_computed_statistics():
     """MixStyle's core against numpy: standardise each channel by its own spatial mean/std, rescale with the
     lam-mix of own and partner's statistics."""
-    from core.augmentation import mix_style
+    from core.nets.augmentation import mix_style
 
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, 2.0, (3, 4, 5, 2)).astype("float32")
@@ -107,7 +107,7 @@ def test_mix_style_matches_hand_computed_statistics():
 
 
 def test_mixstyle_layer_is_identity_at_inference_and_mixes_styles_in_training():
-    from core.augmentation import MixStyle
+    from core.nets.augmentation import MixStyle
 
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.normal(0, 1, (32, 6, 6, 4)), rng.normal(10, 3, (32, 6, 6, 4))]).astype("float32")

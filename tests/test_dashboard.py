@@ -127,7 +127,7 @@ def test_pages_render_for_a_completed_run(monkeypatch, demo_run):
     # Evaluate page: the figures it shows, recomputed here from the run's stored predictions and decision rule
     from sklearn.metrics import confusion_matrix, f1_score
 
-    from core.calibration import DecisionRule
+    from core.decide.calibration import DecisionRule
 
     preds = pd.read_csv(store.run_dir(rid) / "predictions.csv")
     test = preds[preds["split"] == "test"]
@@ -232,7 +232,7 @@ def test_classify_refuses_non_cells_and_keeps_an_audit_trail(monkeypatch, demo_r
 
     import numpy as np
 
-    from core.imageio import encode_bmp
+    from core.data.imageio import encode_bmp
 
     store, rid, data = demo_run
     at = app(monkeypatch, store.root, data)
@@ -265,7 +265,7 @@ def test_classify_refuses_non_cells_and_keeps_an_audit_trail(monkeypatch, demo_r
 
 
 def test_classify_defaults_to_the_starter_with_its_card(monkeypatch, tmp_path, synth_small, cell_dir):
-    from core.model_folder import STARTER_DIR
+    from core.decide.model_folder import STARTER_DIR
 
     if not (STARTER_DIR / "model.keras").exists():
         pytest.skip("no shipped starter model in models/starter")
@@ -288,8 +288,8 @@ def test_classify_recognises_a_smear_field_and_calls_each_white_cell(monkeypatch
 
     from PIL import Image
 
-    from core.segmentation import segment_field
-    from core.synthetic_fields import synth_field
+    from core.smear.segmentation import segment_field
+    from core.smear.synthetic_fields import synth_field
 
     store, rid, data = demo_run
     img, _ = synth_field(seed=1, wbc=4, touching_pairs=1, border_cells=1)
@@ -348,9 +348,9 @@ def test_classify_says_when_calls_used_the_subjects_other_cells(monkeypatch, dem
 
 def _tiny_bundle(threshold: float, description: str):
     """A tiny model whose rule makes every judged cell a blast (threshold 0) or normal (1): deterministic calls."""
-    from core.augmentation import AugmentSpec
-    from core.calibration import DecisionRule
-    from core.models import create_model
+    from core.nets.augmentation import AugmentSpec
+    from core.decide.calibration import DecisionRule
+    from core.nets.models import create_model
     from dashboard import services
 
     model = create_model("solution_a", 32, augment=AugmentSpec(), standardize=True, filters=(4, 4, 4, 4))
@@ -374,7 +374,7 @@ def field_app(monkeypatch, tmp_path):
     model unless a test puts one in place; no trained run needed."""
     import streamlit as st
 
-    import core.model_folder as mf
+    import core.decide.model_folder as mf
     from dashboard import services
 
     monkeypatch.setattr(mf, "SMEAR_DIR", tmp_path / "no-smear")
@@ -391,7 +391,7 @@ def test_classify_field_readout_per_field_and_pooled_with_bad_uploads(monkeypatc
     pooled read-out, the call with its colour and the blast cells, the CI, the legend and the model note show."""
     import numpy as np
 
-    from core.synthetic_fields import BACKGROUND, synth_field
+    from core.smear.synthetic_fields import BACKGROUND, synth_field
     from dashboard import settings
 
     monkeypatch.setattr(settings, "max_upload_mb", lambda: 1)
@@ -431,9 +431,9 @@ def test_classify_field_readout_per_field_and_pooled_with_bad_uploads(monkeypatc
 def test_classify_sends_field_cells_to_the_smear_model_when_installed(monkeypatch, tmp_path, field_app):
     """The one rule: a smear field's cells go to models/smear/ (here a temporary folder in its place, whose rule
     calls nothing a blast) while single cells keep the chosen model (which would call every cell a blast)."""
-    import core.model_folder as mf
-    from core.model_folder import save_model_folder
-    from core.synthetic_fields import synth_field
+    import core.decide.model_folder as mf
+    from core.decide.model_folder import save_model_folder
+    from core.smear.synthetic_fields import synth_field
 
     tiny = _tiny_bundle(1.0, "unused")
     save_model_folder(tmp_path / "smear", tiny.model, tiny.rule, {"name": "tiny-smear", "crop_margin": 0}, "# smear")
@@ -461,9 +461,9 @@ def test_classify_offers_a_labs_refitted_smear_model_and_reads_fields_by_its_rul
     the folder's own: here two blasts needed, so one blast cell makes `no blasts`."""
     import json
 
-    import core.model_folder as mf
-    from core.model_folder import save_model_folder
-    from core.synthetic_fields import synth_field
+    import core.decide.model_folder as mf
+    from core.decide.model_folder import save_model_folder
+    from core.smear.synthetic_fields import synth_field
 
     models = tmp_path / "models"
     shipped, refit = _tiny_bundle(1.0, "unused"), _tiny_bundle(0.0, "unused")

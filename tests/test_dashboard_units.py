@@ -40,7 +40,7 @@ def test_progress_text_of_finished_runs_says_how_they_ended(tmp_path):
 def test_the_model_for_a_fields_cells_is_one_rule(tmp_path, monkeypatch):
     """Single cells keep the chosen model; a smear field's cells go to the shipped smear model when it is
     installed and wanted, else to the chosen model, and the note says which and why."""
-    import core.model_folder as mf
+    import core.decide.model_folder as mf
 
     chosen = services.ModelBundle([], None, 32, "chosen model", model_sha256="0")
     smear = services.ModelBundle([], None, 32, "shipped smear model s", model_sha256="1")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.dataset import index, parse_uid, summarize
-from core.imageio import encode_bmp, read_image
+from core.data.dataset import index, parse_uid, summarize
+from core.data.imageio import encode_bmp, read_image
 from tests.conftest import copy_tree
 
 

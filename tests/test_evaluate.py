@@ -8,12 +8,12 @@ import pytest
 
 pytest.importorskip("keras")
 
-from core.dataset import index  # noqa: E402
-from core.explain import GradCAM, heat_in_mask, overlay  # noqa: E402
-from core.inference import dihedral, predict_proba  # noqa: E402
-from core.models import load_model  # noqa: E402
-from core.preprocessing import load_crop  # noqa: E402
-from core.splits import load_split  # noqa: E402
+from core.data.dataset import index  # noqa: E402
+from core.nets.explain import GradCAM, heat_in_mask, overlay  # noqa: E402
+from core.decide.inference import dihedral, predict_proba  # noqa: E402
+from core.nets.models import load_model  # noqa: E402
+from core.image.preprocessing import load_crop  # noqa: E402
+from core.data.splits import load_split  # noqa: E402
 from training.cli import main  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.trainer import train  # noqa: E402
@@ -134,7 +134,7 @@ def test_threshold_fitted_on_validation_is_applied_unchanged_to_held_out_test_ce
     """The threshold for a target sensitivity is chosen on validation (where the target is reached) and applied
     as it is to the unseen test patients; their sensitivity is what that threshold gives on their own cells,
     recomputed here from the stored predictions (not refitted, not assumed to reach the target)."""
-    from core.calibration import DecisionRule
+    from core.decide.calibration import DecisionRule
 
     store, rid, _ = demo_run
     val = evaluate(store, [rid], split="val", target_sensitivity=0.95, n_boot=0)
@@ -160,7 +160,7 @@ def test_evaluate_cli_prints_what_metrics_json_holds(demo_run, capsys):
 
 
 def test_predict_cli_tta_and_calibrated_outputs(demo_run, tmp_path):
-    from core.calibration import DecisionRule
+    from core.decide.calibration import DecisionRule
 
     store, rid, data = demo_run
     split = load_split(store.run_dir(rid) / "split.csv")

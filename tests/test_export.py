@@ -14,12 +14,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from core.augmentation import AugmentSpec  # noqa: E402
-from core.calibration import DecisionRule  # noqa: E402
-from core.export import builtin_cell_standardize, export_model, portable_model  # noqa: E402
-from core.models import create_model, list_models  # noqa: E402
-from core.preprocessing import load_crop  # noqa: E402
-from core.stain_layers import CellStandardize  # noqa: E402
+from core.nets.augmentation import AugmentSpec  # noqa: E402
+from core.decide.calibration import DecisionRule  # noqa: E402
+from core.nets.export import builtin_cell_standardize, export_model, portable_model  # noqa: E402
+from core.nets.models import create_model, list_models  # noqa: E402
+from core.image.preprocessing import load_crop  # noqa: E402
+from core.nets.stain_layers import CellStandardize  # noqa: E402
 
 SIZE = 32
 
@@ -64,7 +64,7 @@ def test_portable_model_has_builtin_layers_only_and_same_outputs(name):
 def starter_exports(tmp_path_factory, cell_dir):
     """The shipped starter exported in every format, with the project's own probabilities on the sample cells
     (the real C-NMC samples where present)."""
-    from core.model_folder import load_model_folder
+    from core.decide.model_folder import load_model_folder
 
     mf = load_model_folder("starter")
     crops = np.stack([load_crop(p, size=mf.size) for p in sorted(cell_dir.glob("*.bmp"))]).astype("float32")

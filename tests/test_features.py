@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("skimage")
 
-from core.features import FEATURE_NAMES, cell_features, feature_baseline, feature_matrix  # noqa: E402
+from core.image.features import FEATURE_NAMES, cell_features, feature_baseline, feature_matrix  # noqa: E402
 
 
 def _disk(r=20, size=64, colour=(120, 60, 160)):

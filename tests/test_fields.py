@@ -1,4 +1,4 @@
-"""A smear field to per-cell calls (`core.fields`): every white cell found gets a row with its box and a call,
+"""A smear field to per-cell calls (`core.smear.fields`): every white cell found gets a row with its box and a call,
 outlines coloured by that call, a consistent per-field summary, and clear answers for fields without cells; the
 per-field read-out (counts, blast fraction with its Wilson interval, the call and why) and its pooled row, and
 `predict --fields` writing it as OUT_fields.csv, with `smear` resolved to the shipped folder."""
@@ -13,16 +13,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.calibration import DecisionRule  # noqa: E402
-from core.fields import (CALL_COLOURS, POOLED, READOUT_COLUMNS, CallRule, call_of, cell_name,  # noqa: E402
+from core.decide.calibration import DecisionRule  # noqa: E402
+from core.smear.fields import (CALL_COLOURS, POOLED, READOUT_COLUMNS, CallRule, call_of, cell_name,  # noqa: E402
                          classify_field, field_readout, fields_readout, wilson_interval)
-from core.segmentation import segment_field  # noqa: E402
-from core.synthetic_fields import BACKGROUND, synth_field  # noqa: E402
+from core.smear.segmentation import segment_field  # noqa: E402
+from core.smear.synthetic_fields import BACKGROUND, synth_field  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from core.models import create_model
+    from core.nets.models import create_model
 
     return create_model("solution_a", 32)
 
@@ -101,7 +101,7 @@ def test_fields_without_cells_and_bad_images_say_why(tiny_model):
 
 
 def test_a_cnmc_tile_given_as_a_field_is_one_cell(tiny_model, cell_dir):
-    from core.imageio import read_image
+    from core.data.imageio import read_image
 
     tile = read_image(sorted(Path(cell_dir).glob("*.bmp"))[0])
     fc = classify_field([tiny_model], tile, "tile.bmp", 32)
@@ -109,7 +109,7 @@ def test_a_cnmc_tile_given_as_a_field_is_one_cell(tiny_model, cell_dir):
 
 
 def test_read_image_takes_arrays_and_refuses_wrong_ones():
-    from core.imageio import ImageReadError, read_image
+    from core.data.imageio import ImageReadError, read_image
 
     a = np.zeros((5, 6, 3), np.uint8)
     assert read_image(a) is a
@@ -244,9 +244,9 @@ def _field_files(folder: Path) -> None:
 
 
 def _tiny_folder(path: Path, threshold: float, margin: int = 0) -> Path:
-    from core.augmentation import AugmentSpec
-    from core.model_folder import save_model_folder
-    from core.models import create_model
+    from core.nets.augmentation import AugmentSpec
+    from core.decide.model_folder import save_model_folder
+    from core.nets.models import create_model
 
     model = create_model("solution_a", 32, augment=AugmentSpec(), standardize=True, filters=(4, 4, 4, 4))
     card = {"name": "tiny-smear", "input": {"size": 32, "crop_margin": margin}}
@@ -258,7 +258,7 @@ def test_predict_smear_fields_writes_the_fields_csv(tmp_path, monkeypatch, capsy
     """`predict smear … --fields` resolves `smear` to the shipped folder (here a temporary one in its place),
     reads its card's crop margin, and writes OUT_fields.csv: one row per field (a blank field and a bad file
     included, cannot judge, with why) and the pooled row."""
-    import core.model_folder as mf
+    import core.decide.model_folder as mf
     from training.cli import fields_csv_path, main
     from training.evaluate import crop_margin_of
     from training.store import RunStore
@@ -293,7 +293,7 @@ def test_predict_smear_fields_writes_the_fields_csv(tmp_path, monkeypatch, capsy
 
 
 def test_predict_smear_without_the_folder_says_so(tmp_path, monkeypatch, capsys):
-    import core.model_folder as mf
+    import core.decide.model_folder as mf
     from training.cli import main
 
     monkeypatch.setattr(mf, "SMEAR_DIR", tmp_path / "absent")
@@ -308,7 +308,7 @@ def test_predict_smear_without_the_folder_says_so(tmp_path, monkeypatch, capsys)
 def test_the_model_for_the_input_notes(tmp_path, monkeypatch, capsys):
     """predict starter --fields suggests `smear` once it is installed; predict smear on single cells points
     back to the starter."""
-    import core.model_folder as mf
+    import core.decide.model_folder as mf
     from training.cli import _model_for_input_note
 
     monkeypatch.setattr(mf, "SMEAR_DIR", tmp_path / "absent")
@@ -327,7 +327,7 @@ def test_a_huge_bmp_is_refused_by_its_header_like_any_other_format():
     """C-NMC's BMP fast path obeys the same pixel limit as Pillow's formats (a field photo may be any format)."""
     import struct
 
-    from core.imageio import ImageReadError, encode_bmp, read_image
+    from core.data.imageio import ImageReadError, encode_bmp, read_image
 
     data = bytearray(encode_bmp(np.zeros((10, 10, 3), np.uint8)))
     struct.pack_into("<ii", data, 18, 9000, 9000)  # the header claims 81 megapixels

@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("skimage")
 
-from core.gate import REASONS, FeatureNovelty, Gate, ImageGate, image_stats  # noqa: E402
-from core.imageio import encode_bmp, read_image  # noqa: E402
+from core.decide.gate import REASONS, FeatureNovelty, Gate, ImageGate, image_stats  # noqa: E402
+from core.data.imageio import encode_bmp, read_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_feature_novelty_threshold_and_round_trip(tmp_path, gate):
 
 def test_refused_images_get_no_class_in_classify(gate, real_cells, tmp_path):
     keras = pytest.importorskip("keras")
-    from core.inference import classify
-    from core.models import create_model
+    from core.decide.inference import classify
+    from core.nets.models import create_model
 
     model = create_model("solution_a", 32, standardize=True, filters=(4, 4, 4, 4))
     items = [("cell.bmp", encode_bmp(real_cells[0]))] + [

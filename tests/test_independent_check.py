@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from core.model_folder import (CHECK_HEADING, CHECK_PENDING, NO_CHECK_YET, SMEAR_DIR, STARTER_DIR,
+from core.decide.model_folder import (CHECK_HEADING, CHECK_PENDING, NO_CHECK_YET, SMEAR_DIR, STARTER_DIR,
                                independent_check_section, independent_check_summary, load_independent_check,
                                read_card, read_independent_check)
 

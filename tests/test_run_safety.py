@@ -116,7 +116,7 @@ def test_resume_refusal_message_names_the_flags(synth_small, tmp_path, capsys):
 SLOW_HOOKS = """
 import time
 import training.data as d
-import core.preprocessing as p
+import core.image.preprocessing as p
 
 _get, _val, _build = d.BalancedBatches.__getitem__, d.CacheBatches.__getitem__, p.CropCache.build.__func__
 
@@ -280,7 +280,7 @@ def test_one_job_per_device_across_run_folders(synth_small, tmp_path):
 def test_moved_dataset_evaluation_and_misclassified_page(synth_small, tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    from core.splits import load_split
+    from core.data.splits import load_split
     from dashboard import services
     from training.cli import main
     from training.evaluate import evaluate

@@ -38,7 +38,7 @@ def _png16(width: int, height: int) -> bytes:
 
 
 def _cell(seed: int) -> bytes:
-    from core.imageio import encode_bmp
+    from core.data.imageio import encode_bmp
 
     rng = np.random.default_rng(seed)
     img = np.zeros((120, 120, 3), np.uint8)
@@ -50,9 +50,9 @@ def _cell(seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def tiny_bundle():
     """A tiny untrained model with a rule that calls every cell a blast (no gate): deterministic calls."""
-    from core.augmentation import AugmentSpec
-    from core.calibration import DecisionRule
-    from core.models import create_model
+    from core.nets.augmentation import AugmentSpec
+    from core.decide.calibration import DecisionRule
+    from core.nets.models import create_model
 
     model = create_model("solution_a", 32, augment=AugmentSpec(), standardize=True, filters=(4, 4, 4, 4))
     return services.ModelBundle([model], DecisionRule(threshold=0.0, band=0.0, fitted_on="unit test"), 32,
@@ -111,7 +111,7 @@ def test_a_photo_past_a_single_cells_pixels_goes_to_the_field_path_undecoded_as_
     never judged as one cell; it is segmented as a field (a single cell's 4 MP limit routes, the field's refuses)."""
     from PIL import Image
 
-    from core.synthetic_fields import synth_field
+    from core.smear.synthetic_fields import synth_field
 
     img, _ = synth_field(1944, 2592, wbc=3, rbc=200, platelets=0, touching_pairs=0, border_cells=0, rbc_px=60.0)
     buf = io.BytesIO()
@@ -119,7 +119,7 @@ def test_a_photo_past_a_single_cells_pixels_goes_to_the_field_path_undecoded_as_
     ups = uploads.labelled([("field.png", buf.getvalue())])
     assert services.screen_uploads(ups) == ({}, {"field.png"})
     judged_as_cells = []
-    import core.inference as inference
+    import core.decide.inference as inference
 
     real_classify = inference.classify
     monkeypatch.setattr(inference, "classify", lambda models, items, *a, **k: judged_as_cells.extend(

@@ -10,8 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.segmentation import FRAME, segment_field  # noqa: E402
-from core.synthetic_fields import BACKGROUND, match, synth_field  # noqa: E402
+from core.smear.segmentation import FRAME, segment_field  # noqa: E402
+from core.smear.synthetic_fields import BACKGROUND, match, synth_field  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -107,7 +107,7 @@ def test_edge_photos_never_raise_and_each_gets_a_row(case, tmp_path):
     `segment_files`, a row of their own while the batch goes on."""
     from PIL import Image
 
-    from core.segmentation import segment_files
+    from core.smear.segmentation import segment_files
 
     rng = np.random.default_rng(0)
     img = {"lone cell": _lone_cell(),
@@ -203,7 +203,7 @@ def test_normalised_field_crops_carry_cnmc_stain():
     crop's shape and black background are those of the plain crop."""
     from skimage.color import rgb2lab
 
-    from core.stain import CNMC_LAB_MEAN, CNMC_LAB_STD
+    from core.image.stain import CNMC_LAB_MEAN, CNMC_LAB_STD
 
     img, _ = synth_field(seed=2, wbc=3, touching_pairs=0, border_cells=0)
     plain, norm = segment_field(img), segment_field(img, normalize_stain=True)
@@ -220,7 +220,7 @@ def test_normalised_field_crops_carry_cnmc_stain():
 def test_cli_normalises_field_crops_only_for_fields(tmp_path, capsys):
     from PIL import Image
 
-    from core.stain import CNMC_LAB_MEAN
+    from core.image.stain import CNMC_LAB_MEAN
     from training.cli import main
 
     img, _ = synth_field(seed=5, wbc=3, touching_pairs=0, border_cells=0)
@@ -240,7 +240,7 @@ def test_cli_normalises_field_crops_only_for_fields(tmp_path, capsys):
 def test_the_ruler_holds_across_cameras_and_magnifications(height, width, rbc_px):
     """BCCD-like 640x480 at one magnification and ALL-IDB1-like 2592x1944 at another: the red cells' diameter is
     read in field pixels either way, and the crops come out at C-NMC scale (a red cell would span RBC_TARGET_PX)."""
-    from core.segmentation import RBC_TARGET_PX
+    from core.smear.segmentation import RBC_TARGET_PX
 
     img, truth = synth_field(height, width, wbc=4, rbc=int(0.25 * height * width / rbc_px ** 2), platelets=10,
                              touching_pairs=0, border_cells=0, rbc_px=rbc_px, seed=4)
@@ -264,7 +264,7 @@ def test_many_dark_white_cells_do_not_fool_the_ruler():
 def test_a_cell_cut_by_the_border_is_kept_when_mostly_inside():
     """A white cell whose larger part is in the field is counted and judged (flagged at_border); a sliver is not."""
     img, truth = synth_field(600, 800, wbc=0, rbc=40, platelets=0, touching_pairs=0, border_cells=0, seed=8)
-    from core.synthetic_fields import CYTOPLASM, NUCLEUS, _disc
+    from core.smear.synthetic_fields import CYTOPLASM, NUCLEUS, _disc
 
     canvas = img.astype(np.float32)
     _disc(canvas, 300, 800 + 12, 26, CYTOPLASM)  # 14 px of a 52-px-wide cell inside: a sliver

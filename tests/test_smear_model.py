@@ -1,5 +1,5 @@
 """The smear model's learning on features made here: multiple-instance learning finds the blast in a bag, the
-photo call from cell scores equals `core.fields`' read-out, and the field rule is fitted to the labs' photos."""
+photo call from cell scores equals `core.smear.fields`' read-out, and the field rule is fitted to the labs' photos."""
 from __future__ import annotations
 
 import numpy as np
@@ -48,7 +48,7 @@ def _oof(scores: dict[str, list[float]], judged: dict[str, list[bool]] | None = 
 
 
 def test_photo_calls_are_the_read_outs_calls():
-    from core.fields import CallRule, field_readout
+    from core.smear.fields import CallRule, field_readout
 
     scores = {"a": [0.9, 0.2], "b": [0.6, 0.7, 0.1], "c": [0.1, 0.2], "d": [0.95, 0.99, 0.3], "e": []}
     judged = {"a": [True, True], "b": [True, False, False], "c": [True, True], "d": [True, True, False], "e": []}

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.splits import SPLITS, make_split, split_counts, split_warnings, subject_overlap
+from core.data.splits import SPLITS, make_split, split_counts, split_warnings, subject_overlap
 
 
 def fold1_like(n_hem: int = 3, seed: int = 0) -> pd.DataFrame:
@@ -72,7 +72,7 @@ def test_split_warnings_class_absent_from_training_and_empty_split():
 
 # --- metrics of a one-class split ---------------------------------------------------------------------------------
 def test_one_class_metrics_are_undefined_with_the_reason_and_give_no_headline():
-    from core.metrics import evaluate_predictions, headline, metric_text, report_view
+    from core.decide.metrics import evaluate_predictions, headline, metric_text, report_view
 
     preds = pd.DataFrame({"path": [f"c{i}" for i in range(10)], "subject": ["7"] * 10, "label": ["all"] * 10,
                           "prob_all": [0.9] * 8 + [0.2, 0.3]})
@@ -97,7 +97,7 @@ def test_one_class_metrics_are_undefined_with_the_reason_and_give_no_headline():
 def _one_class_test_run(tmp_path):
     """A completed run without a model, shaped like the issue's: C-NMC fold 1 split with every donor in
     training; validation 3 ALL patients, test 1 ALL patient (146 cells, 5 of them called normal)."""
-    from core.splits import save_split
+    from core.data.splits import save_split
     from training.config import RunConfig
     from training.store import RunStore
 

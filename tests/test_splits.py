@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from core.dataset import index
-from core.splits import load_split, make_split, official_cv, save_split, split_counts, subject_overlap
+from core.data.dataset import index
+from core.data.splits import load_split, make_split, official_cv, save_split, split_counts, subject_overlap
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_unknown_strategy(replica_manifest):
 
 
 def test_subject_folds_hold_unseen_subjects_of_both_classes(replica_manifest):
-    from core.splits import subject_folds
+    from core.data.splits import subject_folds
 
     folds = subject_folds(replica_manifest, 3)
     assert folds.attrs["n_folds"] == 3 and sorted(folds["fold"].unique()) == [0, 1, 2]
@@ -93,7 +93,7 @@ def _toy(subjects):
 
 
 def test_subject_folds_capped_by_smallest_class_and_greedy_balanced():
-    from core.splits import subject_folds
+    from core.data.splits import subject_folds
 
     m = _toy([("H1", "hem", 5), ("H2", "hem", 3), ("1", "all", 9), ("2", "all", 4), ("3", "all", 4)])
     f = subject_folds(m, 5)
@@ -108,7 +108,7 @@ def test_subject_folds_capped_by_smallest_class_and_greedy_balanced():
     ([("1", "all", 3), ("H1", "hem", 3)], "at least 2 subjects per class"),
 ])
 def test_subject_folds_refuse_what_cannot_be_cross_validated(subjects, message):
-    from core.splits import subject_folds
+    from core.data.splits import subject_folds
 
     with pytest.raises(ValueError, match=message):
         subject_folds(_toy(subjects), 3)

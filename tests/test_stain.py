@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from core.stain import HED_FROM_RGB, RGB_FROM_HED, color_jitter, foreground, hed_jitter, standardize_cells
+from core.image.stain import HED_FROM_RGB, RGB_FROM_HED, color_jitter, foreground, hed_jitter, standardize_cells
 
 keras = pytest.importorskip("keras")
-from core.stain_layers import CellStandardize, RandomColorJitter, RandomHEDJitter  # noqa: E402
+from core.nets.stain_layers import CellStandardize, RandomColorJitter, RandomHEDJitter  # noqa: E402
 
 
 def _img(*pixels):
@@ -100,8 +100,8 @@ def test_jitter_layers_train_only_and_keep_background_black():
 
 
 def test_stain_layers_in_a_saved_model_round_trip(tmp_path):
-    from core.augmentation import AugmentSpec
-    from core.models import create_model, load_model
+    from core.nets.augmentation import AugmentSpec
+    from core.nets.models import create_model, load_model
 
     spec = AugmentSpec(hed_sigma=0.05, brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)
     m = create_model("solution_a", 32, augment=spec, standardize=True, filters=(4, 4, 4, 4))
@@ -114,8 +114,8 @@ def test_stain_layers_in_a_saved_model_round_trip(tmp_path):
 
 
 def test_texture_hand_computed_and_layer_matches():
-    from core.stain import box3, texture
-    from core.stain_layers import RandomTexture
+    from core.image.stain import box3, texture
+    from core.nets.stain_layers import RandomTexture
 
     x = np.zeros((3, 3, 3))
     x[1, 1] = 90.0  # one cell pixel: its 3x3 mean is 10
@@ -139,7 +139,7 @@ def test_reinhard_moves_a_cells_lab_mean_and_std_to_the_target_by_hand():
     """Two colours in equal numbers sit at mean -/+ one std in each LAB channel, so after the transfer each must
     land exactly on target mean -/+ target std (the sign: which side of the mean it was on); black stays black."""
     skc = pytest.importorskip("skimage.color")
-    from core.stain import CNMC_LAB_MEAN, CNMC_LAB_STD, reinhard
+    from core.image.stain import CNMC_LAB_MEAN, CNMC_LAB_STD, reinhard
 
     a, b = np.array([200.0, 150.0, 220.0]), np.array([120.0, 60.0, 180.0])
     x = np.zeros((4, 4, 3))

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.dataset import index, parse_uid
-from core.imageio import read_image
-from core.synthetic import Stain, default_plan, morphology, render_cell, replica_plan, synthesize
+from core.data.dataset import index, parse_uid
+from core.data.imageio import read_image
+from core.data.synthetic import Stain, default_plan, morphology, render_cell, replica_plan, synthesize
 
 
 def test_synthetic_tiles_look_like_cnmc(synth_small):
@@ -57,7 +57,7 @@ def test_subjects_have_distinct_stains():
 
 def test_deterministic_bytes(tmp_path):
     specs, rows = default_plan(2, all_subjects=3, hem_subjects=3, prelim_subjects=2, final_subjects=1)
-    from core.synthetic import write_dataset
+    from core.data.synthetic import write_dataset
 
     write_dataset(tmp_path / "a", specs[:5], rows, seed=5, workers=1, progress=False)
     write_dataset(tmp_path / "b", specs[:5], rows, seed=5, workers=2, progress=False)
@@ -106,8 +106,8 @@ def test_batch_effect_makes_leaky_splits_score_higher(tmp_path):
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.preprocessing import StandardScaler
 
-    from core.preprocessing import load_crop
-    from core.splits import make_split
+    from core.image.preprocessing import load_crop
+    from core.data.splits import make_split
 
     synthesize(tmp_path, cells_per_subject=12, difficulty=0.9, seed=2, workers=2, progress=False)
     m, _ = index(tmp_path)

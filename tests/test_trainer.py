@@ -40,8 +40,8 @@ def test_train_writes_a_complete_run_folder(synth_small, tmp_path):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["split"] == "patient" and "test_accuracy" in summary
     # every run ends calibrated and gated, fitted on its own validation split
-    from core.calibration import DecisionRule
-    from core.gate import Gate
+    from core.decide.calibration import DecisionRule
+    from core.decide.gate import Gate
 
     rule = DecisionRule.load(folder / "calibration.json")
     n_val = int((split["split"] == "val").sum())
@@ -98,7 +98,7 @@ def test_demo_reaches_90_percent_on_synthetic_test_split(demo_run):
 
 
 def test_split_all_trains_every_cell_for_fixed_epochs_and_keeps_the_last(synth_small, tmp_path):
-    from core.models import load_model
+    from core.nets.models import load_model
 
     store = RunStore(tmp_path)
     rid = train(tiny(synth_small, tmp_path, split="all", early_stopping=True, epochs=2, hed_sigma=0.1), store)
@@ -133,9 +133,9 @@ def test_crop_margin_zero_keeps_whole_images(synth_small, tmp_path):
     applied to whole images too."""
     import numpy as np
 
-    from core.imageio import read_image
-    from core.preprocessing import CropCache, crop_cell
-    from core.splits import load_split
+    from core.data.imageio import read_image
+    from core.image.preprocessing import CropCache, crop_cell
+    from core.data.splits import load_split
     from training.evaluate import crop_margin_of
 
     store = RunStore(tmp_path)
@@ -176,8 +176,8 @@ def test_every_run_writes_tensorboard_logs(synth_small, tmp_path):
 def test_subject_correction_travels_from_config_to_every_call(synth_small, tmp_path):
     """RunConfig.subject_correction: the run's rule is fitted with it on its validation subjects, and predict
     (and evaluate) decide each cell with its subject's other cells of the same batch."""
-    from core.calibration import DecisionRule
-    from core.splits import load_split
+    from core.decide.calibration import DecisionRule
+    from core.data.splits import load_split
     from training.cli import main
     from training.evaluate import evaluate
 

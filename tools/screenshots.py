@@ -1,12 +1,12 @@
 """Screenshots of the running dashboard for the README and docs/: `make screenshots` (a few minutes on 2 cores).
 
 What it does, start to end, in a temporary folder (nothing of yours is touched; only docs/images/ is written):
-1. generates a small synthetic C-NMC dataset (`core.synthetic`) and trains the demo recipe on it (Solution A at
+1. generates a small synthetic C-NMC dataset (`core.data.synthetic`) and trains the demo recipe on it (Solution A at
    64 px, the project's default recipe) into a temporary run store, so Train has live curves and Misclassified
    has errors;
 2. starts the app on a free loopback port with that run store (as tests/test_browser.py does);
 3. drives Debian's Chromium with Playwright (headless): Classify with a few generated cells (Grad-CAM on),
-   Classify with a generated smear field (`core.synthetic_fields`; the shipped smear model's gate refuses its
+   Classify with a generated smear field (`core.smear.synthetic_fields`; the shipped smear model's gate refuses its
    drawn cells, so the shot shows the `cannot judge` read-out with its reason), Train with the run's curves,
    Misclassified;
 4. writes docs/images/*.png (1280 px wide, palette-quantised to stay small).
@@ -46,8 +46,8 @@ def prepare(work: Path, epochs: int) -> tuple[Path, Path, list[Path], Path]:
     import numpy as np
     from PIL import Image
 
-    from core.synthetic import synthesize
-    from core.synthetic_fields import synth_field
+    from core.data.synthetic import synthesize
+    from core.smear.synthetic_fields import synth_field
     from training.cli import demo_config
     from training.store import RunStore
     from training.trainer import train

@@ -40,7 +40,7 @@ def files_sha256(paths) -> str:
 def model_sha256(path) -> str:
     """The digest an audit record names a model by: of its file, or for an ensemble folder's `model.keras`, of
     every member file (`files_sha256`), so a record identifies the whole ensemble that made the call."""
-    from core.model_folder import MODEL_FILE, model_files
+    from core.decide.model_folder import MODEL_FILE, model_files
 
     path = Path(path)
     if path.name == MODEL_FILE:

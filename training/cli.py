@@ -11,7 +11,7 @@ DEFAULT_FILE_LIST = REPO.parent / "shared" / "cnmc_samples" / "kaggle_file_list.
 
 
 def cmd_index(args) -> int:
-    from core.dataset import format_summary, index, summarize
+    from core.data.dataset import format_summary, index, summarize
 
     result = index(args.dir)
     summary = summarize(result)
@@ -28,7 +28,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from core.synthetic import synthesize
+    from core.data.synthetic import synthesize
 
     file_list = args.file_list
     if args.replica is not None and file_list is None:
@@ -36,7 +36,7 @@ def cmd_synth(args) -> int:
             print("error: --replica needs --file-list PATH (the Kaggle kaggle_file_list.txt)", file=sys.stderr)
             return 2
         file_list = DEFAULT_FILE_LIST
-    from core.synthetic import DEMO_NOISE
+    from core.data.synthetic import DEMO_NOISE
 
     noise = DEMO_NOISE if args.noise is None else args.noise
     truth = synthesize(args.dir, cells_per_subject=args.cells_per_subject, noise=noise,
@@ -71,7 +71,7 @@ def cmd_run(args) -> int:
             print("multiworker: this worker's share of the run completed; the chief's run store records the run")
             return 0
     if wanted is not None:  # a start that cannot be had (ImageNet weights offline) fails before the store is touched
-        from core.models import ensure_init
+        from core.nets.models import ensure_init
 
         resolved = wanted.resolved()
         ensure_init(resolved.architecture, resolved.init)
@@ -119,7 +119,7 @@ def _challenge_summary(store, run_id: str, n_boot: int = 1000) -> None:
 
 
 def cmd_demo(args) -> int:
-    from core.synthetic import synthesize
+    from core.data.synthetic import synthesize
     from training.store import RunStore
     from training.trainer import train
 
@@ -152,7 +152,7 @@ def demo_config(data: str | Path, runs_dir: str | Path, epochs: int | None = Non
 
 def _figure(result: dict, key: str) -> str:
     """A figure with its subject-bootstrap CI, or "undefined: <reason>" (never nan)."""
-    from core.metrics import metric_text
+    from core.decide.metrics import metric_text
 
     text = metric_text(result, key, 4)
     ci = result.get("ci95_by_subject_bootstrap", {}).get(key)
@@ -162,8 +162,8 @@ def _figure(result: dict, key: str) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from core.metrics import headline
-    from core.model_folder import is_model_folder
+    from core.decide.metrics import headline
+    from core.decide.model_folder import is_model_folder
     from training.evaluate import evaluate, evaluate_model_folder
     from training.store import RunStore
 
@@ -216,8 +216,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from core.explain import gradcam_for
-    from core.inference import classify_files, collect_images
+    from core.nets.explain import gradcam_for
+    from core.decide.inference import classify_files, collect_images
     from training.evaluate import resolve_model
     from training.store import RunStore
 
@@ -233,11 +233,11 @@ def cmd_predict(args) -> int:
         return 2
     cells = None
     if args.fields:  # smear fields: segment first, then classify each white cell's crop
-        from core.segmentation import segment_files
+        from core.smear.segmentation import segment_files
 
         crops_dir = Path(args.fields)
         field_names = [str(p) for p in paths]
-        from core.fields import takes_context
+        from core.smear.fields import takes_context
 
         cells = segment_files(paths, crops_dir, args.normalize_stain, paired=takes_context(models))
         problems = {row.field: row.error for row in cells[cells["error"].notna()].itertuples()}
@@ -258,7 +258,7 @@ def cmd_predict(args) -> int:
         boxes = boxes.astype({c: int for c in ("cell", "x0", "y0", "x1", "y1", "mask_area_px")})  # not 1.0
         table = boxes.merge(table.assign(path=table["path"].astype(str)), on="path", how="right")
     if args.review_queue:
-        from core.inference import review_queue
+        from core.decide.inference import review_queue
 
         table = review_queue(table, rule.threshold)
     if args.out:
@@ -288,11 +288,11 @@ def fields_csv_path(out: str | Path) -> Path:
 
 def _write_field_readout(cells, fields: list[str], problems: dict[str, str], model: str, out: str | None,
                          ref: str | None = None) -> None:
-    """The per-field read-out (`core.fields.field_readout`: one row per field, bad files and fields without a
+    """The per-field read-out (`core.smear.fields.field_readout`: one row per field, bad files and fields without a
     white cell included, then the pooled row) written beside OUT and summarised, one line per field. The call
     rule is the model folder's own (`field_rule.json`), else the default."""
-    from core.fields import CallRule, field_readout, readout_line
-    from core.model_folder import is_model_folder, read_field_rule
+    from core.smear.fields import CallRule, field_readout, readout_line
+    from core.decide.model_folder import is_model_folder, read_field_rule
 
     rule = read_field_rule(ref) if ref is not None and is_model_folder(ref) else CallRule()
     readout = field_readout(cells, fields, problems, rule, model=model)
@@ -308,7 +308,7 @@ def _write_field_readout(cells, fields: list[str], problems: dict[str, str], mod
 def _model_for_input_note(model: str, fields: bool) -> None:
     """The model for the input: C-NMC-style single cells go to the starter, smear fields' cells to the smear
     model (the dashboard applies the same rule, `dashboard.services.field_model`); the CLI only says so."""
-    from core.model_folder import SHIPPED_ABOUT, SMEAR, STARTER, shipped_available
+    from core.decide.model_folder import SHIPPED_ABOUT, SMEAR, STARTER, shipped_available
 
     if fields and model == STARTER and shipped_available(SMEAR):
         print(f"note: {SHIPPED_ABOUT[SMEAR]} is installed; `predict smear ... --fields DIR` judges field cells with "
@@ -319,8 +319,8 @@ def _model_for_input_note(model: str, fields: bool) -> None:
 
 
 def cmd_segment(args) -> int:
-    from core.inference import collect_images
-    from core.segmentation import segment_files
+    from core.decide.inference import collect_images
+    from core.smear.segmentation import segment_files
 
     paths = collect_images(args.fields)
     if not paths:
@@ -361,7 +361,7 @@ def cmd_smear_model(args) -> int:
 
 
 def _smear_train(args, cache_dir, reproduce: str) -> int:
-    from core.labs import read_labs
+    from core.smear.labs import read_labs
     from training.smear import collect_cells
     from training.smear_model import lab_lines, train_smear_model
 
@@ -378,7 +378,7 @@ def _smear_train(args, cache_dir, reproduce: str) -> int:
 
 
 def _smear_refit(args, cache_dir, reproduce: str) -> int:
-    from core.labs import read_photo_labels
+    from core.smear.labs import read_photo_labels
     from training.smear import collect_cells
     from training.smear_model import adapt, lab_lines
 
@@ -419,8 +419,8 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     import shutil
 
-    from core.export import export_model
-    from core.model_folder import is_model_folder, load_model_folder
+    from core.nets.export import export_model
+    from core.decide.model_folder import is_model_folder, load_model_folder
     from training.evaluate import crop_margin_of, resolve_model
     from training.store import RunStore
 

@@ -101,7 +101,7 @@ class RunConfig:
     # Derived -------------------------------------------------------------------------------------------
     def resolved(self) -> "RunConfig":
         """Copy with per-architecture defaults filled in from the model registry, validated."""
-        from core.models import check_mixstyle, model_info
+        from core.nets.models import check_mixstyle, model_info
 
         info = model_info(self.architecture)
         if self.mixstyle > 0:
@@ -122,7 +122,7 @@ class RunConfig:
         if self.init not in (None, "none", "imagenet") and not Path(self.init).is_file():
             raise ValueError(f"init must be none, imagenet or an existing weights file; no file at {self.init!r}")
         if self.freeze_backbone:
-            from core.models import builder_options, list_models
+            from core.nets.models import builder_options, list_models
 
             if "freeze_backbone" not in builder_options(self.architecture):
                 able = [n for n in list_models() if "freeze_backbone" in builder_options(n)]
@@ -148,7 +148,7 @@ class RunConfig:
                 raise ValueError(f"{name} must be positive")
 
     def augment_spec(self):
-        from core.augmentation import AugmentSpec
+        from core.nets.augmentation import AugmentSpec
 
         return AugmentSpec(rotation_deg=(self.rotation_min_deg, self.rotation_max_deg), flip=True,
                            shear=self.shear, blur_sigma=(min(0.5, self.blur_sigma_max), self.blur_sigma_max),

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from core import calibration as cal
-from core.metrics import error_tables, evaluate_predictions, report_table, subject_readout
+from core.decide import calibration as cal
+from core.decide.metrics import error_tables, evaluate_predictions, report_table, subject_readout
 from training.config import RunConfig
 from training.store import RunStore
 
@@ -34,9 +34,9 @@ def resolve_model(ref: str, store: RunStore):
     """(models, decision rule, input size, description, gate, model file) for `starter` / `smear`, a model
     folder, a run id or a `.keras` file (all loaded in safe mode). `models` is a list: one model, or an ensemble
     folder's members (P(all) is their mean). A bare `.keras` file has no gate: it judges every image."""
-    from core.gate import Gate
-    from core.model_folder import is_model_folder, load_model_folder
-    from core.models import load_model
+    from core.decide.gate import Gate
+    from core.decide.model_folder import is_model_folder, load_model_folder
+    from core.nets.models import load_model
 
     if is_model_folder(ref):
         mf = load_model_folder(ref)
@@ -59,7 +59,7 @@ def resolve_model(ref: str, store: RunStore):
 
 def _split_rows(store: RunStore, run_id: str, data_root: str | None = None) -> tuple[RunConfig, pd.DataFrame]:
     """The run's config and split, with paths under `data_root` when the dataset was moved there."""
-    from core.splits import load_split
+    from core.data.splits import load_split
 
     cfg = RunConfig.from_dict(store.get_run(run_id)["config"])
     return cfg, load_split(store.run_dir(run_id) / "split.csv", data_root=data_root)
@@ -76,8 +76,8 @@ def _require_files(paths: pd.Series, what: str) -> None:
 def crop_margin_of(ref: str, store: RunStore) -> int:
     """The crop margin a model was trained with (its run's config, or its model folder's card); the report's
     100 px for anything that does not say."""
-    from core.model_folder import card_crop_margin, is_model_folder, read_card
-    from core.preprocessing import CROP_MARGIN
+    from core.decide.model_folder import card_crop_margin, is_model_folder, read_card
+    from core.image.preprocessing import CROP_MARGIN
 
     if is_model_folder(ref):  # the card alone: no weights loaded a second time
         return card_crop_margin(read_card(ref))
@@ -92,19 +92,19 @@ def crop_margin_of(ref: str, store: RunStore) -> int:
 def _cached_crops(table: pd.DataFrame, size: int, cache_dir: str, margin: int | None = None):
     """The crop cache of `table`'s cells (one stat per file); for a run's split.csv this is the key the
     trainer built, so its cache is reused rather than rebuilt."""
-    from core.preprocessing import CropCache
+    from core.image.preprocessing import CropCache
 
     stats = [Path(p).stat() for p in table["path"]]
     files = pd.DataFrame({"path": table["path"].to_numpy(), "size": [st.st_size for st in stats],
                           "mtime_ns": [st.st_mtime_ns for st in stats]})
-    from core.preprocessing import CROP_MARGIN
+    from core.image.preprocessing import CROP_MARGIN
 
     return CropCache.build(files, cache_dir, size=size, margin=CROP_MARGIN if margin is None else margin,
                            progress=False)
 
 
 def _predict(models, cache, paths: pd.Series, tta: bool) -> np.ndarray:
-    from core.inference import predict_proba
+    from core.decide.inference import predict_proba
 
     return predict_proba(models, np.asarray(cache.array[cache.rows(paths)]), tta=tta)
 
@@ -114,8 +114,8 @@ def collect_predictions(store: RunStore, run_ids: Sequence[str], split: str = "t
                         data_root: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(validation predictions, evaluation predictions, provenance), averaged over `run_ids`; `data_root` is
     where the runs' dataset is now, if it was moved after training."""
-    from core.models import load_model
-    from core.splits import relocate
+    from core.nets.models import load_model
+    from core.data.splits import relocate
 
     first_cfg, first_split = _split_rows(store, run_ids[0], data_root)
     for rid in run_ids[1:]:
@@ -125,7 +125,7 @@ def collect_predictions(store: RunStore, run_ids: Sequence[str], split: str = "t
     cols = ["path", "subject", "label", "split"]
     val = first_split[first_split["split"] == "val"][cols].reset_index(drop=True)
     if data_dir:
-        from core.dataset import index
+        from core.data.dataset import index
 
         manifest, _ = index(data_dir)
         target = manifest[manifest["label"].notna()][["path", "subject", "label"]].assign(split="external")
@@ -159,7 +159,7 @@ def collect_predictions(store: RunStore, run_ids: Sequence[str], split: str = "t
                   "architectures": [store.get_run(r)["architecture"] for r in run_ids]}
     if first_cfg.split == "image" and not data_dir:
         provenance["warning"] = "image-level split: subjects leak between splits; optimistic"
-    from core.splits import split_warnings
+    from core.data.splits import split_warnings
 
     provenance["split_warnings"] = split_warnings(first_split)  # a split lacking a class, in plain words
     return val, target, provenance
@@ -178,7 +178,7 @@ def evaluate(store: RunStore, run_ids: Sequence[str], split: str = "test", data_
     out_dir = store.run_dir(run_ids[0]) if len(run_ids) == 1 else \
         store.root / "ensembles" / hashlib.sha1("|".join(sorted(run_ids)).encode()).hexdigest()[:12]
     if label_overrides:
-        from core.labels import apply_overrides, load_overrides
+        from core.data.labels import apply_overrides, load_overrides
 
         table = load_overrides(label_overrides)
         val, _ = apply_overrides(val.assign(name=[Path(p).name for p in val["path"]]), table)
@@ -290,9 +290,9 @@ def evaluate_model_folder(ref: str, data_dir: str, out_dir: str | Path | None = 
     decision rule, unchanged (nothing is fitted on the data being judged), on crops cut with its card's margin.
     Writes metrics.json and predictions_external.csv into `out_dir` (default
     `runs/evaluations/<model>-<data hash>`) and returns metrics.json's content."""
-    from core.dataset import index
-    from core.inference import predict_proba
-    from core.model_folder import load_model_folder
+    from core.data.dataset import index
+    from core.decide.inference import predict_proba
+    from core.decide.model_folder import load_model_folder
 
     mf = load_model_folder(ref)
     manifest, problems = index(data_dir)
@@ -305,8 +305,8 @@ def evaluate_model_folder(ref: str, data_dir: str, out_dir: str | Path | None = 
     crops = np.asarray(cache.array[cache.rows(target["path"])])
     target["prob_all"] = predict_proba(mf.models, crops, tta=tta)
     if mf.gate is not None:  # what the gate would refuse (metrics below still cover every cell)
-        from core.gate import REASONS, feature_model, features_and_probs
-        from core.imageio import read_image
+        from core.decide.gate import REASONS, feature_model, features_and_probs
+        from core.data.imageio import read_image
 
         reasons = [mf.gate.image.check(read_image(p)) if mf.gate.image is not None else None
                    for p in target["path"]]

@@ -48,7 +48,7 @@ def default_actor() -> str:
 def launch(config: RunConfig, store: RunStore | None = None, actor: str | None = None) -> str:
     """Register a run (queued), record who launched it and start its worker in the background; returns the run
     id."""
-    from core.models import ensure_init
+    from core.nets.models import ensure_init
 
     cfg = config.resolved()
     ensure_init(cfg.architecture, cfg.init)  # e.g. ImageNet weights offline: refused before anything is registered

@@ -33,7 +33,7 @@ def _f(v) -> str:
 
 
 def card_markdown(card: dict) -> str:
-    from core.model_folder import independent_check_section
+    from core.decide.model_folder import independent_check_section
 
     d, r, m = card["data"], card["recipe"], card["leave_subjects_out"]
     lines = [
@@ -156,10 +156,10 @@ def starter_gate(model, cells, cfg, cache_dir: str, fit_cells: int = 600, seed: 
     image checks leave-subjects-out (fitted on two folds' patients, applied to the third's: unseen patients),
     feature novelty in-sample (the model saw every cell: its threshold is the 99.5th percentile of the
     training cells' own distances, which unseen patients exceed more often)."""
-    from core.gate import ImageGate, fit_gate
-    from core.imageio import read_image
-    from core.preprocessing import CropCache
-    from core.splits import subject_folds
+    from core.decide.gate import ImageGate, fit_gate
+    from core.data.imageio import read_image
+    from core.image.preprocessing import CropCache
+    from core.data.splits import subject_folds
 
     rng = np.random.default_rng(seed)
     folds = subject_folds(cells, 3)
@@ -177,7 +177,7 @@ def starter_gate(model, cells, cfg, cache_dir: str, fit_cells: int = 600, seed: 
     fit_paths = rng.choice(paths, min(fit_cells, len(paths)), replace=False)
     gate = fit_gate(model, [images[p] for p in fit_paths], np.asarray(cache.array[cache.rows(paths[crop_rows])]),
                     fitted_on=f"C-NMC 2019 fold 1 training cells ({len(fit_paths)} images, {len(crop_rows)} crops)")
-    from core.gate import FeatureNovelty, feature_model, features_and_probs
+    from core.decide.gate import FeatureNovelty, feature_model, features_and_probs
 
     feats, _ = features_and_probs(feature_model(model), np.asarray(cache.array[cache.rows(paths)]))
     # The model saw every cell, so its training cells' own distances understate new patients'. The threshold is
@@ -246,10 +246,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Train (or take) the members, fit the decision rule and gate, write the model folder and its card."""
 
-    from core.calibration import DecisionRule, expected_calibration_error
-    from core.dataset import index
-    from core.model_folder import STARTER_DIR, load_independent_check, save_model_folder
-    from core.models import load_model
+    from core.decide.calibration import DecisionRule, expected_calibration_error
+    from core.data.dataset import index
+    from core.decide.model_folder import STARTER_DIR, load_independent_check, save_model_folder
+    from core.nets.models import load_model
     from training.config import preset
     from training.store import RunStore
     from training.trainer import train
@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
         models.append(load_model(str(store.run_dir(run_id) / "best.keras")))
     model = models[0]
     if args.train_only:
-        from core.models import inference_model
+        from core.nets.models import inference_model
 
         for j, m in enumerate(models):
             # members of a mixture may share a seed: name them by recipe and seed

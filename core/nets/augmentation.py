@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import keras
 from keras import layers, ops
 
-from core.stain_layers import RandomColorJitter, RandomHEDJitter, RandomTexture
+from core.nets.stain_layers import RandomColorJitter, RandomHEDJitter, RandomTexture
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ than between the two classes within one subject, so a network fed raw colours le
 All three touch only the cell: background pixels (every channel <= `background`) stay exactly black, since
 C-NMC cells are segmented on black and the black frame carries no stain. Pixels are floats in [0, 255].
 This module is numpy only (the reference: `hed_jitter`, `color_jitter`, `standardize_cells`); the Keras layers
-that run the same maths on the accelerator are in `core.stain_layers`.
+that run the same maths on the accelerator are in `core.nets.stain_layers`.
 """
 from __future__ import annotations
 

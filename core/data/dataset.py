@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from core.imageio import bmp24_header
+from core.data.imageio import bmp24_header
 
 CLASSES = ("hem", "all")  # index 1 is the positive class (leukemic blast), as in the challenge CSV (1 = all)
 IMAGE_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}

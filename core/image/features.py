@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.stain import BACKGROUND, foreground
+from core.image.stain import BACKGROUND, foreground
 
 FEATURE_NAMES = (
     "area", "perimeter", "eccentricity", "solidity", "extent", "circularity", "major_axis", "minor_axis",

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.imageio import ImageReadError, read_bmp_square_window, read_image
+from core.data.imageio import ImageReadError, read_bmp_square_window, read_image
 
 REFERENCE_SIDE = 450  # C-NMC tiles
 CROP_MARGIN = 100  # report §5.1: 100 px from each side
@@ -237,7 +237,7 @@ def _plain_main():
     """While worker processes start, `__main__` is a bare module: a forkserver worker (and the forkserver itself)
     would otherwise re-run the parent's main script, and under Streamlit that script is a dashboard page
     (`runpy` as `__mp_main__`: the page's main() ran in every worker and the pool broke). Our workers need
-    nothing from `__main__`: they run `core.preprocessing` functions."""
+    nothing from `__main__`: they run `core.image.preprocessing` functions."""
     import sys
     import types
 
@@ -258,7 +258,7 @@ def _pool_context():
     if not any(m in sys.modules for m in ("tensorflow", "jax", "torch")):
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["core.preprocessing"])  # imported once by the server, inherited by workers
+    ctx.set_forkserver_preload(["core.image.preprocessing"])  # imported once by the server, inherited by workers
     return ctx
 
 

@@ -2,8 +2,8 @@
 
     <folder>/model.keras          inference-only Keras model (no optimizer, no augmentation), safe-mode loadable
     <folder>/member-N.keras       further members of an ensemble (N = 1, 2, ...): P(all) is the members' mean
-    <folder>/decision_rule.json   `core.calibration.DecisionRule`: temperature, threshold, review band, fitted on
-    <folder>/gate.json            `core.gate.Gate`: what images it may judge (image bands, feature novelty)
+    <folder>/decision_rule.json   `core.decide.calibration.DecisionRule`: temperature, threshold, review band, fitted on
+    <folder>/gate.json            `core.decide.gate.Gate`: what images it may judge (image bands, feature novelty)
     <folder>/card.json, card.md   what it was trained on, how it was measured, its limits
     <folder>/field_rule.json      (smear models) how a photo's call follows from its cells' calls, fitted with it
     <folder>/training_cells.npz   (smear models) the training cells as components: what a lab's refit adds to
@@ -11,7 +11,7 @@
 Whatever loads a model (Classify, `predict`, `evaluate`) loads the folder, so the rule can never be lost on the
 way. Two folders ship with the project, named by a word anywhere a model is asked for (`SHIPPED`): `starter`
 (`models/starter/`, single C-NMC-style cells) and `smear` (`models/smear/`, white cells cut from smear photos by
-`core.segmentation`, trained on ALL-IDB). A card says the crop margin its model was trained with as `crop_margin`
+`core.smear.segmentation`, trained on ALL-IDB). A card says the crop margin its model was trained with as `crop_margin`
 (top level, or under `input`); without one the report's 100 px applies. A card keeps an `independent_check` slot:
 null until the model has been measured on new patients outside its training data's batch, then those figures;
 `independent_check_section` writes its card section and `independent_check_summary` its plain words for a page.
@@ -26,9 +26,9 @@ from typing import Any
 
 MODEL_FILE, RULE_FILE, CARD_JSON, CARD_MD = "model.keras", "decision_rule.json", "card.json", "card.md"
 GATE_FILE = "gate.json"
-FIELD_RULE_FILE = "field_rule.json"  # a smear model's field call rule (`core.fields.CallRule`), fitted with it
+FIELD_RULE_FILE = "field_rule.json"  # a smear model's field call rule (`core.decide.calibration.CallRule`), fitted with it
 MEMBER_GLOB = "member-*.keras"
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 STARTER_DIR = MODELS_DIR / "starter"
 STARTER = "starter"
 SMEAR_DIR = MODELS_DIR / "smear"
@@ -70,7 +70,7 @@ class ModelFolder:
 
     @property
     def field_rule(self):
-        """The folder's field call rule (`core.fields.CallRule`), or the default rule for a folder without one."""
+        """The folder's field call rule (`core.decide.calibration.CallRule`), or the default rule for a folder without one."""
         return read_field_rule(self.folder)
 
     @property
@@ -97,9 +97,9 @@ def folder_of(ref: str | os.PathLike) -> Path:
 
 
 def read_field_rule(ref: str | os.PathLike):
-    """The `core.fields.CallRule` a model folder was fitted with (`field_rule.json`); the default rule without
+    """The `core.decide.calibration.CallRule` a model folder was fitted with (`field_rule.json`); the default rule without
     one, so every caller (CLI, Classify) reads a model's fields the same way."""
-    from core.fields import CallRule
+    from core.decide.calibration import CallRule
 
     path = folder_of(ref) / FIELD_RULE_FILE
     if not path.is_file():
@@ -118,7 +118,7 @@ def read_card(ref: str | os.PathLike) -> dict:
 def card_crop_margin(card: dict, default: int | None = None) -> int:
     """The crop margin a card says its model was trained with: `crop_margin` at the top level or under `input`
     (0 for crops already cut to the cell, such as smear-field crops); else `default` (the report's 100 px)."""
-    from core.preprocessing import CROP_MARGIN
+    from core.image.preprocessing import CROP_MARGIN
 
     value = card.get("crop_margin", (card.get("input") or {}).get("crop_margin"))
     return int(value) if value is not None else (CROP_MARGIN if default is None else default)
@@ -126,9 +126,9 @@ def card_crop_margin(card: dict, default: int | None = None) -> int:
 
 def load_model_folder(ref: str | os.PathLike) -> ModelFolder:
     """Load a model folder (or a shipped name) in Keras safe mode; a clear error naming what is missing."""
-    from core.calibration import DecisionRule
-    from core.gate import Gate
-    from core.models import load_model
+    from core.decide.calibration import DecisionRule
+    from core.decide.gate import Gate
+    from core.nets.models import load_model
 
     folder = folder_of(ref)
     if not (folder / MODEL_FILE).is_file():
@@ -151,8 +151,8 @@ def save_model_folder(folder: str | os.PathLike, model, rule, card: dict, card_m
                       members=(), quantize: str | None = None) -> Path:
     """Write an inference-only copy of `model` (and of an ensemble's further `members`) with its rule and card
     (each model is stripped of training layers and saved without optimizer state; `quantize="int8"` stores the
-    dense kernels as int8, `core.models.quantize_weights`, to ship an ensemble small)."""
-    from core.models import inference_model, quantize_weights
+    dense kernels as int8, `core.nets.models.quantize_weights`, to ship an ensemble small)."""
+    from core.nets.models import inference_model, quantize_weights
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

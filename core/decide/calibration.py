@@ -158,3 +158,37 @@ class DecisionRule:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DecisionRule":
         return cls(**json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class CallRule:
+    """How a field (or a patient's fields pooled) gets its call; the one place this rule lives.
+
+    A cell is *judged* when the model gave it a class (blast or normal); review-band calls are judged with their
+    class (and counted in `review`, so the why can ask for a look by eye); a cell the gate refused ("not
+    assessed") or whose crop could not be read is not judged. Then, in this order:
+
+    - `cannot judge`: no white cell found, or fewer than `min_judged` judged cells, or fewer than
+      `min_judged_fraction` of the cells found judged (when the model cannot judge most of what is on the field,
+      neither a blast nor the absence of one means much there);
+    - `blasts`: at least `min_blasts` judged cells called blast with calibrated P(blast) at or above
+      `min_blast_prob` (None: the model's own decision threshold, so every blast call counts), and they are at
+      least `min_blast_fraction` of the judged cells (0: any share; a smear model fitted on photos of a few cells
+      each may ask for a share, `field_rule.json`);
+    - `no blasts`: otherwise.
+    """
+
+    min_blasts: int = 1
+    min_blast_prob: float | None = None
+    min_judged: int = 1
+    min_judged_fraction: float = 0.5
+    min_blast_fraction: float = 0.0
+
+    def describe(self) -> str:
+        """The rule in one sentence, for a caption or a CLI note."""
+        bar = "" if self.min_blast_prob is None else f" with calibrated P(blast) ≥ {self.min_blast_prob:.2f}"
+        share = f", at least {self.min_blast_fraction:.0%} of the judged cells" if self.min_blast_fraction else ""
+        few = f"fewer than {self.min_judged} judged, " if self.min_judged > 1 else ""
+        return (f"blasts: at least {self.min_blasts} judged cell{'s' if self.min_blasts > 1 else ''} called "
+                f"blast{bar}{share}; cannot judge: no white cell, {few}or fewer than {self.min_judged_fraction:.0%} "
+                "of the white cells found judged; otherwise no blasts")

@@ -9,9 +9,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from core.dataset import IMAGE_EXTENSIONS, parse_uid
-from core.imageio import ImageReadError, read_image
-from core.preprocessing import CROP_MARGIN, crop_cell, load_crop
+from core.data.dataset import IMAGE_EXTENSIONS, parse_uid
+from core.data.imageio import ImageReadError, read_image
+from core.image.preprocessing import CROP_MARGIN, crop_cell, load_crop
 
 
 def dihedral(x: np.ndarray) -> list[np.ndarray]:
@@ -98,11 +98,11 @@ def classify(models: Sequence, items: Sequence[tuple[str, object]], size: int, r
 
     One row per item, in input order: name, subject (from a `UID_` name), prediction, prob_all, calibrated
     probability, uncertain (the review band), out_of_distribution, ood_reason and error. With a `gate`
-    (`core.gate.Gate`), an image it refuses gets no class and no probability, only the reason in plain words.
+    (`core.decide.gate.Gate`), an image it refuses gets no class and no probability, only the reason in plain words.
     `on_chunk(names, crops)` sees every decoded chunk (for Grad-CAM or display) while the next one is read.
     """
-    from core.calibration import DecisionRule
-    from core.gate import REASONS, features_and_probs, feature_model
+    from core.decide.calibration import DecisionRule
+    from core.decide.gate import REASONS, features_and_probs, feature_model
 
     rule = rule or DecisionRule()
     novelty = gate.novelty if gate is not None else None
@@ -151,7 +151,7 @@ def classify_files(models: Sequence, paths: Sequence[Path], size: int, rule=None
     """`classify` for files (a `path` column instead of `name`), optionally writing Grad-CAM overlays."""
     from PIL import Image
 
-    from core.explain import overlay
+    from core.nets.explain import overlay
 
     save = None
     if gradcam_dir and cam is not None:

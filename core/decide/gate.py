@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.stain import foreground
+from core.image.stain import foreground
 
 GATE_SIDE = 150  # pixels of the square the image-level checks work on
 
@@ -42,7 +42,7 @@ REASONS = {
 def _square_small(img: np.ndarray, side: int = GATE_SIDE) -> np.ndarray:
     from PIL import Image
 
-    from core.preprocessing import pad_square
+    from core.image.preprocessing import pad_square
 
     img = pad_square(img)
     if img.shape[0] == side:

@@ -1,11 +1,11 @@
-"""Keras layers of `core.stain`: the same maths through `keras.ops`, on the accelerator inside the model."""
+"""Keras layers of `core.image.stain`: the same maths through `keras.ops`, on the accelerator inside the model."""
 from __future__ import annotations
 
 import keras
 import numpy as np
 from keras import layers, ops
 
-from core.stain import _LUMA, BACKGROUND, HED_FROM_RGB, RGB_FROM_HED, STD_MEAN, STD_SCALE
+from core.image.stain import _LUMA, BACKGROUND, HED_FROM_RGB, RGB_FROM_HED, STD_MEAN, STD_SCALE
 
 
 def _fg_mask(x, background):
@@ -130,7 +130,7 @@ class CellStandardize(layers.Layer):
 @keras.saving.register_keras_serializable(package="cnmc")
 class RandomTexture(layers.Layer):
     """Sharpness and noise per sample, on cell pixels: unsharp amount ~U(-s, s), Gaussian noise with a std drawn
-    from U(0, n); identity at inference. Follows `core.stain.texture`."""
+    from U(0, n); identity at inference. Follows `core.image.stain.texture`."""
 
     def __init__(self, sharpness: float = 0.0, noise_std: float = 0.0, background: float = BACKGROUND, seed=None,
                  **kwargs):

@@ -1,7 +1,7 @@
 """A smear field in, per-cell calls out: segment the white cells, classify each crop, summarise the field.
 
-`core.segmentation` turns a field into C-NMC-like crops; this module puts each crop through the same
-classification as an uploaded cell (`core.inference.classify`: the decision rule *and* the out-of-distribution
+`core.smear.segmentation` turns a field into C-NMC-like crops; this module puts each crop through the same
+classification as an uploaded cell (`core.decide.inference.classify`: the decision rule *and* the out-of-distribution
 gate, so a crop unlike the training cells is "not assessed", never called), and returns what a page draws: a table
 with each cell's number, box and mask area beside its call, the crops, a per-field summary, and the field with
 numbered outlines coloured by call.
@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+
+from core.decide.calibration import CallRule
 
 # What each outline colour means, in the order a legend lists them.
 CALL_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -56,7 +58,7 @@ def call_of(row) -> str:
     return "blast" if row.get("prediction") == "all" else "normal"
 
 
-PAIR_LAYER = "cell_half"  # a model with this layer takes paired crops (`core.segmentation.paired_crop`)
+PAIR_LAYER = "cell_half"  # a model with this layer takes paired crops (`core.smear.segmentation.paired_crop`)
 
 
 def takes_context(models: Sequence) -> bool:
@@ -69,10 +71,10 @@ def classify_field(models: Sequence, image: np.ndarray, name: str, size: int, ru
                    normalize_stain: bool = False, model: str | None = None) -> FieldCalls:
     """Segment `image` (an RGB smear field) and classify each white cell it holds; a field that cannot be
     segmented (too small, not colour) or holds no white cell comes back with `error` saying so.
-    `normalize_stain` brings each crop toward C-NMC's stain first (`core.segmentation.segment_field`); `model`
+    `normalize_stain` brings each crop toward C-NMC's stain first (`core.smear.segmentation.segment_field`); `model`
     (the judging model's description) becomes the table's `model` column."""
-    from core.inference import classify
-    from core.segmentation import segment_field
+    from core.decide.inference import classify
+    from core.smear.segmentation import segment_field
 
     seg = segment_field(image, name, normalize_stain)  # never raises: a photo it cannot judge says why
     if not seg.cells:
@@ -86,7 +88,7 @@ def classify_field(models: Sequence, image: np.ndarray, name: str, size: int, ru
             on_chunk(names, batch)
 
     if takes_context(models):
-        from core.segmentation import paired_crop
+        from core.smear.segmentation import paired_crop
 
         items = [(cell_name(name, c.number), paired_crop(c)) for c in seg.cells]
     else:
@@ -157,40 +159,6 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
-
-
-@dataclass(frozen=True)
-class CallRule:
-    """How a field (or a patient's fields pooled) gets its call; the one place this rule lives.
-
-    A cell is *judged* when the model gave it a class (blast or normal); review-band calls are judged with their
-    class (and counted in `review`, so the why can ask for a look by eye); a cell the gate refused ("not
-    assessed") or whose crop could not be read is not judged. Then, in this order:
-
-    - `cannot judge`: no white cell found, or fewer than `min_judged` judged cells, or fewer than
-      `min_judged_fraction` of the cells found judged (when the model cannot judge most of what is on the field,
-      neither a blast nor the absence of one means much there);
-    - `blasts`: at least `min_blasts` judged cells called blast with calibrated P(blast) at or above
-      `min_blast_prob` (None: the model's own decision threshold, so every blast call counts), and they are at
-      least `min_blast_fraction` of the judged cells (0: any share; a smear model fitted on photos of a few cells
-      each may ask for a share, `field_rule.json`);
-    - `no blasts`: otherwise.
-    """
-
-    min_blasts: int = 1
-    min_blast_prob: float | None = None
-    min_judged: int = 1
-    min_judged_fraction: float = 0.5
-    min_blast_fraction: float = 0.0
-
-    def describe(self) -> str:
-        """The rule in one sentence, for a caption or a CLI note."""
-        bar = "" if self.min_blast_prob is None else f" with calibrated P(blast) ≥ {self.min_blast_prob:.2f}"
-        share = f", at least {self.min_blast_fraction:.0%} of the judged cells" if self.min_blast_fraction else ""
-        few = f"fewer than {self.min_judged} judged, " if self.min_judged > 1 else ""
-        return (f"blasts: at least {self.min_blasts} judged cell{'s' if self.min_blasts > 1 else ''} called "
-                f"blast{bar}{share}; cannot judge: no white cell, {few}or fewer than {self.min_judged_fraction:.0%} "
-                "of the white cells found judged; otherwise no blasts")
 
 
 def _cells_frame(cells: pd.DataFrame) -> pd.DataFrame:

@@ -19,7 +19,7 @@ any camera resolution and magnification (tuned on ALL-IDB1's 1712×1368 and 2592
    `at_border`); each kept cell becomes a C-NMC-like crop: its mask on black, centred in a 450×450 frame, scaled
    so that a red cell would span `RBC_TARGET_PX` pixels;
 6. optionally each crop's stain is brought toward C-NMC's (Reinhard colour transfer in LAB on the cell's pixels,
-   `core.stain.reinhard`, targets measured on C-NMC fold 1).
+   `core.image.stain.reinhard`, targets measured on C-NMC fold 1).
 
 The scale rule: C-NMC's cells (normal lymphoid cells about 9 µm across) measure a median 228 px equivalent
 diameter in its 450-px tiles (the real samples), about 25 px/µm; a 7.5 µm red cell is therefore 190 px at C-NMC
@@ -93,13 +93,13 @@ def context_window(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarra
 
 def paired_crop(cell: "SegmentedCell") -> np.ndarray:
     """What a smear model that looks at both takes: the cell on black (left) beside its context (right), one
-    PAIR_TILE × 2·PAIR_TILE image (the model splits it again; `core.fields.takes_context`)."""
+    PAIR_TILE × 2·PAIR_TILE image (the model splits it again; `core.smear.fields.takes_context`)."""
     return pair_tiles(cell.crop, cell.context)
 
 
 def pair_tiles(crop: np.ndarray, context: np.ndarray | None) -> np.ndarray:
     """`paired_crop` of a crop (the 450-px cell on black) and its context window, as arrays."""
-    from core.preprocessing import crop_cell
+    from core.image.preprocessing import crop_cell
 
     alone = crop_cell(crop, size=PAIR_TILE, margin=0)
     # a cell that came on black (a C-NMC-style tile) has no surroundings: black is its context, and the smear
@@ -121,7 +121,7 @@ class FieldResult:
 
 def segment_field(img: np.ndarray, name: str = "image", normalize_stain: bool = False) -> FieldResult:
     """White cells of an RGB smear field as C-NMC-like crops; see the module docstring for the method.
-    `normalize_stain` brings each crop's colours toward C-NMC's stain (`core.stain.reinhard`); a C-NMC-style
+    `normalize_stain` brings each crop's colours toward C-NMC's stain (`core.image.stain.reinhard`); a C-NMC-style
     tile is left as it is. Never raises on an image: a photo that cannot be judged (too small, not colour, red
     cells too coarse, or an unexpected failure) comes back with no cells and `message` saying why, so a batch
     goes on with that photo's `cannot judge` row."""
@@ -137,7 +137,7 @@ def segment_field(img: np.ndarray, name: str = "image", normalize_stain: bool = 
         return FieldResult([], np.zeros(shape[:2] if shape is not None and len(shape) >= 2 else (0, 0), np.int32),
                            None, 1.0, 0, "field", why)
     if normalize_stain:
-        from core.stain import reinhard
+        from core.image.stain import reinhard
 
         for c in result.cells:
             c.crop = np.rint(reinhard(c.crop)).astype(np.uint8)
@@ -527,11 +527,11 @@ def segment_files(paths, out_dir, normalize_stain: bool = False, paired: bool = 
     """Segment each field file and write its crops as `<field stem>_cell<NN>.png` under `out_dir`; one row per
     cell (box in field pixels, mask area), or one row with `error` (bad file, no white cells) per field that
     gave none: a bad field fails alone. `paired`: each crop is written as its `paired_crop` (cell and context,
-    for a model that takes both: `core.fields.takes_context`)."""
+    for a model that takes both: `core.smear.fields.takes_context`)."""
     import pandas as pd
     from PIL import Image
 
-    from core.imageio import read_image
+    from core.data.imageio import read_image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

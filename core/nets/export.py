@@ -1,7 +1,7 @@
 """Export a trained model for use outside this project: inference-only, built-in Keras layers only.
 
 A run's `.keras` file holds our registered layers (augmentation, stain jitter, `CellStandardize`), so it loads
-only where `core` is importable. The exported model drops the training-only layers (`core.models.inference_model`)
+only where `core` is importable. The exported model drops the training-only layers (`core.nets.models.inference_model`)
 and replaces the one custom layer active at inference, `CellStandardize`, by the same arithmetic written with
 built-in Keras layers (`builtin_cell_standardize`), so:
 
@@ -30,7 +30,7 @@ FILES = {"keras": "model.keras", "savedmodel": "savedmodel", "onnx": "model.onnx
 
 def builtin_cell_standardize(size: int, background: float = 10.0, eps: float = 1.0, mean: float = 128.0,
                              scale: float = 48.0, name: str = "cell_standardize") -> keras.Model:
-    """`core.stain_layers.CellStandardize` from built-in layers only (a nested functional model).
+    """`core.nets.stain_layers.CellStandardize` from built-in layers only (a nested functional model).
 
     Foreground: channel max > background (exact for integer pixels; a float pixel in (bg, bg + 1e-4) counts as
     partly foreground). With u = fg / sqrt(n) (`UnitNormalization` of the mask), the masked mean is
@@ -62,8 +62,8 @@ def builtin_cell_standardize(size: int, background: float = 10.0, eps: float = 1
 
 def portable_model(model: keras.Model) -> keras.Model:
     """The inference-only network with built-in Keras layers only (same weights, same outputs)."""
-    from core.models import inference_model
-    from core.stain_layers import CellStandardize
+    from core.nets.models import inference_model
+    from core.nets.stain_layers import CellStandardize
 
     clean = inference_model(model)
     size = int(clean.inputs[0].shape[1])
@@ -88,7 +88,7 @@ def portable_model(model: keras.Model) -> keras.Model:
 
 def portable_ensemble(models) -> keras.Model:
     """One portable model for one model or an ensemble: the members' portable networks side by side on one
-    input, their outputs averaged (`Average`, built in), as `core.inference.predict_proba` averages them."""
+    input, their outputs averaged (`Average`, built in), as `core.decide.inference.predict_proba` averages them."""
     models = list(models)
     if len(models) == 1:
         return portable_model(models[0])

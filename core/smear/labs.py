@@ -4,7 +4,7 @@ The smear model learns from three public labs and from a lab's own photos; each 
 own kind of label, and this module turns every one into the same table (`PHOTO_COLUMNS`):
 
 - **ALL-IDB1** (Labati, Piuri, Scotti, ICIP 2011): photo labels from the file names and the centre of every blast
-  (`core.allidb`); even-numbered photos only.
+  (`core.smear.allidb`); even-numbered photos only.
 - **Aria et al.'s "Blood cells cancer (ALL)"** (Ghaderzadeh et al., Int J Intell Syst 2022; Taleqani Hospital,
   Tehran): one folder per class, `Benign` (hematogones) and `Normal` -> `no_blasts`, `Early` / `Pre` / `Pro`
   (B-ALL) -> `blasts`; even-numbered photos only. No patient ids: any split of it mixes patients.
@@ -43,7 +43,7 @@ def is_reserved(lab: str, name: str | os.PathLike) -> bool:
     the rule lives for every lab. Photos of other labs are never reserved."""
     stem = Path(name).stem
     if lab == "allidb":
-        from core.allidb import is_reserved as allidb_reserved, parse_name
+        from core.smear.allidb import is_reserved as allidb_reserved, parse_name
 
         parsed = parse_name(stem)
         return parsed is not None and allidb_reserved(parsed.number)
@@ -63,7 +63,7 @@ def _table(rows: list[dict]) -> pd.DataFrame:
 
 def read_allidb(root: str | os.PathLike) -> pd.DataFrame:
     """ALL-IDB1's even photos: `blasts` (ALL patients) / `no_blasts` (healthy), with blast centres."""
-    from core.allidb import read_allidb1
+    from core.smear.allidb import read_allidb1
 
     photos = read_allidb1(root).photos
     return _table([{"photo": f"allidb/{r.photo}", "path": str(r.path), "lab": "allidb",
