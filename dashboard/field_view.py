@@ -23,7 +23,8 @@ def field_options_ui() -> tuple[bool, bool, bool, str | None]:
     """(treat every upload as a field, normalise the crops' stain toward C-NMC's, judge field cells with a smear
     model when one is installed, which one: the shipped one or a lab's refit)."""
     as_fields = st.toggle("Uploads are smear fields: find and classify every white cell", value=False,
-                          help="fields the out-of-distribution gate recognises are segmented in any case")
+                          help="an upload that is not one cell on a black background is segmented in any case; this "
+                               "takes every upload as a field")
     normalize = st.toggle("Bring the field cells' stain toward C-NMC's (Reinhard colour transfer)", value=False,
                           help="other labs' stains differ from C-NMC's; the gate still judges every cell")
     use_smear = services.smear_available() and st.toggle(

@@ -34,7 +34,7 @@ class ModelBundle:
     model_path: str | None = None
     model_sha256: str | None = None  # for the audit trail
     margin: int = 100  # the crop margin the model was trained with (RunConfig.crop_margin)
-    field_rule: Any = None  # core.decide.calibration.CallRule a smear model folder was fitted with (None: the default rule)
+    field_rule: Any = None  # core.decide.calibration.CallRule a smear folder was fitted with (None: the default)
     _cam: Any = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -212,6 +212,11 @@ class Classified:
     # core.smear.fields.field_readout: one row per field (white cells, judged, blasts, fraction with CI, call, why,
     # blast cells, model) and the pooled row "all fields" (one upload: one patient); empty without fields
     field_readout: pd.DataFrame = field(default_factory=pd.DataFrame)
+    field_sha256: dict = field(default_factory=dict)  # field -> its file's SHA-256 (what names the sample)
+    field_model: str = ""  # which model judged the field cells, and its SHA-256 (the verification's record)
+    field_model_sha256: str = ""
+    field_rule: Any = None  # the field call rule and the cells' decision threshold of that model
+    field_threshold: float = 0.5
 
 
 def screen_uploads(uploads) -> tuple[dict[str, str], set[str]]:
@@ -243,95 +248,162 @@ def upload_limits() -> str:
 def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradcam: bool = False,
                      runs_dir: str | Path | None = None, as_fields: bool = False,
                      normalize_stain: bool = False, field_bundle: ModelBundle | None = None, *,
-                     actor: Actor, upload_keys: list[str] | dict[str, str] | None = None) -> Classified:
-    """Classify uploaded cells; a file that cannot be read (or is over the upload limit) gets its own error row
-    and the others go on.
+                     actor: Actor, upload_keys: list[str] | dict[str, str] | None = None,
+                     progress: Callable[[str], None] | None = None) -> Classified:
+    """Classify uploaded cells and smear photos; a file that cannot be read (or is over the upload limit) gets its
+    own error row and the others go on.
 
-    A smear field (an upload the gate recognises as a field of many cells, or every readable upload with
-    `as_fields`) is segmented and each white cell it holds classified by `field_bundle` (`field_model` picks it;
-    the cells' model without one) (`core.smear.fields`; `normalize_stain` brings the cells' crops toward C-NMC's stain
-    first), and read out per field and pooled over the upload (`Classified.field_readout`; with `as_fields` an
-    unreadable upload is a field that cannot be judged). Each cell gets an audit record in the run store at
-    `runs_dir` (name and SHA-256 of the uploaded file only; pixels are not kept), its source naming the signed-in
-    `actor` (needs the viewer role); with `upload_keys` (per upload, in order: what identifies it, e.g. the
-    uploader's file id) the same upload classified again on a rerun is recorded once.
+    An upload that is not one cell on a black background (`core.decide.gate.on_black`: a smear photo, dense or
+    sparse) is a smear field, as is every readable upload with `as_fields`: it is segmented and each white cell it
+    holds classified by `field_bundle` (`field_model` picks it; the cells' model without one) (`core.smear.fields`;
+    `normalize_stain` brings the cells' crops toward C-NMC's stain first), and read out per field and pooled over
+    the upload (`Classified.field_readout`; with `as_fields` an unreadable upload is a field that cannot be
+    judged). Each cell gets an audit record in the run store at `runs_dir` (name and SHA-256 of the uploaded file
+    only; pixels are not kept), its source naming the signed-in `actor` (needs the viewer role); with
+    `upload_keys` (per upload, in order: what identifies it, e.g. the uploader's file id) the same upload
+    classified again on a rerun is recorded once. `progress` hears what is being done, in words that count photos
+    and cells.
 
     Uploads are told apart by position, never by name: two files named `cell.bmp` are two rows (`cell.bmp` and
     `cell.bmp (2)`), two crops and two audit records, each under the user's name `cell.bmp` with its own SHA-256.
     Bytes and pixels are checked before decoding (`screen_uploads`)."""
     require(actor, "classify")
-    from core.nets.explain import overlay
-    from core.smear.fields import classify_field, fields_readout
-    from core.decide.gate import REASONS
-    from core.data.imageio import read_image
-    from core.decide.inference import RESULT_COLUMNS, classify
-    from core.decide.metrics import subject_readout
-
-    fb = field_bundle or bundle
-    crops: dict[str, np.ndarray] = {}
-    heat: dict[str, np.ndarray] = {}
-
-    cam_errors: dict[str, str] = {}
-
-    def keep_with(model: ModelBundle):
-        def keep(names, batch):
-            crops.update(zip(names, batch))
-            if gradcam and model.description not in cam_errors:
-                try:
-                    heat.update(zip(names, model.cam(batch)[1]))
-                except ValueError as exc:  # e.g. the smear model's two branches: said on the page, not hidden
-                    cam_errors[model.description] = f"Grad-CAM is not available for {model.description}: {exc}"
-        return keep
-
+    say = progress or (lambda _msg: None)
     uploads = _labelled(files, upload_keys)
     refused, big = screen_uploads(uploads)
-    table = classify(bundle.models, [(u.label, u.data) for u in uploads if u.label not in set(refused) | big],
-                     bundle.size, bundle.rule, on_chunk=keep_with(bundle), gate=bundle.gate, margin=bundle.margin)
-    if refused or big:  # too large for a cell: a field, never decoded as one cell
-        rows = pd.DataFrame([{"name": n, "error": why} for n, why in refused.items()]
-                            + [{"name": n, "out_of_distribution": True, "ood_reason": REASONS["field"]} for n in big],
-                            columns=RESULT_COLUMNS)
-        order = {u.label: i for i, u in enumerate(uploads)}
-        table = pd.concat([table, rows], ignore_index=True).sort_values(
-            "name", key=lambda s: s.map(order)).reset_index(drop=True)
-    table = table.rename(columns={"name": "file", "prob_all": "prob_blast",
-                                  "prob_all_calibrated": "calibrated_prob_blast", "uncertain": "review_manually"})
-    is_field = table["error"].isna() & (as_fields | (table["ood_reason"] == REASONS["field"]))
-    data = {u.label: u.data for u in uploads}
-    field_calls = [classify_field(fb.models, read_image(data[name], name), name, fb.size, fb.rule, fb.gate,
-                                  fb.margin, on_chunk=keep_with(fb) if gradcam else None,
-                                  normalize_stain=normalize_stain, model=fb.description)
-                   for name in table.loc[is_field, "file"]]
-    for fc in field_calls:
-        if fb.description in cam_errors:
-            fc.notes.append(cam_errors[fb.description])
-    empty = {fc.name for fc in field_calls if not len(fc.table)}
-    judged = table[~is_field | table["file"].isin(empty)]  # a field without cells keeps its own record
-    failed = {r.file: r.error for r in table[table["error"].notna()].itertuples()} if as_fields else {}
-    readout = fields_readout(field_calls, fb.field_rule, failed=failed, order=[f for f in table["file"] if
-                                                               f in failed or f in {fc.name for fc in field_calls}]) \
-        if field_calls or failed else pd.DataFrame()
-    table = table[~is_field].reset_index(drop=True)
+    images, unreadable = _decode(uploads, refused)
+    fields = [u.label for u in uploads
+              if u.label in images and (as_fields or u.label in big or not _on_black(images[u.label]))]
+    cells = [u for u in uploads if u.label not in refused and u.label not in fields]
+    kept = _Kept(gradcam)
+    if cells:
+        say(f"Classifying {len(cells)} single cell{'' if len(cells) == 1 else 's'}…")
+    table = _classify_cells(bundle, [(u.label, images.get(u.label, u.data)) for u in cells], refused,
+                            [u.label for u in uploads], kept)
+    fb = field_bundle or bundle
+    failed = {**refused, **unreadable} if as_fields else {}  # uploads meant as fields that cannot be read
+    field_calls, readout = _classify_fields(fb, [(label, images[label]) for label in fields], failed,
+                                            [u.label for u in uploads], normalize_stain, kept, say)
     if runs_dir is not None:
-        from training.audit import record
+        _audit(page_store(runs_dir), uploads, table, field_calls, bundle, fb, actor, upload_keys is not None,
+               f"fields={as_fields};stain={normalize_stain}")
+    from core.nets.explain import overlay
+    from core.decide.metrics import subject_readout
 
-        store = page_store(runs_dir)
-        mode = f"fields={as_fields};stain={normalize_stain}"
-        keys = None if upload_keys is None else {u.label: f"{u.key};{mode}" for u in uploads}
-        record(store, judged, data, bundle.description, bundle.model_sha256, bundle.rule, source=actor.audit_source,
-               action=keys, file_names={u.label: u.name for u in uploads})
-        for fc in field_calls:
-            if len(fc.table):  # each cell under its own name, with the SHA-256 of the field it came from
-                record(store, fc.table.rename(columns={"cell_name": "name"}), dict.fromkeys(fc.table["cell_name"],
-                       data[fc.name]), fb.description, fb.model_sha256, fb.rule,
-                       source=actor.audit_source.replace("dashboard", "dashboard field", 1),
-                       action=None if keys is None else keys.get(fc.name))
-    overlays = {name: overlay(crops[name], h) for name, h in heat.items()}
+    overlays = {name: overlay(kept.crops[name], h) for name, h in kept.heat.items()}
     known = table[table["subject"].notna() & table["prediction"].notna()]  # refused and failed images have no call
     subjects = subject_readout(known.assign(path=known["file"], prob_all=known["calibrated_prob_blast"]),
                                bundle.rule.threshold) if len(known) else pd.DataFrame()
     corrected = table.get("subject_corrected", pd.Series(dtype=object)).fillna(False).astype(bool).sum()
-    return Classified(table, crops, overlays, subjects, field_calls, int(corrected), readout)
+    import hashlib
+
+    digests = {fc.name: hashlib.sha256(next(u.data for u in uploads if u.label == fc.name)).hexdigest()
+               for fc in field_calls}
+    return Classified(table, kept.crops, overlays, subjects, field_calls, int(corrected), readout, digests,
+                      fb.description, fb.model_sha256 or "", fb.field_rule, float(fb.rule.threshold))
+
+
+def _on_black(image: np.ndarray) -> bool:
+    from core.decide.gate import on_black
+
+    return on_black(image)
+
+
+def _decode(uploads, refused: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(label -> pixels, label -> why it could not be read) for the uploads not refused before decoding."""
+    from core.data.imageio import read_image
+
+    images, bad = {}, {}
+    for u in uploads:
+        if u.label in refused:
+            continue
+        try:
+            images[u.label] = read_image(u.data, u.label)
+        except (OSError, ValueError) as exc:
+            bad[u.label] = str(exc).removeprefix(f"{u.label}: ")
+    return images, bad
+
+
+@dataclass
+class _Kept:
+    """The crops every model saw and, with `gradcam`, their Grad-CAM heatmaps (a model without Grad-CAM is said
+    once, in `cam_errors`)."""
+
+    gradcam: bool
+    crops: dict = field(default_factory=dict)
+    heat: dict = field(default_factory=dict)
+    cam_errors: dict = field(default_factory=dict)
+
+    def hook(self, model: ModelBundle):
+        def keep(names, batch):
+            self.crops.update(zip(names, batch))
+            if self.gradcam and model.description not in self.cam_errors:
+                try:
+                    self.heat.update(zip(names, model.cam(batch)[1]))
+                except ValueError as exc:  # e.g. the smear model's two branches: said on the page, not hidden
+                    self.cam_errors[model.description] = f"Grad-CAM is not available for {model.description}: {exc}"
+        return keep
+
+
+def _classify_cells(bundle: ModelBundle, items: list, refused: dict[str, str], order: list[str],
+                    kept: _Kept) -> pd.DataFrame:
+    """Single cells on black, one row each in upload order, with a row for each upload refused before decoding."""
+    from core.decide.inference import RESULT_COLUMNS, classify
+
+    table = classify(bundle.models, items, bundle.size, bundle.rule, on_chunk=kept.hook(bundle), gate=bundle.gate,
+                     margin=bundle.margin) if items else pd.DataFrame(columns=RESULT_COLUMNS)
+    if refused:
+        rows = pd.DataFrame([{"name": n, "error": why} for n, why in refused.items()], columns=RESULT_COLUMNS)
+        rank = {label: i for i, label in enumerate(order)}
+        table = pd.concat([table, rows], ignore_index=True).sort_values(
+            "name", key=lambda s: s.map(rank)).reset_index(drop=True)
+    return table.rename(columns={"name": "file", "prob_all": "prob_blast",
+                                 "prob_all_calibrated": "calibrated_prob_blast", "uncertain": "review_manually"})
+
+
+def _classify_fields(fb: ModelBundle, images: list[tuple[str, np.ndarray]], failed: dict[str, str],
+                     order: list[str], normalize_stain: bool, kept: _Kept, say: Callable[[str], None]):
+    """Each smear field segmented and its white cells classified by `fb`; (FieldCalls per field, the read-out per
+    field and pooled, with the uploads meant as fields that could not be read)."""
+    from core.smear.fields import classify_field, fields_readout
+
+    field_calls, found = [], 0
+    for i, (name, image) in enumerate(images, 1):
+        say(f"Smear photo {i} of {len(images)} ({name}): finding and classifying its white cells"
+            + (f"; {found} found so far" if found else "") + "…")
+        fc = classify_field(fb.models, image, name, fb.size, fb.rule, fb.gate, fb.margin,
+                            on_chunk=kept.hook(fb) if kept.gradcam else None,
+                            normalize_stain=normalize_stain, model=fb.description)
+        if fb.description in kept.cam_errors:
+            fc.notes.append(kept.cam_errors[fb.description])
+        found += len(fc.table)
+        field_calls.append(fc)
+    if not field_calls and not failed:
+        return field_calls, pd.DataFrame()
+    names = {fc.name for fc in field_calls} | set(failed)
+    return field_calls, fields_readout(field_calls, fb.field_rule, failed=failed,
+                                       order=[label for label in order if label in names])
+
+
+def _audit(store, uploads, table: pd.DataFrame, field_calls: list, bundle: ModelBundle, fb: ModelBundle,
+           actor: Actor, keyed: bool, mode: str) -> None:
+    """One audit record per single cell and per field cell (a field without cells: one for the field), each
+    with the SHA-256 of the file it came from; pixels are not kept."""
+    from training.audit import record
+
+    data = {u.label: u.data for u in uploads}
+    keys = {u.label: f"{u.key};{mode}" for u in uploads} if keyed else None
+    empty = pd.DataFrame([{"file": fc.name, "out_of_distribution": True,
+                           "ood_reason": fc.error or "no white cells found"} for fc in field_calls if not len(fc.table)])
+    judged = pd.concat([table, empty], ignore_index=True) if len(empty) else table
+    record(store, judged, data, bundle.description, bundle.model_sha256, bundle.rule, source=actor.audit_source,
+           action=keys, file_names={u.label: u.name for u in uploads})
+    for fc in field_calls:
+        if len(fc.table):  # each cell under its own name, with the SHA-256 of the field it came from
+            record(store, fc.table.rename(columns={"cell_name": "name"}), dict.fromkeys(fc.table["cell_name"],
+                   data[fc.name]), fb.description, fb.model_sha256, fb.rule,
+                   source=actor.audit_source.replace("dashboard", "dashboard field", 1),
+                   action=None if keys is None else keys.get(fc.name))
 
 
 def _labelled(files: list[tuple[str, bytes]], keys: list[str] | dict[str, str] | None):
@@ -341,6 +413,167 @@ def _labelled(files: list[tuple[str, bytes]], keys: list[str] | dict[str, str] |
     if isinstance(keys, dict):
         keys = [keys.get(name) for name, _ in files]
     return labelled(files, keys)
+
+
+# --- verifying a smear upload, its report and exports -------------------------------------------------------------
+VERIFIED_CELLS = "verified_cells"  # under the run store's folder: each verified cell's model input, for teaching
+
+
+def sample_of(result: Classified) -> str:
+    """The sample an upload's smear fields are: their files' SHA-256s (re-opening the same photos, under any
+    names, restores the verification)."""
+    from core.smear.verify import sample_key
+
+    return sample_key(result.field_sha256.values())
+
+
+def field_cells(result: Classified) -> pd.DataFrame:
+    """Every white cell of the upload's fields, least certain first (as the review queue): cells the model could
+    not judge, then calls nearest the threshold, then the rest."""
+    tables = [fc.table.assign(field=fc.name) for fc in result.fields if len(fc.table)]
+    if not tables:
+        return pd.DataFrame(columns=["field", "cell", "cell_name", "call", "prediction", "prob_all_calibrated"])
+    cells = pd.concat(tables, ignore_index=True)
+    p = pd.to_numeric(cells["prob_all_calibrated"], errors="coerce")
+    cells["_order"] = np.where(cells["prediction"].notna(), (p - result.field_threshold).abs(), -1.0)
+    return cells.sort_values(["_order", "field", "cell"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+@dataclass
+class Verification:
+    """A sample's verification as the store holds it: each cell's current decision (the latest), every decision
+    ever made (who, when), and the cells whose verifiers disagree (cell -> "who: decision" each)."""
+
+    sample: str
+    decisions: dict[str, str]
+    history: pd.DataFrame
+    disputed: dict[str, list[str]]
+
+    @property
+    def verifiers(self) -> list[str]:
+        return list(dict.fromkeys(self.history["verifier"])) if len(self.history) else []
+
+
+def verification(runs_dir: str | Path, sample: str) -> Verification:
+    """What the store holds for a sample (read fresh on every page run: another session's decisions show)."""
+    history = RunStore(runs_dir).verifications(sample)
+    decisions, disputed = {}, {}
+    for name, g in history.groupby("cell_name", sort=False):
+        decisions[str(name)] = str(g["decision"].iloc[-1])
+        latest = g.drop_duplicates("verifier", keep="last")
+        if latest["decision"].nunique() > 1:
+            disputed[str(name)] = [f"{r.verifier}: {r.decision}" for r in latest.itertuples()]
+    return Verification(sample, decisions, history, disputed)
+
+
+def verify_cell(runs_dir: str | Path, result: Classified, cell_name: str, decision: str, *, actor: Actor) -> str:
+    """One decision on one white cell of the upload, appended to the run store with the actor's identity and the
+    time (never overwriting another's); the cell's model input is kept beside the store (`VERIFIED_CELLS`) so a
+    trainer can refit the smear model on verified cells. Needs the reviewer role."""
+    require(actor, "review")
+    if not actor.identity.strip():
+        raise ValueError("a verification needs the verifier's name (sidebar) or a signed-in identity")
+    from PIL import Image
+
+    from core.data.atomic import atomic_write_bytes
+
+    sample = sample_of(result)
+    row = next((r for fc in result.fields if len(fc.table) for r in fc.table.to_dict("records")
+                if r["cell_name"] == cell_name), None)
+    if row is None:
+        raise ValueError(f"{cell_name}: not a white cell of this upload")
+    crop = cell_crops(result).get(cell_name)
+    rel = None
+    if crop is not None:
+        import io
+
+        rel = f"{VERIFIED_CELLS}/{sample}/{cell_name}"
+        path = Path(runs_dir) / rel
+        if not path.exists():
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(np.asarray(crop), 0, 255).astype(np.uint8)).save(buf, format="PNG")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, buf.getvalue())
+    return page_store(runs_dir).record_verification(
+        sample, cell_name, decision, actor.identity, field=str(row["field"]), pre_call=str(row.get("prediction") or ""),
+        model=result.field_model, model_sha256=result.field_model_sha256,
+        field_sha256=result.field_sha256.get(str(row["field"]), ""), crop=rel)
+
+
+def verified_readout(result: Classified, decisions: dict[str, str]) -> pd.DataFrame:
+    """The upload's read-out after verification: per field and pooled, same call rule, with `verified` and
+    `removed` counts (`core.smear.verify.verified_readout`)."""
+    from core.smear.verify import verified_readout as readout
+
+    fields = [f for f in result.field_readout["field"] if f != "all fields"] if len(result.field_readout) else []
+    cells = pd.concat([fc.table.assign(field=fc.name) for fc in result.fields if len(fc.table)], ignore_index=True) \
+        if any(len(fc.table) for fc in result.fields) else pd.DataFrame(columns=["field", "cell", "cell_name",
+                                                                                 "prediction"])
+    return readout(cells, decisions, fields, result.field_rule)
+
+
+def sample_report(result: Classified, sample_id: str, ver: Verification, *, actor: Actor, card: dict | None = None):
+    """The printable report of a smear upload (`training.sample_report`): as pre-classified and as verified, the
+    model and its card's figures on data it never saw, who verified and when, the blast cells' thumbnails."""
+    from training.sample_report import sample_report as build
+
+    verified = verified_readout(result, ver.decisions) if ver.decisions else None
+    blasts, crops = {}, cell_crops(result)
+    for r in field_cells(result).to_dict("records"):
+        from core.smear.verify import verified_class
+
+        if verified_class(r, ver.decisions.get(r["cell_name"])) == "blast" and r["cell_name"] in crops:
+            blasts[r["cell_name"]] = crops[r["cell_name"]]
+    return build(sample_id, result.field_readout, verified=verified, verifications=ver.history if len(ver.history)
+                 else None, model=result.field_model, model_sha256=result.field_model_sha256, card=card,
+                 blast_thumbnails=blasts, made_by=actor.identity or "local user")
+
+
+def field_geojson(result: Classified, name: str, decisions: dict[str, str] | None = None) -> bytes:
+    """One field's cells as a QuPath-importable GeoJSON FeatureCollection (File → Import objects)."""
+    from core.smear.qupath import field_geojson as collection
+
+    fc = next(fc for fc in result.fields if fc.name == name)
+    return json.dumps(collection(fc, decisions), allow_nan=False).encode()
+
+
+def geojson_zip(result: Classified, decisions: dict[str, str] | None = None) -> bytes:
+    """Every field's GeoJSON in one zip (one `.geojson` per field, named after its photo)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for fc in result.fields:
+            if fc.error is None:
+                z.writestr(f"{Path(fc.name).stem}.geojson", field_geojson(result, fc.name, decisions))
+    return buf.getvalue()
+
+
+def field_crops_zip(result: Classified) -> bytes:
+    """The field cells' crops, as the model saw them, as PNGs in a zip."""
+    from core.smear.qupath import crops_zip
+
+    return crops_zip(cell_crops(result))
+
+
+def cell_crops(result: Classified) -> dict[str, np.ndarray]:
+    """Every field cell's crop as the model saw it, by cell name."""
+    return {name: crop for fc in result.fields for name, crop in fc.crops.items()}
+
+
+def smear_card(result: Classified) -> dict:
+    """The card of the model that judged the field cells (empty when it is not a model folder)."""
+    from core.decide.model_folder import read_card
+
+    for ref in smear_models().values():
+        try:
+            card = read_card(ref)
+        except (OSError, ValueError):
+            continue
+        if card.get("name") and card["name"] in result.field_model:
+            return card
+    return {}
 
 
 # --- training ---------------------------------------------------------------------------------------------------
@@ -760,3 +993,31 @@ def sample_crops(manifest: pd.DataFrame, label: str, n: int = 6, size: int = 160
     rows = manifest[manifest["label"] == label]
     rows = rows.sample(min(n, len(rows)), random_state=seed) if len(rows) else rows
     return [(Path(p).name, load_crop(p, size=size)) for p in rows["path"]]
+
+
+# --- teaching the smear model from verified cells ---
+def verified_summary(runs_dir: str | Path) -> pd.DataFrame:
+    """Per sample: fields, cells verified, blasts, normals, not white cells, unsure, cells a refit can learn from,
+    verifiers and the last decision's time (`training.teach.verified_summary`): what a trainer checks before
+    teaching the smear model."""
+    from training.teach import verified_summary as summary
+
+    return summary(runs_dir)
+
+
+def refit_smear_from_verified(runs_dir: str | Path, lab: str, base_ref: str | None = None, *, actor: Actor,
+                              models_dir: str | Path | None = None, n_folds: int = 5,
+                              progress: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+    """Refit a smear model (`base_ref`: a folder `smear_models` offers; the shipped one by default) on the cells
+    verified in the run store for lab `lab` (`training.teach.refit_from_verified`), as the next version
+    `<models dir>/<lab>-v<k>`: the models dir Classify's `smear_models` lists (`core.decide.model_folder.MODELS_DIR`;
+    `models_dir` overrides it). Needs the trainer role (the "launch" permission: it trains a model). Returns (the new
+    folder, its card: `adaptation` holds the lab's cross-validation by photo before and after); ValueError says
+    why a refit cannot be made (too few fields, one class only, a taken lab name)."""
+    require(actor, "launch")
+    from core.decide.model_folder import SMEAR
+    from training.teach import refit_from_verified
+
+    card = refit_from_verified(base_ref or SMEAR, runs_dir, None, lab.strip(), n_folds, progress,
+                               models_dir=models_dir, by=actor.identity)
+    return Path(card["folder"]), card

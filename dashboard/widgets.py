@@ -61,7 +61,7 @@ def cell_cards_ui(read, crops: dict, overlays: dict, runs_dir: Path, max_cards: 
         st.caption(f"Cards shown for the first {max_cards} images; the table and CSV hold all {len(read)}.")
 
 
-def classify_once(bundle, files: list, runs_dir: Path, actor: Actor, **options):
+def classify_once(bundle, files: list, runs_dir: Path, actor: Actor, progress=None, **options):
     """Classify's uploads classified once: a rerun with the same uploads (file ids), model and options shows
     this session's last result again; one classification per session at a time; a store that is busy or under
     maintenance is said on the page (no result without its audit record). None when nothing is shown."""
@@ -75,7 +75,7 @@ def classify_once(bundle, files: list, runs_dir: Path, actor: Actor, **options):
     try:
         with uploads.one_job(st.session_state):
             result = services.classify_uploads(bundle, named, runs_dir=runs_dir, actor=actor, upload_keys=keys,
-                                               **options)
+                                               progress=progress, **options)
     except (uploads.JobRunning, services.StoreUnavailable) as exc:
         st.error(str(exc))
         return None

@@ -4,6 +4,7 @@ import streamlit as st
 from dashboard import auth, services, widgets
 from dashboard.csv_export import safe_csv
 from dashboard.field_view import field_options_ui, fields_ui
+from dashboard.verify_view import verify_ui
 from dashboard.settings import MAX_UPLOAD_FILES, Settings
 
 IMAGE_TYPES = ["bmp", "png", "jpg", "jpeg", "tif", "tiff"]
@@ -128,9 +129,12 @@ def main() -> None:
         st.error(f"{len(files)} files uploaded; only the first {MAX_UPLOAD_FILES} are classified.")
         files = files[:MAX_UPLOAD_FILES]
     field_bundle, field_note = services.field_model(bundle, lambda: smear_bundle(smear_ref), use_smear)
-    with st.spinner(f"Classifying {len(files)} cells…"):  # once per upload and options: a rerun shows it again
-        result = widgets.classify_once(bundle, files, settings.runs_dir, actor, gradcam=gradcam, as_fields=as_fields,
-                                       normalize_stain=normalize, field_bundle=field_bundle)
+    step = st.empty()  # what is being done, counting photos and cells (a rerun shows the kept result at once)
+    with st.spinner(f"Reading {len(files)} upload{'' if len(files) == 1 else 's'}: a cell on black is classified, "
+                    "a smear photo segmented and each of its white cells classified…"):
+        result = widgets.classify_once(bundle, files, settings.runs_dir, actor, progress=step.caption, gradcam=gradcam,
+                                       as_fields=as_fields, normalize_stain=normalize, field_bundle=field_bundle)
+    step.empty()
     if result is None:
         return
     rule = bundle.rule
@@ -144,6 +148,7 @@ def main() -> None:
         results_ui(result, gradcam, rule.threshold, settings.runs_dir, actor)
     if result.fields or not result.field_readout.empty:
         fields_ui(result.fields, gradcam, result.overlays, result.field_readout, field_note)
+        verify_ui(result, settings.runs_dir, actor)
     audit_ui(settings, actor)
 
 

@@ -5,7 +5,7 @@ import json
 
 import streamlit as st
 
-from dashboard import auth, charts, services, widgets
+from dashboard import auth, charts, services, teach_view, widgets
 from dashboard.services import RunConfig, RunStore
 from dashboard.settings import Settings
 
@@ -241,6 +241,7 @@ def main() -> None:
         else:
             st.session_state["selected_run"] = run_id
             st.success(f"Run {run_id} launched in the background: it keeps going if you close this tab.")
+    teach_view.teach_ui(settings, actor)  # in an expander: teach the smear model from verified cells
     st.subheader("Runs")
     run_id = jobs_ui(store)
     if run_id:

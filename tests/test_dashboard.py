@@ -226,8 +226,9 @@ def test_server_config_is_locked_down():
 
 
 def test_classify_refuses_non_cells_and_keeps_an_audit_trail(monkeypatch, demo_run, cell_dir):
-    """The demo run's gate (fitted at the end of its training) refuses a blank image and a photo-like one;
-    every upload gets an audit record (name and SHA-256), downloadable as CSV."""
+    """The demo run's gate (fitted at the end of its training) refuses a blank image; a photo-like one (not a
+    cell on black) is tried as a smear field, where no white cell is found; every upload gets an audit record
+    (name and SHA-256), downloadable as CSV."""
     import hashlib
 
     import numpy as np
@@ -243,16 +244,18 @@ def test_classify_refuses_non_cells_and_keeps_an_audit_trail(monkeypatch, demo_r
              ("photo.bmp", encode_bmp(gradient), "image/bmp")]
     at.file_uploader(key="cells").set_value(files).run()
     assert not at.exception, at.exception
-    assert at.subheader[0].value.startswith("1 cell classified") and "2 not assessed" in at.subheader[0].value
+    assert at.subheader[0].value.startswith("1 cell classified") and "1 not assessed" in at.subheader[0].value
     warnings = " ".join(w.value for w in at.warning)
     assert "blank.bmp: not assessed: no cell: the image is blank" in warnings
-    assert "photo.bmp: not assessed: no cell on a black background" in warnings
+    assert "photo.bmp" not in at.dataframe[0].value["file"].tolist()  # a field, not a cell
+    assert any("photo.bmp" in w.value for w in at.warning) and "Smear fields (1)" in [h.value for h in at.subheader]
     table = at.dataframe[0].value.set_index("file")
     assert table.loc["blank.bmp", "out_of_distribution"] and pd.isna(table.loc["blank.bmp", "prediction"])
     assert table.loc[cell.name, "prediction"] in ("all", "hem")
     trail = store.classifications()
     mine = trail[trail["file_name"].isin([f[0] for f in files])].drop_duplicates("file_name").set_index("file_name")
     assert mine.loc["blank.bmp", "out_of_distribution"] == 1 and mine.loc["blank.bmp", "source"] == "dashboard"
+    assert mine.loc["photo.bmp", "out_of_distribution"] == 1  # the field without a white cell keeps its record
     assert mine.loc[cell.name, "file_sha256"] == hashlib.sha256(cell.read_bytes()).hexdigest()
     assert mine.loc[cell.name, "model"].startswith(f"run {rid}") and len(mine.loc[cell.name, "model_sha256"]) == 64
     assert any(b.label.startswith("Download the audit trail") for b in at.get("download_button"))

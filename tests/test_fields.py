@@ -288,7 +288,9 @@ def test_predict_smear_fields_writes_the_fields_csv(tmp_path, monkeypatch, capsy
     assert rows.loc[POOLED, "white_cells"] == n and rows.loc[POOLED, "call"] == "blasts"
     assert rows["model"].str.contains("tiny-smear").all()
     printed = capsys.readouterr().out
-    assert f"smear_a.png: blasts: {n} blast{'s' if n > 1 else ''} among {n} judged cell" in printed
+    s = "s" if n > 1 else ""
+    assert f"smear_a.png: blasts: {n} white cell{s}, {n} judged, {n} blast{s}, blast fraction 100%" in printed
+    assert f"{n} blast{s} among {n} judged cell" in printed  # the why, after the counts
     assert "blank.png: cannot judge" in printed and "all fields: blasts" in printed
 
 

@@ -224,6 +224,13 @@ def cmd_predict(args) -> int:
     if args.normalize_stain and not args.fields:  # refused before any model is loaded
         print("error: --normalize-stain applies to smear fields (--fields CROPS_DIR)", file=sys.stderr)
         return 2
+    if args.geojson and not args.fields:
+        print("error: --geojson applies to smear fields (--fields CROPS_DIR)", file=sys.stderr)
+        return 2
+    report_problem = _sample_report_problem(args)
+    if report_problem:  # refused before any model is loaded
+        print(f"error: {report_problem}", file=sys.stderr)
+        return 2
     store = RunStore(args.runs_dir)
     models, rule, size, what, gate, model_path = resolve_model(args.model, store)
     _model_for_input_note(args.model, bool(args.fields))
@@ -246,7 +253,11 @@ def cmd_predict(args) -> int:
         paths = [Path(p) for p in cells["crop"].dropna()]
         if not paths:
             print("error: no white cells found in the fields", file=sys.stderr)
-            _write_field_readout(cells.iloc[0:0], field_names, problems, what, args.out, args.model)
+            readout = _write_field_readout(cells.iloc[0:0], field_names, problems, what, args.out, args.model)
+            if args.report:
+                _write_sample_report(args, readout, cells.iloc[0:0], what, model_path)
+            if args.geojson:
+                _write_field_geojson(cells.iloc[0:0], field_names, args.geojson)
             return 1
     cam = gradcam_for(models) if args.gradcam else None
     from training.evaluate import crop_margin_of
@@ -272,7 +283,11 @@ def cmd_predict(args) -> int:
     print(f"{what}: {len(table) - failed - refused} classified, {refused} not assessed (out of distribution), "
           f"{failed} failed{gate_note}" + (f"; table written to {args.out}" if args.out else ""))
     if cells is not None:
-        _write_field_readout(table, field_names, problems, what, args.out, args.model)
+        readout = _write_field_readout(table, field_names, problems, what, args.out, args.model)
+        if args.report:
+            _write_sample_report(args, readout, table, what, model_path)
+        if args.geojson:
+            _write_field_geojson(table, field_names, args.geojson)
     if not args.out:
         print(table.to_string(index=False))
     for row in table[table["error"].notna()].itertuples():
@@ -287,10 +302,10 @@ def fields_csv_path(out: str | Path) -> Path:
 
 
 def _write_field_readout(cells, fields: list[str], problems: dict[str, str], model: str, out: str | None,
-                         ref: str | None = None) -> None:
+                         ref: str | None = None):
     """The per-field read-out (`core.smear.fields.field_readout`: one row per field, bad files and fields without a
-    white cell included, then the pooled row) written beside OUT and summarised, one line per field. The call
-    rule is the model folder's own (`field_rule.json`), else the default."""
+    white cell included, then the pooled row) written beside OUT and summarised, one line per field, and returned
+    (for --report). The call rule is the model folder's own (`field_rule.json`), else the default."""
     from core.smear.fields import CallRule, field_readout, readout_line
     from core.decide.model_folder import is_model_folder, read_field_rule
 
@@ -303,6 +318,86 @@ def _write_field_readout(cells, fields: list[str], problems: dict[str, str], mod
     print(f"fields ({rule.describe()}):")
     for row in readout.to_dict("records"):
         print(f"  {readout_line(row)}")
+    readout.attrs["rule"] = rule.describe()  # the sample report says which rule made the calls
+    return readout
+
+
+def _write_field_geojson(cells, fields: list[str], out_dir: str) -> None:
+    """predict --geojson: each field that could be read as `<field stem>.geojson` under `out_dir`, its white
+    cells as QuPath detections (`core.smear.qupath.field_geojson`), none for a field without a white cell. The
+    outlines come from segmenting the field again (the segmentation is deterministic; `segment_files` keeps no
+    masks); a cell whose box does not match is placed by its box."""
+    from core.data.imageio import read_image
+    from core.smear.fields import FieldCalls
+    from core.smear.qupath import cell_outline, geojson_path, write_geojson
+    from core.smear.segmentation import segment_field
+    import pandas as pd
+
+    written: dict[Path, str] = {}
+    for name in fields:
+        try:
+            image = read_image(name)
+        except (ValueError, OSError):
+            continue  # not an image: nothing to place objects on (its read-out row says why)
+        mine = cells[cells["field"].astype(str) == name] if "field" in cells else cells.iloc[0:0]
+        outlines = {}
+        if len(mine):
+            boxes = {int(r.cell): (int(r.x0), int(r.y0), int(r.x1), int(r.y1)) for r in mine.itertuples()
+                     if pd.notna(r.cell) and pd.notna(r.x0)}
+            for c in segment_field(image, Path(name).name).cells:
+                if boxes.get(c.number) == tuple(c.box):
+                    outlines[c.number] = cell_outline(c.mask, c.box)
+        path = geojson_path(name, out_dir)
+        if path in written:
+            print(f"warning: {name} and {written[path]} share a file name: {path} holds {name}'s objects",
+                  file=sys.stderr)
+        written[path] = name
+        write_geojson(FieldCalls(name, mine.reset_index(drop=True), {}, None, {}, outlines=outlines), out_dir)
+    print(f"QuPath objects (File > Import objects): {len(written)} GeoJSON file{'' if len(written) == 1 else 's'} "
+          f"written to {out_dir}")
+
+
+def _sample_report_problem(args) -> str | None:
+    """Why predict's --report / --sample-id cannot be had (None when they can): a report is of a smear sample, so
+    it needs --fields, and its CSV (beside the page) must not overwrite --out or its read-out."""
+    if args.sample_id is not None and not args.report:
+        return "--sample-id names the sample in --report FILE.html; give --report too"
+    if not args.report:
+        return None
+    if not args.fields:
+        return ("--report writes the report of one smear sample: give its fields with --fields CROPS_DIR (a report "
+                "of single cells is not a sample's report)")
+    from training.sample_report import report_paths
+
+    page, table = report_paths(args.report)
+    if page.suffix.lower() not in (".html", ".htm"):
+        return f"--report names the HTML page (FILE.html; its CSV goes beside it), not {page.name}"
+    if args.out and table.resolve() in (Path(args.out).resolve(), fields_csv_path(args.out).resolve()):
+        return f"--report {page} writes {table}, which --out writes too: choose another name"
+    return None
+
+
+def _write_sample_report(args, readout, table, model: str, model_path: str) -> None:
+    """predict --report: the sample's printable report (`training.sample_report`) from the pre-classified read-out
+    (the CLI has no verification), with thumbnails of the cells called blast (the crops it wrote to --fields), and
+    the same figures as CSV beside it. The sample is what --sample-id says, never a file name."""
+    import getpass
+
+    from core.decide.model_folder import is_model_folder, read_card
+    from training.audit import model_sha256
+    from training.sample_report import blast_crops, sample_report
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no user name in this environment
+        user = ""
+    report = sample_report(args.sample_id or "", readout, model=model, model_sha256=model_sha256(model_path),
+                           card=read_card(args.model) if is_model_folder(args.model) else None,
+                           blast_thumbnails=blast_crops(table), made_by=f"{user} (python -m training predict)".strip())
+    page, csv_path = report.write(args.report)
+    print(f"sample report written to {page} (printable HTML) and {csv_path} (the same figures as CSV)")
+    if not (args.sample_id or "").strip():
+        print("note: no --sample-id given: the report says 'no sample id given' (it never takes one from file names)")
 
 
 def _model_for_input_note(model: str, fields: bool) -> None:
@@ -554,6 +649,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "classify each; the table gains field, cell and box columns, and a per-field read-out "
                         "(white cells, judged, blasts, blast fraction with 95%% CI, call and why, pooled over all "
                         "fields) is printed and written beside --out as <OUT stem>_fields.csv")
+    s.add_argument("--geojson", metavar="DIR", default=None,
+                   help="with --fields: write each field's white cells as QuPath objects, DIR/<field stem>.geojson "
+                        "(File > Import objects; outlines in the photo's pixels, classed blast / normal / review / "
+                        "not judged, with calibrated P(blast)); every field that could be read gets a file, one "
+                        "with no white cell found a FeatureCollection with no features")
+    s.add_argument("--report", metavar="FILE.html", default=None,
+                   help="with --fields: a printable report of this smear sample (fields, per field and pooled: white "
+                        "cells, judged, blasts, blast %% with 95%% CI, call and why; the model and its card's figures; "
+                        "thumbnails of the blast cells) as FILE.html, and the same figures as FILE.csv beside it")
+    s.add_argument("--sample-id", metavar="TEXT", default=None,
+                   help="what --report calls the sample (e.g. the lab's accession number); never taken from file "
+                        "names: without it the report says 'no sample id given'")
     _stain_flag(s)
     s.add_argument("--review-queue", action="store_true",
                    help="order the table for an expert: cells the model cannot judge (out of distribution) first, "

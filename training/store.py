@@ -72,6 +72,11 @@ CREATE TABLE IF NOT EXISTS classifications (
     file_name TEXT, file_sha256 TEXT, prediction TEXT, prob_all_calibrated REAL, review INTEGER,
     out_of_distribution INTEGER, ood_reason TEXT, error TEXT, rule TEXT
 );
+CREATE TABLE IF NOT EXISTS verifications (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL, sample TEXT NOT NULL, field TEXT, cell_name TEXT NOT NULL,
+    pre_call TEXT, decision TEXT NOT NULL, verifier TEXT NOT NULL, model TEXT, model_sha256 TEXT, field_sha256 TEXT,
+    crop TEXT, uid TEXT
+);
 """
 # added after the first release: old stores gain them on open (old code ignores them; a NULL uid never clashes)
 _ADDED_COLUMNS = {"runs": [("pid_start", "TEXT"), ("cancel_requested", "REAL")], "label_reviews": [("uid", "TEXT")],
@@ -79,6 +84,8 @@ _ADDED_COLUMNS = {"runs": [("pid_start", "TEXT"), ("cancel_requested", "REAL")],
 _INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS label_reviews_uid ON label_reviews (uid);
 CREATE UNIQUE INDEX IF NOT EXISTS classifications_uid ON classifications (uid);
+CREATE UNIQUE INDEX IF NOT EXISTS verifications_uid ON verifications (uid);
+CREATE INDEX IF NOT EXISTS verifications_sample ON verifications (sample);
 """
 BUSY_TIMEOUT_S = 30.0  # how long one write waits for another writer before "database is locked"
 LOCK_RETRIES = 5  # a transaction refused as locked is tried again this many times (with a short random pause)
@@ -373,6 +380,38 @@ class RunStore:
         from core.data.labels import overrides_from_reviews
 
         return overrides_from_reviews(self.reviews())
+
+    # --- verification of smear uploads ------------------------------------------------------------------------
+    def record_verification(self, sample: str, cell_name: str, decision: str, verifier: str, *, field: str = "",
+                            pre_call: str = "", model: str = "", model_sha256: str = "", field_sha256: str = "",
+                            crop: str | None = None, uid: str | None = None) -> str:
+        """One person's decision on one white cell of a sample (`core.smear.verify.DECISIONS`), appended and kept
+        forever: two people verifying the same cell both keep their record (the latest is the cell's current
+        decision, and the view shows where they differ). `crop`: where the cell's model input was kept for
+        teaching (relative to the store's folder). Returns its uid; the same `uid` again is stored once."""
+        from core.smear.verify import DECISIONS
+
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, not {decision!r}")
+        if not verifier.strip():
+            raise ValueError("a verification needs the verifier's identity")
+        uid = str(uid or uuid.uuid4().hex)
+        self._write("INSERT OR IGNORE INTO verifications (at, sample, field, cell_name, pre_call, decision, verifier, "
+                    "model, model_sha256, field_sha256, crop, uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (time.time(), sample, field, cell_name, pre_call, decision, verifier.strip(), model, model_sha256,
+                     field_sha256, crop, uid))
+        return uid
+
+    def verifications(self, sample: str | None = None) -> pd.DataFrame:
+        """Every verification decision (of one sample, or all), oldest first, with times as ISO strings."""
+        cols = ["id", "at", "sample", "field", "cell_name", "pre_call", "decision", "verifier", "model",
+                "model_sha256", "field_sha256", "crop"]
+        with self._connect() as con:
+            rows = con.execute(f"SELECT {', '.join(cols)} FROM verifications" + (" WHERE sample=?" if sample else "")
+                               + " ORDER BY id", (sample,) if sample else ()).fetchall()
+        df = pd.DataFrame([dict(r) for r in rows], columns=cols)
+        df["at"] = pd.to_datetime(df["at"], unit="s", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return df
 
     # --- reading -------------------------------------------------------------------------------------------
     def get_run(self, run_id: str) -> dict[str, Any]:

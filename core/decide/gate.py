@@ -85,6 +85,12 @@ def image_stats(img: np.ndarray) -> dict:
     return out
 
 
+def on_black(img: np.ndarray, min_black: float = 0.5) -> bool:
+    """Whether an image is (at most) one cell on a black background, as C-NMC's are; anything else (a smear photo,
+    sparse or dense, a photo of anything) is tried as a field by the pages and the CLI."""
+    return 1 - image_stats(img)["foreground"] >= min_black
+
+
 @dataclass
 class ImageGate:
     """Bands of the training cells' image statistics; `check` returns a reason key, or None to pass."""
@@ -99,7 +105,7 @@ class ImageGate:
         s = image_stats(img)
         if s["foreground"] < 0.001:
             return "blank"
-        if 1 - s["foreground"] < self.min_black:
+        if 1 - s["foreground"] < self.min_black:  # as `on_black`
             return "field" if s["stained_blobs"] >= 3 else "no_black"
         if s["objects"] > 1:
             return "several"

@@ -42,6 +42,9 @@ class FieldCalls:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     model: str | None = None  # which model judged the cells (its description), for the table and read-out
+    # cell number -> its outline: a closed counter-clockwise ring of [x, y] in the photo's pixels
+    # (`core.smear.qupath.cell_outline`), for QuPath and any drawing finer than the box
+    outlines: dict = field(default_factory=dict)
 
 
 def cell_name(field_name: str, number: int) -> str:
@@ -101,7 +104,10 @@ def classify_field(models: Sequence, image: np.ndarray, name: str, size: int, ru
     if model is not None:
         table["model"] = model
     overlay = field_overlay(image[..., :3], seg.labels, dict(zip(table["cell"], table["call"])))
-    return FieldCalls(name, table, crops, overlay, _summary(table, seg), seg.notes, model=model)
+    from core.smear.qupath import cell_outlines
+
+    return FieldCalls(name, table, crops, overlay, _summary(table, seg), seg.notes, model=model,
+                      outlines=cell_outlines(seg.cells))
 
 
 def _summary(table: pd.DataFrame, seg) -> dict:
@@ -316,12 +322,13 @@ def fields_readout(field_calls: Iterable[FieldCalls], rule: CallRule | None = No
 
 
 def readout_line(row: dict) -> str:
-    """One read-out row in one line of plain words (the CLI's summary; the same facts as the page's)."""
+    """One read-out row in one line of plain words (the CLI's summary): call, counts, blast fraction with its CI
+    and why. No list of blast cells: pooled over a patient's 50 photos that is hundreds of names on one line,
+    which buries the call; the cells stay in the read-out CSV (`blast_cells`) and the per-cell table."""
     name = row["field"] if row["field"] == POOLED else Path(str(row["field"])).name
-    line = f"{name}: {row['call']}: {row['why']}"
+    line = (f"{name}: {row['call']}: {_plural(int(row['white_cells']), 'white cell')}, {int(row['judged'])} judged, "
+            f"{_plural(int(row['blasts']), 'blast')}")
     if row["judged"]:
-        line += (f"; blast fraction {row['blast_fraction']:.0%} (95% CI {row['blast_fraction_low']:.0%}-"
+        line += (f", blast fraction {row['blast_fraction']:.0%} (95% CI {row['blast_fraction_low']:.0%}-"
                  f"{row['blast_fraction_high']:.0%})")
-    if row["call"] == "blasts" and row["blast_cells"]:
-        line += f"; blast cells {row['blast_cells']}"
-    return line
+    return f"{line}; {row['why']}"
