@@ -229,7 +229,7 @@ def test_backup_and_restore_commands(tmp_path):
 
 
 def test_a_waiting_run_says_whom_it_waits_for(tmp_path, monkeypatch):
-    from training.trainer import DeviceQueue, StopFlag
+    from training.worker import DeviceQueue, StopFlag
 
     monkeypatch.setenv("CNMC_LOCK_DIR", str(tmp_path / "locks"))
     store = RunStore(tmp_path)
@@ -260,7 +260,7 @@ def test_second_launch_on_a_busy_device_is_queued_with_its_reason(tmp_path, monk
     pytest.importorskip("keras")
     from helpers import tiny, wait_for
     from training import jobs
-    from training.trainer import DeviceQueue, StopFlag
+    from training.worker import DeviceQueue, StopFlag
 
     monkeypatch.setenv("CNMC_LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the worker's device is the CPU, whatever this machine has

@@ -22,7 +22,8 @@ from training.config import RunConfig  # noqa: E402
 from training.data import BalancedBatches, CacheBatches  # noqa: E402
 from training.store import RunStore  # noqa: E402
 from helpers import tiny, wait_for  # noqa: E402
-from training.trainer import StopFlag, train  # noqa: E402
+from training.trainer import train  # noqa: E402
+from training.worker import StopFlag  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +191,7 @@ def test_live_worker_in_a_long_phase_stays_running(synth_small, tmp_path, monkey
     """A worker seen from another host is judged by its heartbeat alone: with the stale limit scaled down to
     1.5 s and a validation of ~4 s, the heartbeat thread keeps it running; without heartbeats the same
     worker is declared lost (so this test can fail)."""
-    import training.trainer as trainer_mod
+    import training.worker as worker_mod
 
     monkeypatch.setenv("CNMC_STALE_AFTER_S", "1.5")
     monkeypatch.setenv("CNMC_HEARTBEAT_S", "0.2")
@@ -207,7 +208,7 @@ def test_live_worker_in_a_long_phase_stays_running(synth_small, tmp_path, monkey
     monkeypatch.setattr(CacheBatches, "__getitem__", slow_validation)
 
     def run_with(heartbeat_every):
-        monkeypatch.setattr(trainer_mod.Heartbeat, "__init__", _heartbeat_init(heartbeat_every))
+        monkeypatch.setattr(worker_mod.Heartbeat, "__init__", _heartbeat_init(heartbeat_every))
         store = RunStore(tmp_path / f"runs-{heartbeat_every}")
         cfg = tiny(synth_small, store.root, epochs=1, samples_per_class=32, batch_size=8)
         rid = store.create_run(cfg.resolved().to_dict())
@@ -233,7 +234,7 @@ def test_live_worker_in_a_long_phase_stays_running(synth_small, tmp_path, monkey
 
 
 def _heartbeat_init(every):
-    from training.trainer import Heartbeat
+    from training.worker import Heartbeat
 
     original = getattr(Heartbeat.__init__, "original", Heartbeat.__init__)
 

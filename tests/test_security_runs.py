@@ -264,7 +264,7 @@ def test_cancel_signals_only_the_process_started_at_the_recorded_time(tmp_path, 
 
 
 def test_the_workers_heartbeat_turns_the_cancel_flag_into_a_stop(tmp_path):
-    from training.trainer import Heartbeat, StopFlag
+    from training.worker import Heartbeat, StopFlag
 
     store = RunStore(tmp_path / "runs")
     rid = store.create_run({"name": "x", "architecture": "solution_a", "epochs": 1})

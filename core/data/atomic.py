@@ -3,7 +3,7 @@ or the new one, never half of one. The one place the write-to-a-temporary-file-t
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -16,9 +16,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     ends the temporary name for writers that choose a format by it (".npz", ".keras")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    # a name no other writer picks (process id, random part), hidden from folder listings, and not created here:
+    # the writer creates the file, so it has the permissions a plain open() gives (mkstemp's are owner-only)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
