@@ -246,7 +246,9 @@ def cmd_predict(args) -> int:
         field_names = [str(p) for p in paths]
         from core.smear.fields import takes_context
 
-        cells = segment_files(paths, crops_dir, args.normalize_stain, paired=takes_context(models))
+        outlines: dict = {}  # (field, cell) -> its outline, for --geojson
+        cells = segment_files(paths, crops_dir, args.normalize_stain, paired=takes_context(models),
+                              outlines=outlines if args.geojson else None)
         problems = {row.field: row.error for row in cells[cells["error"].notna()].itertuples()}
         for message in problems.values():
             print(f"error: {message}", file=sys.stderr)
@@ -257,7 +259,7 @@ def cmd_predict(args) -> int:
             if args.report:
                 _write_sample_report(args, readout, cells.iloc[0:0], what, model_path)
             if args.geojson:
-                _write_field_geojson(cells.iloc[0:0], field_names, args.geojson)
+                _write_field_geojson(cells.iloc[0:0], field_names, args.geojson, outlines)
             return 1
     cam = gradcam_for(models) if args.gradcam else None
     from training.evaluate import crop_margin_of
@@ -287,7 +289,7 @@ def cmd_predict(args) -> int:
         if args.report:
             _write_sample_report(args, readout, table, what, model_path)
         if args.geojson:
-            _write_field_geojson(table, field_names, args.geojson)
+            _write_field_geojson(table, field_names, args.geojson, outlines)
     if not args.out:
         print(table.to_string(index=False))
     for row in table[table["error"].notna()].itertuples():
@@ -322,37 +324,31 @@ def _write_field_readout(cells, fields: list[str], problems: dict[str, str], mod
     return readout
 
 
-def _write_field_geojson(cells, fields: list[str], out_dir: str) -> None:
+def _write_field_geojson(cells, fields: list[str], out_dir: str, outlines: dict) -> None:
     """predict --geojson: each field that could be read as `<field stem>.geojson` under `out_dir`, its white
     cells as QuPath detections (`core.smear.qupath.field_geojson`), none for a field without a white cell. The
-    outlines come from segmenting the field again (the segmentation is deterministic; `segment_files` keeps no
-    masks); a cell whose box does not match is placed by its box."""
-    from core.data.imageio import read_image
+    outlines are those `segment_files` kept while cutting the crops, keyed (field, cell)."""
+    from core.data.imageio import image_header
     from core.smear.fields import FieldCalls
-    from core.smear.qupath import cell_outline, geojson_path, write_geojson
-    from core.smear.segmentation import segment_field
-    import pandas as pd
+    from core.smear.qupath import geojson_path, write_geojson
 
     written: dict[Path, str] = {}
     for name in fields:
         try:
-            image = read_image(name)
-        except (ValueError, OSError):
+            readable = image_header(Path(name).read_bytes()) is not None
+        except OSError:
+            readable = False
+        if not readable:
             continue  # not an image: nothing to place objects on (its read-out row says why)
         mine = cells[cells["field"].astype(str) == name] if "field" in cells else cells.iloc[0:0]
-        outlines = {}
-        if len(mine):
-            boxes = {int(r.cell): (int(r.x0), int(r.y0), int(r.x1), int(r.y1)) for r in mine.itertuples()
-                     if pd.notna(r.cell) and pd.notna(r.x0)}
-            for c in segment_field(image, Path(name).name).cells:
-                if boxes.get(c.number) == tuple(c.box):
-                    outlines[c.number] = cell_outline(c.mask, c.box)
+        numbers = mine["cell"].dropna().astype(int) if "cell" in mine else []
+        rings = {c: outlines[(name, c)] for c in numbers if (name, c) in outlines}
         path = geojson_path(name, out_dir)
         if path in written:
             print(f"warning: {name} and {written[path]} share a file name: {path} holds {name}'s objects",
                   file=sys.stderr)
         written[path] = name
-        write_geojson(FieldCalls(name, mine.reset_index(drop=True), {}, None, {}, outlines=outlines), out_dir)
+        write_geojson(FieldCalls(name, mine.reset_index(drop=True), {}, None, {}, outlines=rings), out_dir)
     print(f"QuPath objects (File > Import objects): {len(written)} GeoJSON file{'' if len(written) == 1 else 's'} "
           f"written to {out_dir}")
 
@@ -575,14 +571,25 @@ def _stain_flag(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `python -m training` parser: one sub-command per `_<command>_parser` helper below, in the order its help
+    lists them, each bound to its `cmd_<command>` function (`args.func`)."""
     p = argparse.ArgumentParser(prog="python -m training", description="C-NMC leukemia workbench")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_index_parser, _synth_parser, _run_parser, _demo_parser, _evaluate_parser, _predict_parser,
+                _segment_parser, _smear_model_parser, _package_parser, _report_parser, _export_parser,
+                _audit_parser, _backup_parser, _restore_parser):
+        add(sub)
+    return p
 
+
+def _index_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("index", help="index a C-NMC folder: summary and problems")
     s.add_argument("dir")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_index)
 
+
+def _synth_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("synth", help="generate a synthetic C-NMC-like dataset in the Kaggle layout")
     s.add_argument("dir")
     s.add_argument("--replica", type=float, metavar="FRACTION",
@@ -596,7 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None)
     s.set_defaults(func=cmd_synth)
 
-    from training.config import add_config_arguments
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    from training.config import PRESET_NOTES, add_config_arguments
 
     s = sub.add_parser("run", help="train one job in the foreground (the dashboard runs this in the background)")
     s.add_argument("--config", help="JSON file of RunConfig fields (flags override it)")
@@ -604,20 +613,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a cancelled/failed run from its checkpoint; with --epochs N, extend its schedule "
                         "(any other changed flag is refused)")
     s.add_argument("--run-id", help="run a job already registered in the store (used by the dashboard)")
-    from training.config import PRESET_NOTES
-
     s.add_argument("--preset", choices=list(PRESET_NOTES), default=None,
                    help="start from a named preset (flags override it): " +
                         "; ".join(f"{k}: {v}" for k, v in PRESET_NOTES.items() if not k.startswith("cross_")))
     add_config_arguments(s)
     s.set_defaults(func=cmd_run)
 
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("demo", help="generate the synthetic dataset if absent and train a small model")
     s.add_argument("--data", default="data/demo")
     s.add_argument("--runs-dir", default=None)
     s.add_argument("--epochs", type=int, default=None)
     s.set_defaults(func=cmd_demo)
 
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("evaluate", help="metrics, calibration, subjects and errors of a run or an ensemble")
     s.add_argument("run_ids", nargs="+", metavar="RUN_ID",
                    help="one run, several for an ensemble, or `starter` / `smear` / a model folder (with --data)")
@@ -635,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs-dir", default="runs")
     s.set_defaults(func=cmd_evaluate)
 
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("predict", help="classify cell images with a run or a .keras file")
     s.add_argument("model", help="starter (the shipped model for single C-NMC-style cells), smear (the shipped model "
                                  "for white cells of smear fields, with --fields), a model folder, RUN_ID or "
@@ -667,6 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "then by closeness of calibrated P(blast) to the threshold; adds review_rank")
     s.set_defaults(func=cmd_predict)
 
+
+def _segment_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("segment", help="find the white cells of smear fields: C-NMC-like crops and a CSV of "
                                        "their boxes")
     s.add_argument("fields", nargs="+", help="field images (JPEG/PNG/BMP/TIFF) and/or folders")
@@ -674,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     _stain_flag(s)
     s.set_defaults(func=cmd_segment)
 
+
+def _smear_model_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("smear-model", help="train the smear model (models/smear/) on the labs' smear photos, or "
                                            "refit it for a lab's own photos (--base MODEL --photos DIR)")
     s.add_argument("data", nargs="?", default=None,
@@ -693,6 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--folds", type=int, default=5, help="cross-validation folds over photos (rules and card)")
     s.set_defaults(func=cmd_smear_model)
 
+
+def _package_parser(sub: argparse._SubParsersAction) -> None:
     from training import package
 
     s = sub.add_parser("package", help="train, calibrate and package a shipped single-cell model folder (the "
@@ -701,12 +720,16 @@ def build_parser() -> argparse.ArgumentParser:
     package.add_arguments(s)
     s.set_defaults(func=cmd_package)
 
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("report", help="one self-contained HTML report of a completed run (figures inline)")
     s.add_argument("run_id", metavar="RUN_ID")
     s.add_argument("--out", default=None, help="default: RUN/report.html")
     s.add_argument("--runs-dir", default="runs")
     s.set_defaults(func=cmd_report)
 
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("export", help="an inference-only model for use outside this project (plain Keras, "
                                       "TensorFlow SavedModel or ONNX) with its crop and decision rules")
     s.add_argument("model", help="starter, smear, a model folder, RUN_ID or MODEL.keras")
@@ -715,17 +738,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs-dir", default="runs")
     s.set_defaults(func=cmd_export)
 
+
+def _audit_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("audit", help="the audit trail of classifications (dashboard and CLI) as CSV")
     s.add_argument("--out", help="CSV to write (default: print)")
     s.add_argument("--runs-dir", default="runs")
     s.set_defaults(func=cmd_audit)
 
+
+def _backup_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("backup", help="copy the run store (runs, audit trail, label reviews) into one SQLite file; "
                                       "safe while the dashboard and workers write")
     s.add_argument("--runs-dir", default="runs")
     s.add_argument("--out", required=True, help="the backup file to write")
     s.set_defaults(func=cmd_backup)
 
+
+def _restore_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("restore", help="put a backup back as the run store (checks it first; the replaced store is "
                                        "kept beside it)")
     s.add_argument("file", help="a file written by `backup`")
@@ -733,7 +762,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing store (refused while its runs are "
                                                         "queued or running)")
     s.set_defaults(func=cmd_restore)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,34 +16,59 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    import keras
+
+    from core.decide.calibration import DecisionRule
+    from core.decide.gate import Gate
+    from training.config import RunConfig
+    from training.store import RunStore
 
 CITATION = ("Gupta A., Gupta R. (eds.), ISBI 2019 C-NMC Challenge: Classification in Cancer Cell Imaging, "
             "Springer 2019; data: C-NMC 2019, The Cancer Imaging Archive (TCIA)")
 
 
+# --- the card as markdown (card.md): one function per section, all read from card.json ----------------------------
 def _f(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
 
 def card_markdown(card: dict) -> str:
+    """The model card (card.md) written from the card dict alone, so card.json and card.md never disagree: what it
+    is, the independent check on new patients (before any cross-validated figure), then data, recipe,
+    leave-subjects-out figures, decision rule, gate, known limits and the commands that remake it."""
     from core.decide.model_folder import independent_check_section
 
-    d, r, m = card["data"], card["recipe"], card["leave_subjects_out"]
-    lines = [
+    return "\n".join([*_md_title(card), independent_check_section(card), "", *_md_data(card), *_md_recipe(card),
+                      *_md_cross_validation(card), *_md_decision_rule(card), *_md_gate(card), *_md_known_limits(),
+                      *_md_reproduce(card)])
+
+
+def _md_title(card: dict) -> list[str]:
+    return [
         f"# Model card: {card['name']}",
         "",
         "**Research use only. Not a diagnostic device.** It classifies one segmented white cell on a black "
         "background, as in C-NMC 2019, into `all` (leukemic B-lymphoblast) or `hem` (normal).",
         "",
-        independent_check_section(card),  # what to expect on new patients, before any cross-validated figure
-        "",
+    ]
+
+
+def _md_data(card: dict) -> list[str]:
+    d = card["data"]
+    return [
         "## Data",
         f"- {d['description']}: {d['cells']} cells ({d['cells_by_class']['all']} all, {d['cells_by_class']['hem']} hem) "
         f"from {d['subjects']} subjects ({len(d['subjects_by_class']['all'])} ALL patients: "
@@ -52,6 +77,13 @@ def card_markdown(card: dict) -> str:
         "(duplicate content).",
         f"- Citation: {card['citation']}.",
         "",
+    ]
+
+
+def _md_recipe(card: dict) -> list[str]:
+    r = card["recipe"]
+    runs = card["training_run"] if isinstance(card["training_run"], list) else [card["training_run"]]
+    return [
         "## Recipe",
         f"- `{r['preset']}` preset: {r['architecture']} from scratch at {r['image_size']} px (the 100-px margin "
         f"crop of each 450 px cell, resized), per-cell colour standardisation {'on' if r['cell_standardize'] else 'off'}, "
@@ -67,13 +99,19 @@ def card_markdown(card: dict) -> str:
          "is the mean of theirs (model.keras, member-N.keras). The recipe described here is the first member's."
          if len(card.get("members", [])) > 1 else ""),
         f"- Training run{'s' if isinstance(card['training_run'], list) else ''} "
-        f"{', '.join(f'`{t}`' for t in (card['training_run'] if isinstance(card['training_run'], list) else [card['training_run']]))}"
+        f"{', '.join(f'`{t}`' for t in runs)}"
         + (f" (weights stored as {card['weights']['quantized']}: {card['weights']['layers']}; what that costs is "
            f"measured by {card['weights']['measured_by']})" if card.get("weights", {}).get("quantized") else "")
         + f"; input: raw RGB crops 0-255 of {r['image_size']} px; output: "
         "P(hem), P(all). Inference-only file: no optimizer state, no augmentation layers; loads with "
         "`keras.saving.load_model(..., safe_mode=True)` once `core` is importable.",
         "",
+    ]
+
+
+def _md_cross_validation(card: dict) -> list[str]:
+    m = card["leave_subjects_out"]
+    lines = [
         "## Leave-subjects-out cross-validation on the same data (patients unseen by each fold model, from the same "
         "batch)",
         f"{m['folds']} folds by subject, each test fold one healthy donor and about a third of the patients, "
@@ -82,43 +120,61 @@ def card_markdown(card: dict) -> str:
         "",
         "| method | weighted F1 | balanced accuracy | sensitivity (all) | specificity (all) | ROC AUC |",
         "|---|---|---|---|---|---|",
+        *(_md_method_row(name, entry["pooled"]) for name, entry in m["methods"].items()),
+        "",
+        "Per fold (weighted F1): " + "; ".join(
+            f"{name}: " + ", ".join(_f(v["weighted_f1"]) for v in entry["per_fold"].values())
+            for name, entry in m["methods"].items()) + ".",
     ]
-    for name, entry in m["methods"].items():
-        p = entry["pooled"]
-        cells = []
-        for k in ("weighted_f1", "balanced_accuracy", "sensitivity_all", "specificity_all", "roc_auc"):
-            ci = (p.get("ci95") or {}).get(k)
-            cells.append(f"{_f(p[k])}" + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Per fold (weighted F1): " + "; ".join(
-        f"{name}: " + ", ".join(_f(v["weighted_f1"]) for v in entry["per_fold"].values())
-        for name, entry in m["methods"].items()) + "."]
     if m.get("minus_baseline"):
         d2 = m["minus_baseline"]["weighted_f1"]
         lines.append(f"Starter recipe minus the hand-crafted-feature baseline: weighted F1 {d2['difference']:+.3f} "
                      f"[{d2['ci95'][0]:+.3f}, {d2['ci95'][1]:+.3f}].")
+    return [*lines, ""]
+
+
+def _md_method_row(name: str, pooled: dict) -> str:
+    """One method's pooled figures, each with its 95% CI where the benchmark has one."""
+    cells = []
+    for k in ("weighted_f1", "balanced_accuracy", "sensitivity_all", "specificity_all", "roc_auc"):
+        ci = (pooled.get("ci95") or {}).get(k)
+        cells.append(f"{_f(pooled[k])}" + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else ""))
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def _md_decision_rule(card: dict) -> list[str]:
     c = card["calibration"]
-    lines += [
-        "",
+    return [
         "## Decision rule (calibration)",
         f"Temperature {c['temperature']:.3f}, threshold {c['threshold']:.3f} on the calibrated P(blast), cells within "
         f"{c['band']:.2f} of the threshold flagged for manual review; fitted on {c['fitted_on']}. Expected "
         f"calibration error there: {c['ece_raw']:.3f} raw -> {c['ece_calibrated']:.3f} calibrated; "
         f"{c['review_fraction']:.1%} of those cells fall in the review band.",
         "",
+    ]
+
+
+def _md_gate(card: dict) -> list[str]:
+    g = card["gate"]
+    return [
         "## What it refuses (out-of-distribution gate)",
         f"Images unlike its training cells get no class (\"not assessed\", with the reason): image checks (one cell on "
-        f"black, not cut by the border, cell area {card['gate']['image']['area_band'][0]:.3f}-"
-        f"{card['gate']['image']['area_band'][1]:.3f} of the frame, mean colour inside the training cells' stain "
+        f"black, not cut by the border, cell area {g['image']['area_band'][0]:.3f}-"
+        f"{g['image']['area_band'][1]:.3f} of the frame, mean colour inside the training cells' stain "
         f"range) and feature novelty (Mahalanobis distance of its penultimate features above "
-        f"{card['gate']['novelty_threshold']:.2f}). False rejections: "
-        f"{card['gate']['false_rejection']['image_rejected_unseen_patients']:.1%} of real cells of unseen patients by the "
+        f"{g['novelty_threshold']:.2f}). False rejections: "
+        f"{g['false_rejection']['image_rejected_unseen_patients']:.1%} of real cells of unseen patients by the "
         f"image checks (leave-subjects-out); by feature novelty "
-        f"{card['gate']['false_rejection']['novelty_rejected_left_out_patients']:.1%} of cells of patients left out of "
+        f"{g['false_rejection']['novelty_rejected_left_out_patients']:.1%} of cells of patients left out of "
         f"the Gaussian's fit (its threshold is their 99th percentile; the network itself saw them) and "
-        f"{card['gate']['false_rejection']['novelty_rejected_in_sample']:.1%} of its training cells. "
+        f"{g['false_rejection']['novelty_rejected_in_sample']:.1%} of its training cells. "
         "`benchmarks/bench_gate.py` measures refusals of non-cells.",
         "",
+    ]
+
+
+def _md_known_limits() -> list[str]:
+    return [
         "## Known limits",
         "- Three healthy donors only, all from one training fold and one acquisition batch: normal cells of other "
         "donors, labs, stains or cameras may be judged less well than the figures above say.",
@@ -128,10 +184,11 @@ def card_markdown(card: dict) -> str:
         "decision rule is an estimate for this final model.",
         "- Blast calls of cells are not a diagnosis: a patient-level decision needs a clinician and the full workup.",
         "",
-        "Reproduce: " + "; ".join(f"`{cmd}`" for cmd in card["reproduce"]),
-        "",
     ]
-    return "\n".join(lines)
+
+
+def _md_reproduce(card: dict) -> list[str]:
+    return ["Reproduce: " + "; ".join(f"`{cmd}`" for cmd in card["reproduce"]), ""]
 
 
 def reproduce(spec: str, specs: list[tuple[str, int]], b: dict, quantize: str | None = None) -> list[str]:
@@ -147,11 +204,12 @@ def reproduce(spec: str, specs: list[tuple[str, int]], b: dict, quantize: str | 
     cmds.append(f"python -m training package DATA --bench BENCH_{parts[0]} --recipe {spec}"
                 + (f" --quantize {quantize}" if quantize else ""))
     if quantize:
-        cmds.append(f"python benchmarks/bench_quantize.py " + " ".join(f"BENCH_{r}" for r in parts))
+        cmds.append("python benchmarks/bench_quantize.py " + " ".join(f"BENCH_{r}" for r in parts))
     return cmds
 
 
-def starter_gate(model, cells, cfg, cache_dir: str, fit_cells: int = 600, seed: int = 0):
+def starter_gate(model, cells: pd.DataFrame, cfg: RunConfig, cache_dir: str, fit_cells: int = 600,
+                 seed: int = 0) -> Gate:
     """The starter's out-of-distribution gate, fitted on its training cells, with its false-rejection rates:
     image checks leave-subjects-out (fitted on two folds' patients, applied to the third's: unseen patients),
     feature novelty in-sample (the model saw every cell: its threshold is the 99.5th percentile of the
@@ -198,7 +256,7 @@ def starter_gate(model, cells, cfg, cache_dir: str, fit_cells: int = 600, seed: 
     return gate
 
 
-def member_columns(columns, spec: str) -> list[str]:
+def member_columns(columns: Iterable[str], spec: str) -> list[str]:
     """The out-of-fold columns of every member (one per recipe and seed, no TTA) of `a` or of a mixture `a+b`."""
     return [c for r in spec.split("+") for c in columns if c.startswith(f"{r}#s") and not c.endswith("+tta")]
 
@@ -235,152 +293,308 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cache-dir", default="cache")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse `argv` as the `package` command does and run it."""
-    ap = argparse.ArgumentParser(prog="python -m training package", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+# --- what `package` refuses, checked before any training ----------------------------------------------------------
+class PackageError(ValueError):
+    """A refusal of `package` in one sentence (printed as `error: ...`) with the exit status it gives: 2 for bad
+    input, 1 for a training run that did not complete."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train (or take) the members, fit the decision rule and gate, write the model folder and its card."""
+@dataclass
+class Plan:
+    """What `package` packages, read and checked before any training: the independent check, the benchmark
+    (results.json, its out-of-fold predictions), the ensemble's members (one `recipe#sN` column each) as (recipe,
+    seed), the first member's configuration and the run store."""
 
-    from core.decide.calibration import DecisionRule, expected_calibration_error
-    from core.data.dataset import index
-    from core.decide.model_folder import STARTER_DIR, load_independent_check, save_model_folder
-    from core.nets.models import load_model
+    check: dict | None
+    bench: Path
+    results: dict
+    oof: pd.DataFrame
+    member_cols: list[str]
+    specs: list[tuple[str, int]]
+    config: RunConfig
+    store: RunStore
+
+    @property
+    def budget(self) -> dict:
+        """The benchmark's training budget, which every member is trained with."""
+        return self.results["budget"]
+
+
+def member_config(args: argparse.Namespace, budget: dict, recipe: str, seed: int) -> RunConfig:
+    """The `RunConfig` of one member: the recipe on every cell (split `all`, fixed epochs) with the benchmark's
+    budget, so the member is the model the benchmark measured."""
     from training.config import preset
-    from training.store import RunStore
-    from training.trainer import train
 
-    try:  # read before any training: a bad file fails in a second, not after hours
+    return preset(recipe, name=args.name, data_dir=args.data, split="all", architecture=budget["architecture"],
+                  image_size=budget["size"], samples_per_class=budget["per_class"], epochs=budget["epochs"],
+                  batch_size=budget["batch"], learning_rate=budget["lr"], seed=seed, early_stopping=False,
+                  runs_dir=args.runs_dir, cache_dir=args.cache_dir, crop_margin=args.crop_margin)
+
+
+def validate(args: argparse.Namespace) -> Plan:
+    """Everything `package` can refuse, checked in one place before any training, so a bad file or a wrong run
+    fails in a second, not after hours. Raises `PackageError` with the reason."""
+    from core.decide.model_folder import load_independent_check
+    from training.store import RunStore
+
+    try:
         check = load_independent_check(args.independent_check) if args.independent_check else None
     except (OSError, ValueError) as exc:
-        print(f"error: --independent-check: {exc}", file=sys.stderr)
-        return 2
+        raise PackageError(f"--independent-check: {exc}") from exc
     bench = Path(args.bench)
     results = json.loads((bench / "results.json").read_text())
     if args.recipe not in results["methods"]:
-        print(f"error: {bench} has no results for recipe {args.recipe}", file=sys.stderr)
-        return 2
+        raise PackageError(f"{bench} has no results for recipe {args.recipe}")
     b = results["budget"]
     if b.get("ema"):
-        print(f"error: {bench} averaged the CNN's weights (--ema {b['ema']}); the trainer has no such option, so "
-              "its members would not be the models measured", file=sys.stderr)
-        return 2
+        raise PackageError(f"{bench} averaged the CNN's weights (--ema {b['ema']}); the trainer has no such option, "
+                           "so its members would not be the models measured")
     oof = pd.read_csv(bench / "oof_predictions.csv", dtype={"subject": "str"})
     # the members: one per recipe and seed the benchmark trained (`recipe#sN` columns); `a+b` mixes recipes
     member_cols = member_columns(oof.columns, args.recipe) or [args.recipe]
     specs = [(c.split("#s")[0], int(c.split("#s")[1])) if "#s" in c else (args.recipe, b["seed"]) for c in member_cols]
-
-    def member_config(recipe: str, seed: int):
-        return preset(recipe, name=args.name, data_dir=args.data, split="all", architecture=b["architecture"],
-                      image_size=b["size"], samples_per_class=b["per_class"], epochs=b["epochs"],
-                      batch_size=b["batch"], learning_rate=b["lr"], seed=seed, early_stopping=False,
-                      runs_dir=args.runs_dir, cache_dir=args.cache_dir, crop_margin=args.crop_margin)
-
-    cfg = member_config(*specs[0])
-    t0 = time.perf_counter()
-    store = RunStore(args.runs_dir)
+    plan = Plan(check, bench, results, oof, member_cols, specs, member_config(args, b, *specs[0]),
+                RunStore(args.runs_dir))
     given = args.model or args.run
     if given and len(given) != len(specs):
-        print(f"error: the benchmark's ensemble has {len(specs)} member(s) ({', '.join(member_cols)}); give one run "
-              f"or model per member, in that order, got {len(given)}", file=sys.stderr)
-        return 2
+        raise PackageError(f"the benchmark's ensemble has {len(specs)} member(s) ({', '.join(member_cols)}); give "
+                           f"one run or model per member, in that order, got {len(given)}")
+    if args.run and not args.model:
+        for j, (recipe, seed) in enumerate(specs):
+            if not _member_file(args.run[j]):
+                _check_given_run(args, plan, args.run[j], recipe, seed)
+    return plan
+
+
+def _member_file(entry: str) -> bool:
+    """A --run entry that is an inference-only .keras file of a member (e.g. the previous starter's)."""
+    return entry.endswith(".keras") and Path(entry).is_file()
+
+
+def _check_given_run(args: argparse.Namespace, plan: Plan, run_id: str, recipe: str, seed: int) -> None:
+    """A run given with --run is the member the benchmark measured: the same recipe, budget and seed, completed."""
+    have = plan.store.get_run(run_id)["config"]
+    want = member_config(args, plan.budget, recipe, seed).resolved().to_dict()
+    differ = sorted(k for k in want if k not in ("name", "runs_dir", "cache_dir") and have.get(k) != want[k])
+    if differ:
+        raise PackageError(f"run {run_id} differs from recipe {recipe} with the benchmark's budget (seed {seed}) in: "
+                           + ", ".join(f"{k} ({have.get(k)!r} != {want[k]!r})" for k in differ))
+    _check_completed(plan.store.get_run(run_id), run_id)
+
+
+def _check_completed(run: dict, run_id: str) -> None:
+    if run["status"] != "completed":
+        raise PackageError(f"training run {run_id} {run['status']}: {run['error']}", status=1)
+
+
+# --- the members -----------------------------------------------------------------------------------------------
+def member_models(args: argparse.Namespace, plan: Plan) -> tuple[list, list[str]]:
+    """The ensemble's networks and what the card calls each, in the benchmark's member order: model files given
+    with --model, runs (or member files) given with --run, else runs trained here with the benchmark's budget."""
+    from core.nets.models import load_model
+    from training.trainer import train
+
+    t0 = time.perf_counter()
     models, run_ids = [], []
-    for j, (recipe, seed) in enumerate(specs):
-        member_cfg = member_config(recipe, seed)
+    for j, (recipe, seed) in enumerate(plan.specs):
         if args.model:
             run_ids.append(f"{Path(args.model[j]).name}" + (f" ({args.trained_on})" if args.trained_on else ""))
             models.append(load_model(args.model[j]))
             continue
-        if args.run and args.run[j].endswith(".keras") and Path(args.run[j]).is_file():
+        if args.run and _member_file(args.run[j]):
             # a member trained earlier with this very recipe, budget and seed (e.g. the previous starter's)
             run_ids.append(Path(args.run[j]).name)
             models.append(load_model(args.run[j]))
             continue
-        if args.run:
-            run_id = args.run[j]
-            have, want = store.get_run(run_id)["config"], member_cfg.resolved().to_dict()
-            differ = sorted(k for k in want if k not in ("name", "runs_dir", "cache_dir") and have.get(k) != want[k])
-            if differ:
-                print(f"error: run {run_id} differs from recipe {recipe} with the benchmark's budget (seed "
-                      f"{seed}) in: " + ", ".join(f"{k} ({have.get(k)!r} != {want[k]!r})" for k in differ),
-                      file=sys.stderr)
-                return 2
-        else:
-            run_id = train(member_cfg, store)
-        run = store.get_run(run_id)
-        if run["status"] != "completed":
-            print(f"error: training run {run_id} {run['status']}: {run['error']}", file=sys.stderr)
-            return 1
+        run_id = args.run[j] if args.run else train(member_config(args, plan.budget, recipe, seed), plan.store)
+        _check_completed(plan.store.get_run(run_id), run_id)
         print(f"trained run {run_id} ({recipe}, seed {seed}) in {time.perf_counter() - t0:.0f} s", flush=True)
         run_ids.append(run_id)
-        models.append(load_model(str(store.run_dir(run_id) / "best.keras")))
-    model = models[0]
-    if args.train_only:
-        from core.nets.models import inference_model
+        models.append(load_model(str(plan.store.run_dir(run_id) / "best.keras")))
+    return models, run_ids
 
-        for j, m in enumerate(models):
-            # members of a mixture may share a seed: name them by recipe and seed
-            rc, sd = specs[j]
-            target = args.train_only if j == 0 else str(Path(args.train_only).with_suffix(f".{rc}-s{sd}.keras"))
-            inference_model(m).save(target)
-            print(f"wrote {target} (inference-only; package with --model, one file per member in the benchmark's order)")
-        return 0
 
-    # the shipped members' own ensemble, without test-time augmentation (inference does not augment)
-    y, p = (oof["label"] == "all").to_numpy().astype(int), oof[member_cols].to_numpy().mean(axis=1)
+def write_train_only(target: str, specs: list[tuple[str, int]], models: list) -> None:
+    """--train-only: each member as an inference-only file (the first at `target`), to package elsewhere with
+    --model (e.g. trained on a GPU machine, packaged where the full tiles are)."""
+    from core.nets.models import inference_model
+
+    for j, m in enumerate(models):
+        # members of a mixture may share a seed: name them by recipe and seed
+        rc, sd = specs[j]
+        path = target if j == 0 else str(Path(target).with_suffix(f".{rc}-s{sd}.keras"))
+        inference_model(m).save(path)
+        print(f"wrote {path} (inference-only; package with --model, one file per member in the benchmark's order)")
+
+
+def fit_decision_rule(args: argparse.Namespace, plan: Plan) -> tuple[DecisionRule, np.ndarray, np.ndarray]:
+    """The decision rule fitted on the benchmark's out-of-fold predictions of the shipped members' own ensemble
+    (no test-time augmentation: inference does not augment), i.e. on patients the fold models never saw.
+    Returns (rule, labels, probabilities) for the card's calibration figures."""
+    from core.decide.calibration import DecisionRule
+
+    oof = plan.oof
+    y, p = (oof["label"] == "all").to_numpy().astype(int), oof[plan.member_cols].to_numpy().mean(axis=1)
     rule = DecisionRule.fit(y, p, args.target_sensitivity, args.band,
                             fitted_on=f"out-of-fold predictions for unseen patients ({len(oof)} cells, "
                                       f"{oof['subject'].nunique()} subjects, leave-subjects-out CV)")
-    decided = rule.decide(p)
+    return rule, y, p
 
-    manifest, problems = index(args.data)
-    lab = manifest[manifest["label"].notna()]
-    resolved = cfg.resolved()
-    gate = starter_gate(model, lab, resolved, args.cache_dir)
-    print(f"gate: {json.dumps(gate.false_rejection)}", flush=True)
-    card = {
+
+# --- the card (card.json) -----------------------------------------------------------------------------------
+RECIPE_FIELDS = ("architecture", "image_size", "cell_standardize", "hed_sigma", "brightness", "contrast", "saturation",
+                 "hue", "sharpness", "noise_std", "learning_rate", "batch_size", "epochs", "samples_per_class", "seed")
+
+
+def build_card(args: argparse.Namespace, plan: Plan, run_ids: list[str], cells: pd.DataFrame, excluded: int,
+               resolved: RunConfig, gate: Gate, rule: DecisionRule, y: np.ndarray, p: np.ndarray) -> dict:
+    """The starter's card (card.json): what it is, the data, recipe, members, the benchmark's leave-subjects-out
+    figures, gate, calibration and how to remake it; one dict, the single source of card.md and of what the
+    dashboard shows (its keys, in this order, are the card format)."""
+    return {
         "name": args.name,
         "research_use_only": True,
         "task": "one segmented C-NMC-style cell -> all (blast) vs hem (normal)",
         "citation": CITATION,
-        "independent_check": check,  # null until a check on new patients has been run
-        "data": {"description": "C-NMC 2019 training fold 1", "cells": int(len(lab)),
-                 "cells_by_class": {k: int(v) for k, v in lab["label"].value_counts().items()},
-                 "subjects": int(lab["subject"].nunique()),
-                 "subjects_by_class": {k: sorted(g["subject"].unique()) for k, g in lab.groupby("label")},
-                 "excluded": int(len(problems))},
-        "recipe": {"preset": specs[0][0], **{k: getattr(resolved, k) for k in (
-            "architecture", "image_size", "cell_standardize", "hed_sigma", "brightness", "contrast", "saturation",
-            "hue", "sharpness", "noise_std", "learning_rate", "batch_size", "epochs", "samples_per_class", "seed")}},
+        "independent_check": plan.check,  # null until a check on new patients has been run
+        "data": _card_data(cells, excluded),
+        "recipe": {"preset": plan.specs[0][0], **{k: getattr(resolved, k) for k in RECIPE_FIELDS}},
         "training_run": run_ids[0] if len(run_ids) == 1 else run_ids,
-        "members": [{"recipe": rc, "seed": sd, "run": r} for (rc, sd), r in zip(specs, run_ids)],
+        "members": [{"recipe": rc, "seed": sd, "run": r} for (rc, sd), r in zip(plan.specs, run_ids)],
         "input": {"size": resolved.image_size, "crop": "100/450 margin per side, then resize", "dtype": "uint8 RGB"},
-        "leave_subjects_out": {
-            "folds": len(results["folds"]), "fold_subjects": results["folds"], "machine": results["machine"],
-            "budget": b, "methods": {k: {"pooled": v["pooled"], "per_fold": v["per_fold"]}
-                                     for k, v in results["methods"].items() if "pooled" in v},
-            "members_alone": results["methods"].get("members", {}),
-            "minus_baseline": results["methods"][args.recipe].get("minus_baseline")},
+        "leave_subjects_out": _card_cross_validation(plan.results, args.recipe),
         "gate": {"image": gate.image.__dict__, "novelty_threshold": gate.novelty.threshold,
                  "false_rejection": gate.false_rejection},
-        "calibration": {**rule.__dict__, "ece_raw": expected_calibration_error(y, p),
-                        "ece_calibrated": expected_calibration_error(y, decided["prob_all_calibrated"]),
-                        "review_fraction": float(decided["uncertain"].mean())},
-        "weights": ({"quantized": args.quantize, "layers": "the dense kernels, one scale per unit, activations float32; convolutions float32",
-                     "measured_by": "benchmarks/bench_quantize.py (the benchmark's fold models, float32 vs int8, "
-                                    "on their own unseen patients)"}
-                    if args.quantize else {"quantized": None}),
-        "reproduce": reproduce(args.recipe, specs, b, args.quantize),
+        "calibration": _card_calibration(rule, y, p),
+        "weights": _card_weights(args.quantize),
+        "reproduce": reproduce(args.recipe, plan.specs, plan.budget, args.quantize),
     }
+
+
+def _card_data(cells: pd.DataFrame, excluded: int) -> dict:
+    return {"description": "C-NMC 2019 training fold 1", "cells": int(len(cells)),
+            "cells_by_class": {k: int(v) for k, v in cells["label"].value_counts().items()},
+            "subjects": int(cells["subject"].nunique()),
+            "subjects_by_class": {k: sorted(g["subject"].unique()) for k, g in cells.groupby("label")},
+            "excluded": int(excluded)}
+
+
+def _card_cross_validation(results: dict, recipe: str) -> dict:
+    return {"folds": len(results["folds"]), "fold_subjects": results["folds"], "machine": results["machine"],
+            "budget": results["budget"], "methods": {k: {"pooled": v["pooled"], "per_fold": v["per_fold"]}
+                                                     for k, v in results["methods"].items() if "pooled" in v},
+            "members_alone": results["methods"].get("members", {}),
+            "minus_baseline": results["methods"][recipe].get("minus_baseline")}
+
+
+def _card_calibration(rule: DecisionRule, y: np.ndarray, p: np.ndarray) -> dict:
+    from core.decide.calibration import expected_calibration_error
+
+    decided = rule.decide(p)
+    return {**rule.__dict__, "ece_raw": expected_calibration_error(y, p),
+            "ece_calibrated": expected_calibration_error(y, decided["prob_all_calibrated"]),
+            "review_fraction": float(decided["uncertain"].mean())}
+
+
+def _card_weights(quantize: str | None) -> dict:
+    if not quantize:
+        return {"quantized": None}
+    return {"quantized": quantize, "layers": "the dense kernels, one scale per unit, activations float32; convolutions float32",
+            "measured_by": "benchmarks/bench_quantize.py (the benchmark's fold models, float32 vs int8, "
+                           "on their own unseen patients)"}
+
+
+# --- the model folder: one writer for every model folder (the starter here, the smear model's too) -------------
+def write_model_folder(folder: str | os.PathLike, model, rule: DecisionRule, card: dict, card_md: str, *,
+                       gate: Gate | None = None, members: Sequence = (), prepare: Callable | None = None,
+                       extras: Mapping[str, str | Callable[[Path], None]] | None = None) -> Path:
+    """Write a model folder as `core.decide.model_folder.load_model_folder` reads it: model.keras (and an
+    ensemble's further `members` as member-1.keras, ...), decision_rule.json, gate.json, card.json, card.md, plus a
+    model's own `extras` (file name -> its text, or a function that writes the file at the path it is given, e.g.
+    the smear model's field_rule.json and training_cells.npz). One writer, so the starter's and the smear model's
+    folders cannot drift apart. Every file is written beside its name and replaces it in one step
+    (`core.data.atomic`): a reader never sees half a file. A folder rewritten with fewer members keeps no stale one.
+    `prepare` turns each network into what ships (e.g. inference-only, int8); without it a network is saved as is."""
+    from core.data.atomic import atomic_path, atomic_write_text
+    from core.decide.model_folder import CARD_JSON, CARD_MD, GATE_FILE, MEMBER_GLOB, MODEL_FILE, RULE_FILE
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(MEMBER_GLOB):
+        old.unlink()
+    for i, m in enumerate([model, *members]):
+        net = prepare(m) if prepare else m
+        with atomic_path(folder / (MODEL_FILE if i == 0 else f"member-{i}.keras"), suffix=".keras") as tmp:
+            # no optimizer state in a shipped file (Keras 2 needs the flag; Keras 3 never saves it here)
+            net.save(tmp, include_optimizer=False) if _accepts_include_optimizer(net) else net.save(tmp)
+    rule.save(folder / RULE_FILE)
+    if gate is not None:
+        gate.save(folder / GATE_FILE)
+    atomic_write_text(folder / CARD_JSON, json.dumps(card, indent=2, default=float) + "\n")
+    atomic_write_text(folder / CARD_MD, card_md)
+    for name, content in (extras or {}).items():
+        if isinstance(content, str):
+            atomic_write_text(folder / name, content)
+        else:
+            with atomic_path(folder / name, suffix=Path(name).suffix) as tmp:
+                content(tmp)
+    return folder
+
+
+def _accepts_include_optimizer(model) -> bool:
+    return "include_optimizer" in inspect.signature(model.save).parameters
+
+
+def shippable(model: keras.Model, quantize: str | None = None) -> keras.Model:
+    """What a starter member ships as: the network without its training-only layers (`inference_model`), with
+    `quantize="int8"` its dense kernels stored as int8 so an ensemble ships small."""
+    from core.nets.models import inference_model, quantize_weights
+
+    clean = inference_model(model)
+    return quantize_weights(clean, quantize) if quantize else clean
+
+
+def write_starter_folder(out: str | os.PathLike, models: list, rule: DecisionRule, gate: Gate, card: dict,
+                         quantize: str | None = None) -> Path:
+    """The starter's model folder: its members made shippable, its card as card.json and card.md."""
+    return write_model_folder(out, models[0], rule, card, card_markdown(card), gate=gate, members=models[1:],
+                              prepare=lambda m: shippable(m, quantize))
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    """`python -m training package`: train (or take) the members, fit the decision rule and gate, write the model
+    folder and its card. Returns the exit status; a refusal is one `error: ...` line on stderr."""
+    try:
+        return _package(args)
+    except PackageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.status
+
+
+def _package(args: argparse.Namespace) -> int:
+    from core.data.dataset import index
+    from core.decide.model_folder import STARTER_DIR
+
+    plan = validate(args)
+    models, run_ids = member_models(args, plan)
+    if args.train_only:
+        write_train_only(args.train_only, plan.specs, models)
+        return 0
+    rule, y, p = fit_decision_rule(args, plan)
+    manifest, problems = index(args.data)
+    cells = manifest[manifest["label"].notna()]
+    resolved = plan.config.resolved()
+    gate = starter_gate(models[0], cells, resolved, args.cache_dir)
+    print(f"gate: {json.dumps(gate.false_rejection)}", flush=True)
+    card = build_card(args, plan, run_ids, cells, len(problems), resolved, gate, rule, y, p)
     out = Path(args.out) if args.out else STARTER_DIR
-    save_model_folder(out, model, rule, card, card_markdown(card), gate=gate, members=models[1:],
-                      quantize=args.quantize)
+    write_starter_folder(out, models, rule, gate, card, args.quantize)
     size_mb = sum(f.stat().st_size for f in out.glob("*.keras")) / 1e6
     print(f"wrote {out} ({len(models)} model file(s), {size_mb:.1f} MB); decision rule: temperature {rule.temperature:.3f}, "
           f"threshold {rule.threshold:.3f}, band {rule.band}")
     return 0
-

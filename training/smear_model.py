@@ -620,29 +620,19 @@ def _check_network(model, cs: CellSet, proj: Projection, head: Head) -> None:
         raise RuntimeError("the network's projection and head do not reproduce the fitted ones")
 
 
-def write_folder(out: str | Path, model, rule, gate, field_rule: dict, card: dict, zs: ZSet, target) -> Path:
-    """The model folder: model.keras, decision_rule.json, gate.json, field_rule.json, card.json, card.md and
-    training_cells.npz, each written under a temporary name first. A new folder is a new version: never an
-    overwrite of another model's folder."""
-    import os
-
+def write_folder(out: str | Path, model, rule, gate, field_rule: dict, card: dict, zs: ZSet,
+                 target: np.ndarray) -> Path:
+    """The smear model folder, by the one packager every model folder shares (`training.package.write_model_folder`:
+    model.keras, decision_rule.json, gate.json, card.json, card.md, each written under a temporary name first) plus
+    the smear model's own field_rule.json and training_cells.npz (what a lab's refit starts from). The network is
+    saved as it is (no training-only layers to strip). A new folder is a new version: never an overwrite of another
+    model's folder."""
     from core.decide.model_folder import FIELD_RULE_FILE
+    from training.package import write_model_folder
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "tmp-model.keras"
-    model.save(tmp)
-    os.replace(tmp, folder / "model.keras")
-    rule.save(folder / "decision_rule.json")
-    gate.save(folder / "gate.json")
-    for name, text in ((FIELD_RULE_FILE, json.dumps(field_rule, indent=2) + "\n"),
-                       ("card.json", json.dumps(card, indent=2, default=float) + "\n"), ("card.md", card_markdown(card))):
-        (folder / (name + ".tmp")).write_text(text)
-        os.replace(folder / (name + ".tmp"), folder / name)
-    tmp_cells = folder / ("tmp-" + TRAINING_CELLS)
-    _save_training_cells(tmp_cells, zs, target)
-    os.replace(tmp_cells, folder / TRAINING_CELLS)
-    return folder
+    return write_model_folder(out, model, rule, card, card_markdown(card), gate=gate,
+                              extras={FIELD_RULE_FILE: json.dumps(field_rule, indent=2) + "\n",
+                                      TRAINING_CELLS: lambda path: _save_training_cells(path, zs, target)})
 
 
 def _card(name: str, cs: CellSet, figures: dict, n_folds: int, rule, field_rule: dict, reproduce: str) -> dict:
@@ -688,6 +678,9 @@ def _card(name: str, cs: CellSet, figures: dict, n_folds: int, rule, field_rule:
 
 
 def card_markdown(card: dict) -> str:
+    """The smear model's card.md, written from its card dict alone (card.json and card.md never disagree): task,
+    data, network, field rule, the independent check, the per-lab cross-validation, a lab refit's before and after,
+    and what it is not for."""
     from core.decide.model_folder import independent_check_section
 
     cv = card["cross_validation"]

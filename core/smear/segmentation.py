@@ -523,11 +523,13 @@ CSV_COLUMNS = ["field", "cell", "crop", "x0", "y0", "x1", "y1", "mask_area_px", 
                "kind", "error"]
 
 
-def segment_files(paths, out_dir, normalize_stain: bool = False, paired: bool = False) -> "pd.DataFrame":
+def segment_files(paths, out_dir, normalize_stain: bool = False, paired: bool = False,
+                  outlines: dict | None = None) -> "pd.DataFrame":
     """Segment each field file and write its crops as `<field stem>_cell<NN>.png` under `out_dir`; one row per
     cell (box in field pixels, mask area), or one row with `error` (bad file, no white cells) per field that
     gave none: a bad field fails alone. `paired`: each crop is written as its `paired_crop` (cell and context,
-    for a model that takes both: `core.smear.fields.takes_context`)."""
+    for a model that takes both: `core.smear.fields.takes_context`). `outlines`, when given, gains each cell's
+    outline in field pixels, keyed (field, cell number) (`core.smear.qupath.cell_outline`: for a GeoJSON export)."""
     import pandas as pd
     from PIL import Image
 
@@ -548,6 +550,10 @@ def segment_files(paths, out_dir, normalize_stain: bool = False, paired: bool = 
         for c in result.cells:
             target = out / f"{path.stem}_cell{c.number:02d}.png"
             Image.fromarray(paired_crop(c) if paired else c.crop).save(target)
+            if outlines is not None:
+                from core.smear.qupath import cell_outline
+
+                outlines[(str(path), c.number)] = cell_outline(c.mask, c.box)
             x0, y0, x1, y1 = c.box
             rows.append({"field": str(path), "cell": c.number, "crop": str(target), "x0": x0, "y0": y0, "x1": x1,
                          "y1": y1, "mask_area_px": c.mask_area, "rbc_diameter_px": result.rbc_diameter_px,
