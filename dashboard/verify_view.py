@@ -17,8 +17,9 @@ from dashboard.auth import Actor
 
 TILES = 6  # tiles per row
 MAX_TILES = 120  # tiles drawn; the queue itself holds every cell
-LABELS = {"confirm": "Confirm the call", "blast": "Blast", "normal": "Normal", "not a white cell": "Not a white cell",
-          "unsure": "Unsure"}
+LABELS = {"confirm": "Confirm", "blast": "Blast", "normal": "Normal", "not a white cell": "Not WBC", "unsure": "Unsure"}
+HELP = {"confirm": "confirm the model's call", "blast": "a blast", "normal": "a normal white cell",
+        "not a white cell": "not a white cell: debris, smudge, platelet clump", "unsure": "cannot tell"}
 CURRENT = "_cnmc_verify_current"  # session state: the cell under the verifier's eye
 
 
@@ -32,7 +33,7 @@ def verify_ui(result: services.Classified, runs_dir, actor: Actor) -> None:
                  f"{len(result.fields)} smear photo{'s' if len(result.fields) != 1 else ''}")
     st.caption("Each white cell found, least certain first. A count is signed off only after a person has looked "
                "at its cells; your decisions are stored with your name and the time, and anyone re-opening these "
-               "photos sees them. Keys: " + " · ".join(f"**{k}** {LABELS[d].lower()}" for d, k in SHORTCUTS.items()))
+               "photos sees them. Keys: " + " · ".join(f"**{k}** {HELP[d]}" for d, k in SHORTCUTS.items()))
     counts_ui(result, ver)
     refused = actor.refusal("review")
     if refused:
@@ -54,10 +55,11 @@ def counts_ui(result: services.Classified, ver: services.Verification) -> None:
     cols[2].metric("Blasts, pre-classified", int(pre["blasts"]))
     cols[3].metric("Blasts, verified", int(post["blasts"]), delta=int(post["blasts"] - pre["blasts"]) or None,
                    delta_color="off")
-    frac = (f"{post['blast_fraction']:.0%} ({post['blast_fraction_low']:.0%}–{post['blast_fraction_high']:.0%})"
-            if post["judged"] else "–")
-    cols[4].metric("Blast %, verified (95% CI)", frac)
-    st.caption(f"Verified call: **{post['call']}**: {post['why']}."
+    cols[4].metric("Blast %, verified", f"{post['blast_fraction']:.0%}" if post["judged"] else "–",
+                   help="verified blasts among the judged cells; its 95% CI (Wilson) is said below")
+    ci = (f" Blast % {post['blast_fraction']:.0%}, 95% CI {post['blast_fraction_low']:.0%}–"
+          f"{post['blast_fraction_high']:.0%}." if post["judged"] else "")
+    st.caption(f"Verified call: **{post['call']}**: {post['why']}.{ci}"
                + (f" Verified by {', '.join(ver.verifiers)}." if ver.verifiers else " Not verified yet."))
     if ver.disputed:
         st.warning(f"{len(ver.disputed)} cell{'s' if len(ver.disputed) > 1 else ''} where verifiers disagree (the "
@@ -94,7 +96,7 @@ def decide_ui(result: services.Classified, cells: pd.DataFrame, ver: services.Ve
     buttons = right.columns(len(DECISIONS))
     for col, decision in zip(buttons, DECISIONS):
         if col.button(LABELS[decision], key=f"verify-{decision}", shortcut=SHORTCUTS[decision],
-                      type="primary" if decision == "confirm" else "secondary"):
+                      type="primary" if decision == "confirm" else "secondary", width="stretch"):
             _decide(result, runs_dir, current, decision, who)
 
 
@@ -130,14 +132,16 @@ def tiles_ui(cells: pd.DataFrame, crops: dict, ver: services.Verification) -> No
 def report_ui(result: services.Classified, ver: services.Verification, actor: Actor) -> None:
     """The report (printable HTML and CSV) with a typed sample id, and the exports for other tools."""
     st.markdown("**Report and exports**")
-    sample_id = st.text_input("Sample id (typed by you; never taken from file names)", key="sample-id",
-                              placeholder="e.g. the lab's accession number")
+    with st.form("sample-report", border=False):  # the id is taken as a whole, before a download is built
+        sample_id = st.text_input("Sample id (typed by you; never taken from file names)", key="sample-id",
+                                  placeholder="e.g. the lab's accession number; Enter to set it")
+        st.form_submit_button("Set the sample id")
     report = services.sample_report(result, sample_id, ver, actor=actor, card=services.smear_card(result))
     cols = st.columns(4)
     cols[0].download_button("Download the report (HTML, printable)", report.html, "sample_report.html",
-                            "text/html", key="report-html")
+                            "text/html", key="report-html", on_click="ignore")
     cols[1].download_button("Download the report's figures (CSV)", report.csv, "sample_report.csv", "text/csv",
-                            key="report-csv")
+                            key="report-csv", on_click="ignore")
     read = [fc for fc in result.fields if fc.error is None]
     qupath = "one FeatureCollection per field: QuPath → File → Import objects; each white cell a detection classed " \
              "blast / normal / review / not judged, or as verified"
@@ -145,10 +149,12 @@ def report_ui(result: services.Classified, ver: services.Verification, actor: Ac
         cols[2].download_button("Download outlines for QuPath (GeoJSON)",
                                 lambda: services.field_geojson(result, read[0].name, ver.decisions),
                                 f"{Path(read[0].name).stem}.geojson", "application/geo+json", key="geojson",
-                                help=qupath)
+                                help=qupath, on_click="ignore")
     else:
         cols[2].download_button("Download outlines for QuPath (GeoJSON, zip)",
                                 lambda: services.geojson_zip(result, ver.decisions), "qupath_geojson.zip",
-                                "application/zip", key="geojson", help=qupath)
+                                "application/zip", key="geojson", help=qupath,
+                                on_click="ignore")
     cols[3].download_button("Download the cell crops (zip)", lambda: services.field_crops_zip(result),
-                            "cell_crops.zip", "application/zip", key="crops-zip")
+                            "cell_crops.zip", "application/zip", key="crops-zip",
+                            on_click="ignore")

@@ -58,7 +58,7 @@ def apply_verification(cells: pd.DataFrame, decisions: Mapping[str, str]) -> pd.
         t.at[at, "prediction"] = {BLAST: "all", NORMAL: "hem"}.get(c)
         t.at[at, "prob_all_calibrated"] = {BLAST: 1.0, NORMAL: 0.0}.get(c, float("nan"))
         t.at[at, "uncertain"] = False
-        if c is None:
+        if d == UNSURE:  # a confirmed "not judged" keeps the model's reason
             t.at[at, "ood_reason"] = UNSURE_REASON
     return t[[c != NOT_WBC for c in cls]].reset_index(drop=True)
 
