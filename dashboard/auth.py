@@ -397,10 +397,6 @@ def _log_session_refusal(mode: AuthMode) -> None:
         _logger().warning("refused a session: %s", mode.reason)
 
 
-def auth_enabled() -> bool:
-    return auth_mode().mode == "sign-in"
-
-
 def not_served_ui(why: str) -> None:
     """The whole page when the server refuses to serve: one error naming the problem, nothing else."""
     import streamlit as st

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from core.data.labels import CLASSES, DECISIONS
 from core.image.preprocessing import load_crop
 from dashboard.auth import Actor, PermissionDenied, require  # noqa: F401 - PermissionDenied: what pages catch
 from dashboard.csv_export import escape_cells
@@ -601,25 +602,15 @@ def model_names() -> list[str]:
     return list_models()
 
 
-def architecture_defaults(name: str):
-    """The registry's per-architecture defaults (epochs, batch size)."""
-    from core.nets.models import model_info
-
-    return model_info(name)
-
-
 def config_help() -> dict[str, str]:
     from training.config import field_help
 
     return field_help()
 
 
-RUN_PRESETS = ("quick_demo", "starter", "report_solution_a", "report_solution_b", "challenge")
-
-
 def run_presets() -> dict[str, str]:
     """The whole-run presets the Train page offers first, each with its one line (CLI: `run --preset NAME`)."""
-    from training.config import PRESET_NOTES
+    from training.config import PRESET_NOTES, RUN_PRESETS
 
     return {name: PRESET_NOTES[name] for name in RUN_PRESETS}
 
@@ -748,7 +739,7 @@ def split_preview(data_dir: str | Path, strategy: str = "patient", seed: int = 0
     except ValueError as exc:
         return {"table": pd.DataFrame(), "warnings": [], "error": str(exc)}
     counts = split_counts(split)
-    for c in ("all", "hem"):
+    for c in CLASSES:
         for kind in ("subjects", "cells"):
             if f"{kind}_{c}" not in counts:
                 counts[f"{kind}_{c}"] = 0
@@ -818,7 +809,7 @@ def run_report(runs_dir: str | Path, run_id: str) -> str:
 
 
 # --- label review -------------------------------------------------------------------------------------------------
-REVIEW_DECISIONS = ("label is wrong", "label is right", "unsure")  # as core.data.labels.DECISIONS (tested equal)
+REVIEW_DECISIONS = DECISIONS  # the label review's choices: core.data.labels' own tuple, what the store accepts
 OVERRIDE_FREE_TEXT = ("reviewer", "note")  # typed by people: escaped in CSV; name and label stay exact for training
 
 
@@ -899,7 +890,7 @@ def error_scope(runs_dir: str | Path, run_id: str) -> str | None:
     split = pd.read_csv(path, usecols=["label", "subject", "split"], dtype=str)
     test = split[split["split"] == "test"]
     present = set(test["label"])
-    if test.empty or present >= {"all", "hem"}:
+    if test.empty or present >= set(CLASSES):
         return None
     only = next(iter(present))
     kind = ("false negatives (missed blasts): with no normal cells to call blasts, a false positive cannot occur"

@@ -78,6 +78,14 @@ def test_presets_and_stain_fields():
     assert (cfg.hed_sigma, cfg.cell_standardize, cfg.split) == (0.1, False, "all")
 
 
+def test_the_train_page_offers_the_whole_run_presets_first_in_order():
+    from dashboard.services import run_presets
+    from training.config import PRESET_NOTES, RUN_PRESETS
+
+    assert RUN_PRESETS == ("quick_demo", "starter", "report_solution_a", "report_solution_b", "challenge")
+    assert list(run_presets()) == list(RUN_PRESETS) and all(run_presets()[n] == PRESET_NOTES[n] for n in RUN_PRESETS)
+
+
 def test_mixstyle_and_head_fields_reach_the_model():
     """One new field: the CLI flag, the preset, validation and the trainer's model all follow from it."""
     from training.config import preset

@@ -25,7 +25,13 @@ def test_overrides_follow_the_latest_review_per_cell(tmp_path):
     from dashboard.services import REVIEW_DECISIONS
     from training.store import RunStore
 
-    assert REVIEW_DECISIONS == DECISIONS
+    assert REVIEW_DECISIONS is DECISIONS  # the page offers the store's own tuple, not a copy that can drift
+    offered = RunStore(tmp_path / "offered")
+    for decision in REVIEW_DECISIONS:  # every choice the Review page offers is one the store records
+        offered.record_review("UID_1_1_1_all.bmp", "all", decision, "ana")
+    assert offered.reviews()["decision"].tolist() == list(REVIEW_DECISIONS)
+    with pytest.raises(ValueError, match="decision must be one of"):
+        offered.record_review("UID_1_1_1_all.bmp", "all", "looks odd", "ana")
     store = RunStore(tmp_path)
     store.record_review("UID_1_1_1_all.bmp", "all", "label is wrong", "ana", "looks normal")
     store.record_review("UID_H2_3_1_hem.bmp", "hem", "label is wrong", "ana")

@@ -46,6 +46,7 @@ def prepare(work: Path, epochs: int) -> tuple[Path, Path, list[Path], Path]:
     import numpy as np
     from PIL import Image
 
+    from core.data.labels import CLASSES
     from core.data.synthetic import synthesize
     from core.smear.synthetic_fields import synth_field
     from training.cli import demo_config
@@ -63,7 +64,7 @@ def prepare(work: Path, epochs: int) -> tuple[Path, Path, list[Path], Path]:
     if run["status"] != "completed":
         raise SystemExit(f"the demo run did not complete: {run['error']}")
     cells = []
-    for label in ("all", "hem"):  # three cells of each class, from different subjects
+    for label in CLASSES[::-1]:  # three cells of each class (blasts first), from different subjects
         seen = set()
         for path in sorted(data.rglob(f"training_data/*/{label}/UID_*.bmp")):
             subject = path.name.split("_")[1]

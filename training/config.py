@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from core.data.atomic import atomic_path
+
 
 def _f(default, help: str, choices: tuple | None = None, **kw):
     return field(default=default, metadata={"help": help, "choices": choices}, **kw)
@@ -178,9 +180,8 @@ class RunConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.to_json())
 
 
 # Named presets: field overrides of the defaults, each with one line on what it is and when to use it (CLI
@@ -207,6 +208,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cross_patient_light_head": {"head_l1l2": 1e-5},
     "report": dict(_REPORT_RECIPE),
 }
+RUN_PRESETS = tuple(PRESETS)[:5]  # the whole runs, in the order the Train page offers them
 PRESET_NOTES: dict[str, str] = {
     "quick_demo": "Solution A at 64 px, 3 short epochs: about a minute on a laptop CPU; to see the whole loop work",
     "starter": "the shipped starter model's recipe (Solution A at 64 px, stain/colour/texture jitter, 6 epochs "

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from core.data.labels import CLASSES
 from core.decide import calibration as cal
 from core.decide.metrics import error_tables, evaluate_predictions, report_table, subject_readout
 from training.config import RunConfig
@@ -196,7 +197,7 @@ def evaluate(store: RunStore, run_ids: Sequence[str], split: str = "test", data_
                                               f"{val['subject'].nunique()} subjects)",
                                     subject_weight=weight, subjects=val["subject"])
     else:
-        missing = [c for c in ("hem", "all") if c not in set(val["label"])]
+        missing = [c for c in CLASSES if c not in set(val["label"])]
         why = "has no cells" if val.empty else f"has no {' or '.join(missing)} cells"
         rule = cal.DecisionRule(band=band, fitted_on=f"none: the validation split {why}, so the rule keeps its "
                                                      "defaults (threshold 0.5, temperature 1)", subject_weight=weight)

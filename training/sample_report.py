@@ -29,12 +29,12 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from core.data.atomic import atomic_path
 from core.smear.fields import POOLED  # the pooled row's `field`
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sample_report.html"
 NO_SAMPLE_ID = "no sample id given"
 NOT_VERIFIED = "not verified"
-RESEARCH_ONLY = "Research use only: not a diagnostic device"
 STAGES = ("pre-classified", "verified")
 CSV_COLUMNS = ["sample_id", "stage", "field", "white_cells", "judged", "verified", "removed", "blasts",
                "blast_fraction", "blast_fraction_low", "blast_fraction_high", "call", "model", "verifiers",
@@ -327,11 +327,9 @@ class SampleReport:
         through a temporary file so a reader never sees half a report."""
         page = Path(html_path)
         table = page.with_suffix(".csv")
-        page.parent.mkdir(parents=True, exist_ok=True)
         for path, text in ((page, self.html), (table, self.csv)):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                tmp.write_text(text, encoding="utf-8")
         return page, table
 
 

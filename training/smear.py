@@ -22,7 +22,6 @@ refit) is a few seconds of linear algebra.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,6 +29,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from core.data.atomic import atomic_path
 from core.smear.segmentation import PAIR_TILE  # each half of a paired crop
 
 SMEAR_SIZE = 2 * PAIR_TILE  # the network's input: the paired crop padded to a square (margin 0)
@@ -179,11 +179,9 @@ def _features_key(photos: pd.DataFrame, views: int) -> str:
 
 
 def _save_cellset(path: Path, cs: CellSet) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, table=cs.table.to_json(orient="split"), photos=cs.photos.to_json(orient="split"),
-             feats=cs.feats, row_cell=cs.row_cell, row_view=cs.row_view)
-    tmp.replace(path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, table=cs.table.to_json(orient="split"), photos=cs.photos.to_json(orient="split"),
+                 feats=cs.feats, row_cell=cs.row_cell, row_view=cs.row_view)
 
 
 def _load_cellset(path: Path) -> CellSet:

@@ -483,22 +483,20 @@ class RunStore:
         snapshot and writers are not held up). Written to a temporary name, checked (`integrity_check`) and
         renamed, so `dest` is never a half-written file. Run folders (models, logs) are plain files: copy them
         with any file tool."""
+        from core.data.atomic import atomic_path
+
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(dest.name + ".part")
-        part.unlink(missing_ok=True)
-        with self._connect() as src:
-            out = sqlite3.connect(part)
-            try:
-                src.backup(out)  # every page in one step: one read transaction, one snapshot
-                out.execute("PRAGMA journal_mode=DELETE")
-                check = out.execute("PRAGMA integrity_check").fetchone()[0]
-            finally:
-                out.close()
-        if check != "ok":
-            part.unlink(missing_ok=True)
-            raise RuntimeError(f"the backup of {self.db_path} failed its integrity check: {check}")
-        os.replace(part, dest)
+        with atomic_path(dest) as part:
+            with self._connect() as src:
+                out = sqlite3.connect(part)
+                try:
+                    src.backup(out)  # every page in one step: one read transaction, one snapshot
+                    out.execute("PRAGMA journal_mode=DELETE")
+                    check = out.execute("PRAGMA integrity_check").fetchone()[0]
+                finally:
+                    out.close()
+            if check != "ok":  # raised inside: the temporary copy is removed, `dest` untouched
+                raise RuntimeError(f"the backup of {self.db_path} failed its integrity check: {check}")
         return dest
 
 

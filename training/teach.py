@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from core.data.atomic import atomic_path
 from training.smear import CELL_COLUMNS, PAIR_TILE, PHOTO_STATS, SMEAR_SIZE, CellSet
 
 log = logging.getLogger(__name__)
@@ -357,8 +358,8 @@ def _drop_empty(folder: Path) -> None:
 
 def _write_card(folder: Path, card: dict, markdown: str) -> None:
     for name, text in (("card.json", json.dumps(card, indent=2, default=float) + "\n"), ("card.md", markdown)):
-        (folder / (name + ".tmp")).write_text(text)
-        os.replace(folder / (name + ".tmp"), folder / name)
+        with atomic_path(folder / name) as tmp:
+            tmp.write_text(text)
 
 
 def _verified_markdown(v: dict) -> str:

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from core.data.imageio import bmp24_header
+from core.data.labels import CLASSES
 
-CLASSES = ("hem", "all")  # index 1 is the positive class (leukemic blast), as in the challenge CSV (1 = all)
 IMAGE_EXTENSIONS = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 MANIFEST_COLUMNS = ["path", "name", "label", "subject", "image", "cell", "source", "original_name",
                     "size", "mtime_ns"]

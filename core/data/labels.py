@@ -1,4 +1,5 @@
-"""Label overrides: reviewers' corrections of dataset labels, as a CSV any run can train or be evaluated with.
+"""The class labels (`CLASSES`) and label overrides: reviewers' corrections of dataset labels, as a CSV any run
+can train or be evaluated with.
 
 A reviewer who finds a wrongly labelled cell records "label is wrong" (or "label is right", "unsure") in the run
 store; the latest "label is wrong" decision per cell becomes an override: the cell's corrected label. Cells are
@@ -11,9 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.data.atomic import atomic_path
+
 DECISIONS = ("label is wrong", "label is right", "unsure")
 OVERRIDE_COLUMNS = ["name", "label", "original_label", "reviewer", "at", "note"]
-CLASSES = ("all", "hem")
+# The two cell classes, in the order of the integer labels everywhere (data, training, models): hem = 0
+# (normal), all = 1 (leukemic blast, the positive class), as in the challenge CSV; a model's output is P(all).
+# The one definition: every other module imports it.
+CLASSES = ("hem", "all")
 
 
 def other(label: str) -> str:
@@ -35,9 +41,8 @@ def overrides_from_reviews(reviews: pd.DataFrame) -> pd.DataFrame:
 
 def save_overrides(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    table[OVERRIDE_COLUMNS].to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table[OVERRIDE_COLUMNS].to_csv(tmp, index=False)
     return path
 
 
@@ -53,7 +58,7 @@ def load_overrides(path: str | os.PathLike) -> pd.DataFrame:
     bad = table[~table["label"].isin(CLASSES)]
     if len(bad):
         raise ValueError(f"{path}: row for {bad['name'].iloc[0]!r} has label {bad['label'].iloc[0]!r}; "
-                         f"labels are {' or '.join(CLASSES)}")
+                         f"labels are {' or '.join(CLASSES[::-1])}")
     if table["name"].duplicated().any():
         raise ValueError(f"{path}: {table['name'][table['name'].duplicated()].iloc[0]!r} is listed twice")
     return table

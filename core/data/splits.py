@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.data.atomic import atomic_path
+from core.data.labels import CLASSES
+
 STRATEGIES = ("patient", "official", "image", "all")
 SPLITS = ("train", "val", "test")
 LEAKY = {"image": "image-level split: cells of one subject fall in several splits (leaks subjects; "
@@ -217,11 +220,11 @@ def split_warnings(split: pd.DataFrame) -> list[str]:
     sound split. The `all` strategy (no validation, no test by design) is judged on its training split only."""
     if split.empty:
         return ["the split holds no labelled cells"]
-    classes = [c for c in ("all", "hem") if c in set(split["label"])] or sorted(split["label"].unique())
+    classes = [c for c in CLASSES[::-1] if c in set(split["label"])] or sorted(split["label"].unique())  # blasts first
     subjects = split.groupby("label")["subject"].nunique()
     out = [f"the data hold no {CLASS_WORDS.get(c, c)} cells at all: every split has one class, so sensitivity, "
            "specificity, balanced accuracy and ROC AUC are undefined everywhere"
-           for c in ("all", "hem") if c not in classes]
+           for c in CLASSES[::-1] if c not in classes]
     present = set(split["split"])
     expected = ["train"] if split.attrs.get("strategy") == "all" or present == {"train"} else list(SPLITS)
     for s in expected:
@@ -276,9 +279,8 @@ def save_split(split: pd.DataFrame, path: str | os.PathLike, root: str | os.Path
         root = Path(root).resolve()
         table["path"] = [_relative(p, root) for p in table["path"]]
         table["root"] = str(root)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
     return path
 
 
@@ -368,7 +370,7 @@ def subject_folds(manifest: pd.DataFrame, n_folds: int = 3) -> pd.DataFrame:
         raise ValueError(f"{int(m['subject'].isna().sum())} cells have no subject id (UID_ names): "
                          "leave-subjects-out needs to know every cell's subject")
     per_class = m.groupby("label")["subject"].nunique()
-    missing = {"all", "hem"} - set(per_class.index)
+    missing = set(CLASSES) - set(per_class.index)
     if missing:
         raise ValueError(f"only one class found ({', '.join(per_class.index)}); leave-subjects-out needs both "
                          f"all and hem cells (missing {', '.join(sorted(missing))})")

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.data.atomic import atomic_path
 from core.data.imageio import encode_bmp
 
 SIDE = 450
@@ -258,9 +259,8 @@ def _write_one(args) -> tuple[str, bool]:
     tile = render_cell(t, stain, rng)
     header = "v5" if rng.random() < V5_FRACTION else "info"
     path = Path(out) / spec.relpath
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(encode_bmp(tile, header))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(encode_bmp(tile, header))
     return spec.relpath, flipped
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.data.atomic import atomic_write_text
+
 _EPS = 1e-7
 
 
@@ -151,9 +153,7 @@ class DecisionRule:
         return cls(t, thr, band, fitted_on, target_sensitivity, subject_weight)
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DecisionRule":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.data.atomic import atomic_write_text
 from core.image.stain import foreground
 
 GATE_SIDE = 150  # pixels of the square the image-level checks work on
@@ -202,9 +203,7 @@ class Gate:
     def save(self, path: str | os.PathLike) -> None:
         data = {"image": asdict(self.image) if self.image is not None else None, "novelty": asdict(self.novelty) if self.novelty else None,
                 "false_rejection": self.false_rejection}
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Gate":

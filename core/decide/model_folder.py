@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.data.atomic import atomic_path
+
 MODEL_FILE, RULE_FILE, CARD_JSON, CARD_MD = "model.keras", "decision_rule.json", "card.json", "card.md"
 GATE_FILE = "gate.json"
 FIELD_RULE_FILE = "field_rule.json"  # a smear model's field call rule (`core.decide.calibration.CallRule`), fitted with it
@@ -163,9 +165,8 @@ def save_model_folder(folder: str | os.PathLike, model, rule, card: dict, card_m
         if quantize:
             clean = quantize_weights(clean, quantize)
         name = MODEL_FILE if i == 0 else f"member-{i}.keras"
-        tmp = folder / ("tmp-" + name)
-        clean.save(tmp, include_optimizer=False) if _accepts_include_optimizer(clean) else clean.save(tmp)
-        os.replace(tmp, folder / name)
+        with atomic_path(folder / name, suffix=".keras") as tmp:
+            clean.save(tmp, include_optimizer=False) if _accepts_include_optimizer(clean) else clean.save(tmp)
     rule.save(folder / RULE_FILE)
     if gate is not None:
         gate.save(folder / GATE_FILE)

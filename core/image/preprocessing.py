@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.data.atomic import atomic_path
 from core.data.imageio import ImageReadError, read_bmp_square_window, read_image
 
 REFERENCE_SIDE = 450  # C-NMC tiles
@@ -203,29 +204,27 @@ class CropCache:
                            {int(k): v for k, v in meta["failures"].items()}, reused=True)
         identity = cache_identity(paths, size, margin)
         _drop_stale(cache_dir, key, identity)
-        tmp = cache_dir / f"crops-{key}.partial.npy"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
-        del out
-        failures: dict[int, str] = {}
-        workers = workers or os.cpu_count() or 1
-        chunk = max(8, min(256, len(paths) // (workers * 8) + 1))
-        t0 = time.perf_counter()
-        bar = _progress(len(paths), progress, f"crop cache {size}px")
-        ctx = _pool_context()
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(str(tmp),)) as pool:
-            with _plain_main():  # worker processes are started by these submits
-                futures = {pool.submit(_fill, s, paths[s:s + chunk], size, margin): min(chunk, len(paths) - s)
-                           for s in range(0, len(paths), chunk)}
-            for fut in as_completed(futures):
-                failures.update(dict(fut.result()))
-                bar.update(futures[fut])
-        bar.close()
-        os.replace(tmp, array_path)
+        with atomic_path(array_path, suffix=".npy") as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+            del out
+            failures: dict[int, str] = {}
+            workers = workers or os.cpu_count() or 1
+            chunk = max(8, min(256, len(paths) // (workers * 8) + 1))
+            t0 = time.perf_counter()
+            bar = _progress(len(paths), progress, f"crop cache {size}px")
+            ctx = _pool_context()
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(str(tmp),)) as pool:
+                with _plain_main():  # worker processes are started by these submits
+                    futures = {pool.submit(_fill, s, paths[s:s + chunk], size, margin): min(chunk, len(paths) - s)
+                               for s in range(0, len(paths), chunk)}
+                for fut in as_completed(futures):
+                    failures.update(dict(fut.result()))
+                    bar.update(futures[fut])
+            bar.close()
         meta = {"key": key, "identity": identity, "size": size, "margin": margin, "n": len(paths), "version": CACHE_VERSION,
                 "seconds": round(time.perf_counter() - t0, 3), "failures": {str(k): v for k, v in failures.items()}}
-        tmp_meta = meta_path.with_suffix(".json.partial")
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, meta_path)
+        with atomic_path(meta_path) as tmp_meta:
+            tmp_meta.write_text(json.dumps(meta))
         return cls(np.load(array_path, mmap_mode="r"), paths, size, margin, key, failures)
 
 

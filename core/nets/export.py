@@ -23,6 +23,9 @@ import keras
 import numpy as np
 from keras import layers
 
+from core.data.atomic import atomic_path
+from core.data.labels import CLASSES
+
 FORMATS = ("keras", "savedmodel", "onnx")
 CONTRACT_FILE = "contract.json"
 FILES = {"keras": "model.keras", "savedmodel": "savedmodel", "onnx": "model.onnx"}
@@ -121,7 +124,7 @@ def contract(size: int, margin: int, rule, source: str, fmt: str) -> dict:
                            f"cut round({margin} * side / 450) px from each side",
                            f"resize to {size}x{size} (PIL BOX when shrinking, BILINEAR when enlarging)"],
                  "margin": margin, "reference_side": 450, "size": size},
-        "output": {"columns": ["P(hem)", "P(all)"], "classes": ["hem", "all"],
+        "output": {"columns": [f"P({c})" for c in CLASSES], "classes": list(CLASSES),
                    "meaning": "all = leukemic B-lymphoblast, hem = normal"},
         "decision_rule": {**{k: getattr(rule, k) for k in ("temperature", "threshold", "band", "fitted_on")},
                           "calibrated": "q = 1 / (1 + exp(-logit(P(all)) / temperature))",
@@ -141,9 +144,8 @@ def export_model(models, fmt: str, out: str | os.PathLike, rule, margin: int, so
     size = int(port.inputs[0].shape[1])
     target = out / FILES[fmt]
     if fmt == "keras":
-        tmp = out / ("tmp-" + FILES[fmt])
-        port.save(tmp)
-        os.replace(tmp, target)
+        with atomic_path(target, suffix=".keras") as tmp:
+            port.save(tmp)
     elif fmt == "savedmodel":
         if keras.backend.backend() != "tensorflow":
             raise ValueError("savedmodel export needs the TensorFlow backend (KERAS_BACKEND=tensorflow)")

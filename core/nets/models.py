@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import layers, regularizers
 
+from core.data.atomic import atomic_path
 from core.nets.augmentation import AugmentSpec, MixStyle, build_augmentation
 from core.nets.pretrained import IMAGENET_STD, imagenet_backbone, lite0_backbone, load_lite0_imagenet  # noqa: F401
 from core.nets.stain_layers import CellStandardize
@@ -116,15 +117,10 @@ def _download(url: str, dest: Path, timeout: float) -> None:
     """Fetch `url` to `dest` atomically (a half download never sits where Keras looks)."""
     import urllib.request
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
+    with atomic_path(dest) as tmp:
         with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
             while chunk := r.read(1 << 20):
                 f.write(chunk)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def ensure_init(name: str, init: str, timeout: float = 10.0) -> str:

@@ -18,7 +18,6 @@ import functools
 import importlib.util
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping, Sequence
@@ -26,6 +25,8 @@ from typing import Any, BinaryIO, Mapping, Sequence
 import keras
 import numpy as np
 from keras import layers
+
+from core.data.atomic import atomic_path
 
 # ---------------------------------------------------------------------------------------------------------
 # PyTorch's legacy (non-zip) serialisation, read with numpy
@@ -379,18 +380,11 @@ def _read_cache(path: Path) -> dict[str, list[np.ndarray]] | None:
 
 def _write_cache(path: Path, weights: Mapping[str, Sequence[np.ndarray]]) -> None:
     """Temp file in the same folder, then rename: a reader never sees half a file, concurrent writers agree."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"{layer}/{i}": w for layer, ws in weights.items() for i, w in enumerate(ws)}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __format__=np.array(CACHE_FORMAT), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, __format__=np.array(CACHE_FORMAT), **arrays)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,6 +21,8 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
+from core.data.atomic import atomic_path
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".tif", ".tiff", ".png", ".bmp"}
 PHOTO_COLUMNS = ["photo", "number", "label", "path", "width", "height", "blasts", "others", "size", "mtime_ns"]
 PROBLEM_COLUMNS = ["path", "reason"]
@@ -512,14 +514,12 @@ def crop_map(root: str | os.PathLike, workers: int | None = None, rebuild: bool 
         table = map_crops_to_photos(crop_files, photo_files, factor=factor, candidates=candidates,
                                     threshold=threshold, same_field=same_field, workers=workers)
         if cache is not None:
-            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
             try:
-                with open(tmp, "w") as fh:
+                with atomic_path(cache) as tmp, open(tmp, "w") as fh:
                     fh.write(f"# key={key}\n")
                     table.to_csv(fh, index=False)
-                os.replace(tmp, cache)
             except OSError:  # a read-only copy of the data: the mapping still comes back, just not cached
-                tmp.unlink(missing_ok=True)
+                pass
     table = _none_for_missing(table.copy(), ("photo", "candidate"))
     table.insert(1, "label", [parse_name(c).label for c in table["crop"]])
     table["usable"] = [p is not None and (n := parse_name(p)) is not None and not is_reserved(n.number)

@@ -149,7 +149,6 @@ def field_overlay(image: np.ndarray, labels: np.ndarray, calls: dict[int, str]) 
 # --- the read-out: per field and pooled over a patient's fields -------------------------------------------------
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: a two-sided 95% interval
 POOLED = "all fields"  # the `field` of the pooled row
-CALLS = ("blasts", "no blasts", "cannot judge")
 READOUT_COLUMNS = ["field", "white_cells", "judged", "review", "blasts", "blast_fraction", "blast_fraction_low",
                    "blast_fraction_high", "call", "why", "blast_cells", "model"]
 

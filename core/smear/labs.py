@@ -28,7 +28,6 @@ from pathlib import Path
 import pandas as pd
 
 BLASTS, NO_BLASTS = "blasts", "no_blasts"
-PHOTO_LABELS = (BLASTS, NO_BLASTS)
 PHOTO_COLUMNS = ["photo", "path", "lab", "label", "group", "centroids"]
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 ARIA_CLASSES = {"benign": NO_BLASTS, "normal": NO_BLASTS, "early": BLASTS, "pre": BLASTS, "pro": BLASTS}
