@@ -16,14 +16,13 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pandas as pd
@@ -509,46 +508,6 @@ def _card_weights(quantize: str | None) -> dict:
 
 
 # --- the model folder: one writer for every model folder (the starter here, the smear model's too) -------------
-def write_model_folder(folder: str | os.PathLike, model, rule: DecisionRule, card: dict, card_md: str, *,
-                       gate: Gate | None = None, members: Sequence = (), prepare: Callable | None = None,
-                       extras: Mapping[str, str | Callable[[Path], None]] | None = None) -> Path:
-    """Write a model folder as `core.decide.model_folder.load_model_folder` reads it: model.keras (and an
-    ensemble's further `members` as member-1.keras, ...), decision_rule.json, gate.json, card.json, card.md, plus a
-    model's own `extras` (file name -> its text, or a function that writes the file at the path it is given, e.g.
-    the smear model's field_rule.json and training_cells.npz). One writer, so the starter's and the smear model's
-    folders cannot drift apart. Every file is written beside its name and replaces it in one step
-    (`core.data.atomic`): a reader never sees half a file. A folder rewritten with fewer members keeps no stale one.
-    `prepare` turns each network into what ships (e.g. inference-only, int8); without it a network is saved as is."""
-    from core.data.atomic import atomic_path, atomic_write_text
-    from core.decide.model_folder import CARD_JSON, CARD_MD, GATE_FILE, MEMBER_GLOB, MODEL_FILE, RULE_FILE
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob(MEMBER_GLOB):
-        old.unlink()
-    for i, m in enumerate([model, *members]):
-        net = prepare(m) if prepare else m
-        with atomic_path(folder / (MODEL_FILE if i == 0 else f"member-{i}.keras"), suffix=".keras") as tmp:
-            # no optimizer state in a shipped file (Keras 2 needs the flag; Keras 3 never saves it here)
-            net.save(tmp, include_optimizer=False) if _accepts_include_optimizer(net) else net.save(tmp)
-    rule.save(folder / RULE_FILE)
-    if gate is not None:
-        gate.save(folder / GATE_FILE)
-    atomic_write_text(folder / CARD_JSON, json.dumps(card, indent=2, default=float) + "\n")
-    atomic_write_text(folder / CARD_MD, card_md)
-    for name, content in (extras or {}).items():
-        if isinstance(content, str):
-            atomic_write_text(folder / name, content)
-        else:
-            with atomic_path(folder / name, suffix=Path(name).suffix) as tmp:
-                content(tmp)
-    return folder
-
-
-def _accepts_include_optimizer(model) -> bool:
-    return "include_optimizer" in inspect.signature(model.save).parameters
-
-
 def shippable(model: keras.Model, quantize: str | None = None) -> keras.Model:
     """What a starter member ships as: the network without its training-only layers (`inference_model`), with
     `quantize="int8"` its dense kernels stored as int8 so an ensemble ships small."""
@@ -560,7 +519,10 @@ def shippable(model: keras.Model, quantize: str | None = None) -> keras.Model:
 
 def write_starter_folder(out: str | os.PathLike, models: list, rule: DecisionRule, gate: Gate, card: dict,
                          quantize: str | None = None) -> Path:
-    """The starter's model folder: its members made shippable, its card as card.json and card.md."""
+    """The starter's model folder: its members made shippable, its card as card.json and card.md (by the one
+    writer every model folder shares, `core.decide.model_folder.write_model_folder`)."""
+    from core.decide.model_folder import write_model_folder
+
     return write_model_folder(out, models[0], rule, card, card_markdown(card), gate=gate, members=models[1:],
                               prepare=lambda m: shippable(m, quantize))
 

@@ -622,13 +622,13 @@ def _check_network(model, cs: CellSet, proj: Projection, head: Head) -> None:
 
 def write_folder(out: str | Path, model, rule, gate, field_rule: dict, card: dict, zs: ZSet,
                  target: np.ndarray) -> Path:
-    """The smear model folder, by the one packager every model folder shares (`training.package.write_model_folder`:
+    """The smear model folder, by the one packager every model folder shares (`core.decide.model_folder.write_model_folder`:
     model.keras, decision_rule.json, gate.json, card.json, card.md, each written under a temporary name first) plus
     the smear model's own field_rule.json and training_cells.npz (what a lab's refit starts from). The network is
     saved as it is (no training-only layers to strip). A new folder is a new version: never an overwrite of another
     model's folder."""
     from core.decide.model_folder import FIELD_RULE_FILE
-    from training.package import write_model_folder
+    from core.decide.model_folder import write_model_folder
 
     return write_model_folder(out, model, rule, card, card_markdown(card), gate=gate,
                               extras={FIELD_RULE_FILE: json.dumps(field_rule, indent=2) + "\n",

@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 from core.data.atomic import atomic_path
 
@@ -156,22 +156,45 @@ def save_model_folder(folder: str | os.PathLike, model, rule, card: dict, card_m
     dense kernels as int8, `core.nets.models.quantize_weights`, to ship an ensemble small)."""
     from core.nets.models import inference_model, quantize_weights
 
+    def prepare(m):
+        clean = inference_model(m)
+        return quantize_weights(clean, quantize) if quantize else clean
+
+    return write_model_folder(folder, model, rule, card, card_md, gate=gate, members=members, prepare=prepare)
+
+
+def write_model_folder(folder: str | os.PathLike, model, rule, card: dict, card_md: str, *, gate=None,
+                       members: Sequence = (), prepare: Callable | None = None,
+                       extras: Mapping[str, str | Callable[[Path], None]] | None = None) -> Path:
+    """Write a model folder as `load_model_folder` reads it: model.keras (and an ensemble's further `members` as
+    member-1.keras, ...), decision_rule.json, gate.json, card.json, card.md, plus a model's own `extras` (file
+    name -> its text, or a function that writes the file at the path it is given, e.g. the smear model's
+    field_rule.json and training_cells.npz). The one writer, so the starter's and the smear model's folders cannot
+    drift apart. Every file is written beside its name and replaces it in one step (`core.data.atomic`): a reader
+    never sees half a file. A folder rewritten with fewer members keeps no stale one. `prepare` turns each network
+    into what ships (e.g. inference-only, int8); without it a network is saved as is."""
+    from core.data.atomic import atomic_write_text
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob(MEMBER_GLOB):  # a folder re-written with fewer members keeps no stale one
+    for old in folder.glob(MEMBER_GLOB):
         old.unlink()
     for i, m in enumerate([model, *members]):
-        clean = inference_model(m)
-        if quantize:
-            clean = quantize_weights(clean, quantize)
-        name = MODEL_FILE if i == 0 else f"member-{i}.keras"
-        with atomic_path(folder / name, suffix=".keras") as tmp:
-            clean.save(tmp, include_optimizer=False) if _accepts_include_optimizer(clean) else clean.save(tmp)
+        net = prepare(m) if prepare else m
+        with atomic_path(folder / (MODEL_FILE if i == 0 else f"member-{i}.keras"), suffix=".keras") as tmp:
+            # no optimizer state in a shipped file (Keras 2 needs the flag; Keras 3 never saves it here)
+            net.save(tmp, include_optimizer=False) if _accepts_include_optimizer(net) else net.save(tmp)
     rule.save(folder / RULE_FILE)
     if gate is not None:
         gate.save(folder / GATE_FILE)
-    (folder / CARD_JSON).write_text(json.dumps(card, indent=2, default=float) + "\n")
-    (folder / CARD_MD).write_text(card_md)
+    atomic_write_text(folder / CARD_JSON, json.dumps(card, indent=2, default=float) + "\n")
+    atomic_write_text(folder / CARD_MD, card_md)
+    for name, content in (extras or {}).items():
+        if isinstance(content, str):
+            atomic_write_text(folder / name, content)
+        else:
+            with atomic_path(folder / name, suffix=Path(name).suffix) as tmp:
+                content(tmp)
     return folder
 
 
