@@ -298,8 +298,8 @@ def classify_uploads(bundle: ModelBundle, files: list[tuple[str, bytes]], gradca
     corrected = table.get("subject_corrected", pd.Series(dtype=object)).fillna(False).astype(bool).sum()
     import hashlib
 
-    digests = {fc.name: hashlib.sha256(next(u.data for u in uploads if u.label == fc.name)).hexdigest()
-               for fc in field_calls}
+    data = {u.label: u.data for u in uploads}
+    digests = {fc.name: hashlib.sha256(data[fc.name]).hexdigest() for fc in field_calls}
     return Classified(table, kept.crops, overlays, subjects, field_calls, int(corrected), readout, digests,
                       fb.description, fb.model_sha256 or "", fb.field_rule, float(fb.rule.threshold))
 
@@ -457,11 +457,13 @@ class Verification:
 
 def verification(runs_dir: str | Path, sample: str) -> Verification:
     """What the store holds for a sample (read fresh on every page run: another session's decisions show)."""
+    from core.smear.verify import current_decisions
+
     history = RunStore(runs_dir).verifications(sample)
-    decisions, disputed = {}, {}
+    decisions = {str(r.cell_name): str(r.decision) for r in current_decisions(history).itertuples()}
+    disputed = {}
     for name, g in history.groupby("cell_name", sort=False):
-        decisions[str(name)] = str(g["decision"].iloc[-1])
-        latest = g.drop_duplicates("verifier", keep="last")
+        latest = g.drop_duplicates("verifier", keep="last")  # each verifier's own last word on the cell
         if latest["decision"].nunique() > 1:
             disputed[str(name)] = [f"{r.verifier}: {r.decision}" for r in latest.itertuples()]
     return Verification(sample, decisions, history, disputed)
@@ -504,12 +506,11 @@ def verify_cell(runs_dir: str | Path, result: Classified, cell_name: str, decisi
 def verified_readout(result: Classified, decisions: dict[str, str]) -> pd.DataFrame:
     """The upload's read-out after verification: per field and pooled, same call rule, with `verified` and
     `removed` counts (`core.smear.verify.verified_readout`)."""
+    from core.smear.fields import POOLED
     from core.smear.verify import verified_readout as readout
 
-    fields = [f for f in result.field_readout["field"] if f != "all fields"] if len(result.field_readout) else []
-    cells = pd.concat([fc.table.assign(field=fc.name) for fc in result.fields if len(fc.table)], ignore_index=True) \
-        if any(len(fc.table) for fc in result.fields) else pd.DataFrame(columns=["field", "cell", "cell_name",
-                                                                                 "prediction"])
+    fields = [f for f in result.field_readout["field"] if f != POOLED] if len(result.field_readout) else []
+    cells = field_cells(result)
     return readout(cells, decisions, fields, result.field_rule)
 
 
@@ -519,10 +520,10 @@ def sample_report(result: Classified, sample_id: str, ver: Verification, *, acto
     from training.sample_report import sample_report as build
 
     verified = verified_readout(result, ver.decisions) if ver.decisions else None
+    from core.smear.verify import verified_class
+
     blasts, crops = {}, cell_crops(result)
     for r in field_cells(result).to_dict("records"):
-        from core.smear.verify import verified_class
-
         if verified_class(r, ver.decisions.get(r["cell_name"])) == "blast" and r["cell_name"] in crops:
             blasts[r["cell_name"]] = crops[r["cell_name"]]
     return build(sample_id, result.field_readout, verified=verified, verifications=ver.history if len(ver.history)

@@ -14,6 +14,13 @@ from training.config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
+# the real-browser tests: Debian's Chromium (never a downloaded browser), its flags, where screenshots land
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+ARTIFACTS = REPO / "test-artifacts"
+
+
 
 def tiny(data, runs, **kw) -> RunConfig:
     """A training job small enough for CI: Solution A at 32 px, a few batches per epoch."""

@@ -10,15 +10,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from helpers import free_port, serve_app
+from helpers import ARTIFACTS, CHROMIUM, FLAGS, free_port, serve_app
 
 from dashboard import auth
 
-CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 VIEWER, REVIEWER, STRANGER = "vera@lab.test", "rita@lab.test", "sam@elsewhere.test"
 ROLES = f"""identity_claim = "email"
 groups_claim = "groups"

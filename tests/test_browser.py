@@ -3,14 +3,9 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import serve_app
+from helpers import ARTIFACTS, CHROMIUM, FLAGS, serve_app
 
-CHROMIUM = "/usr/bin/chromium"
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture()

@@ -14,14 +14,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import serve_app
+from helpers import ARTIFACTS, CHROMIUM, FLAGS, serve_app
 
-CHROMIUM = "/usr/bin/chromium"
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 # the five decisions, by key only, and the decision each key stands for (core.smear.verify.SHORTCUTS)
 KEYS = ["n", "y", "b", "y", "x"]
 DECISION = {"y": "confirm", "b": "blast", "n": "normal", "x": "not a white cell", "u": "unsure"}

@@ -12,7 +12,7 @@ when, and thumbnails of the blast cells.
 The page is `templates/sample_report.html` filled by `string.Template`; every text from a user or a file goes
 through `html.escape`, the page loads nothing from outside (thumbnails are data URIs, CSS inline, no script; its
 Content-Security-Policy forbids scripts in any case) and prints on A4. The CSV cells that a spreadsheet would run
-as formulas are escaped (the same rule as `dashboard.csv_export`, which training may not import).
+as formulas are escaped (`core.data.csv_export`, the rule every CSV download follows).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from core.data.atomic import atomic_path
+from core.data.csv_export import safe_csv
 from core.smear.fields import POOLED  # the pooled row's `field`
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "sample_report.html"
@@ -43,25 +44,6 @@ INT_COLUMNS = ["white_cells", "judged", "verified", "removed", "blasts"]  # coun
 MAX_THUMBNAILS = 48  # a printed page of small crops; more would bury the figures
 THUMBNAIL_PX = 96
 SHA_PREFIX = 16
-
-# --- CSV formula injection (the rule of dashboard/csv_export.py; training may not import dashboard) -------------
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def escape_cell(value: Any) -> Any:
-    """The value with a leading `'` when it is text a spreadsheet would run as a formula (OWASP's advice): a sample
-    id or a file name such as `=HYPERLINK(...)` stays text. Numbers, negative ones included, stay numbers."""
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
-
-
-def safe_csv(table: pd.DataFrame) -> str:
-    """`table` as CSV text (no index) whose text cells are escaped by `escape_cell`."""
-    out = table.copy()
-    for column in out.columns:
-        if pd.api.types.is_object_dtype(out[column]) or pd.api.types.is_string_dtype(out[column]):
-            out[column] = out[column].map(escape_cell)
-    return out.to_csv(index=False)
-
 
 # --- the model card's figures on data the model never saw --------------------------------------------------------
 LAB_NAMES = {"allidb": "ALL-IDB1", "aria": "Aria et al. (Taleqani Hospital)", "bccd": "BCCD"}

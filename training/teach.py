@@ -45,13 +45,13 @@ COUNT_KEYS = ("cells", "blast", "normal", "not a white cell", "unsure", "no clas
 def current_verifications(runs_dir: str | Path, samples: list[str] | None = None) -> pd.DataFrame:
     """The current decision per (sample, cell_name): the latest recorded (by store id; two people may verify the
     same cell, and the last word is the cell's), with its verified class (`core.smear.verify.verified_class`)."""
-    from core.smear.verify import verified_class
+    from core.smear.verify import current_decisions, verified_class
     from training.store import RunStore
 
     v = RunStore(runs_dir).verifications()
     if samples is not None:
         v = v[v["sample"].isin(list(samples))]
-    v = v.sort_values("id").drop_duplicates(["sample", "cell_name"], keep="last").reset_index(drop=True)
+    v = current_decisions(v)
     v["verified_class"] = [verified_class({"prediction": p or None}, d) for p, d in zip(v["pre_call"], v["decision"])]
     return v
 

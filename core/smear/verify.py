@@ -27,6 +27,12 @@ def sample_key(digests: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:32]
 
 
+def current_decisions(history: pd.DataFrame) -> pd.DataFrame:
+    """The current decision per (sample, cell_name) among a run store's verification rows: the latest recorded
+    (by store id). Two people may verify one cell; every row is kept, and the last word is the cell's."""
+    return history.sort_values("id").drop_duplicates(["sample", "cell_name"], keep="last").reset_index(drop=True)
+
+
 def verified_class(row: Mapping, decision: str | None) -> str | None:
     """"blast", "normal", None (not judged) or NOT_WBC for one cell: its pre-classification under `decision`."""
     pre = {"all": BLAST, "hem": NORMAL}.get(row.get("prediction"))  # None: not judged (gate, unreadable)
